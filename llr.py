@@ -1,0 +1,270 @@
+"""Local Linearity Regularisation (LLR) in PyTorch: one file, torch only. Copy it.
+
+Qin et al., "Adversarial Robustness through Local Linearization", NeurIPS 2019
+(arXiv:1907.02610). For a classifier with per-sample cross-entropy loss ℓ(x):
+
+    Eq. (5)  linearity gap       g(δ; x) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|
+    Eq. (6)  local linearity     γ(ε, x) = max_{δ ∈ B(ε)} g(δ; x)
+    Eq. (7)  the bound it gives  ℓ(x + δ) ≤ ℓ(x) + |δᵀ∇ₓℓ(x)| + γ(ε, x)  for all δ ∈ B(ε)
+    Eq. (8)  LLR objective       ℓ(x) + λ·γ(ε, x) + μ·|δ_LLRᵀ∇ₓℓ(x)|,  δ_LLR = argmax of Eq. (6)
+
+B(ε) is the ℓ∞ ball of radius ε; here x + δ is also kept in the image box [0, 1].
+Minimising Eq. (8) makes the loss locally linear, so the first-order term, which
+it also penalises, bounds the worst case (Eq. 7): robustness without gradient
+obfuscation, at the cost of a few ascent steps instead of a full adversarial attack.
+
+Usage (model maps images in [0, 1] to logits; smooth activations, e.g. softplus):
+
+    loss, info = llr_loss(model, x, y, eps=8 / 255)   # paper's λ = 4, μ = 3, 2 steps
+    loss.backward()                                    # includes the double backward
+    optimizer.step()
+
+Conventions, so that results match the authors' TensorFlow code
+(github.com/google-deepmind/local_linearity_regularizer, `regularizers.py`):
+- δ_LLR is found by Adam on δ in pixel units (lr 0.1, β = (0.9, 0.999)) from a
+  uniform random start in B(ε), projected onto B(ε) ∩ [0, 1] after every step;
+  the search maximises g alone and no gradient flows through it.
+- ∇ₓℓ(x) is the input gradient of the batch's summed loss, kept in the graph
+  (`create_graph=True`), so the weight gradient of γ and of |δᵀ∇ₓℓ(x)| includes
+  second derivatives ("double backprop"). ReLU networks have zero curvature
+  almost everywhere: use softplus.
+- Batch norm in train mode: every pass on x + δ is normalised with the batch
+  statistics of the clean x (differentiably, as the authors' `set_stats`), and only
+  the clean pass of `llr_loss` updates the running statistics. See
+  `reuse_clean_batch_statistics`.
+"""
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics"]
+
+
+# --------------------------------------------------------------------------- batch norm
+@contextlib.contextmanager
+def reuse_clean_batch_statistics(model, update_running_stats=False):
+    """Inside this context, every batch-norm layer of `model` that is in train mode
+    normalises *all* its forward passes with the batch statistics of its *first*
+    pass (the clean x): the passes on x + δ then see exactly the normalisation of
+    the clean pass, and the loss of each perturbed sample depends on its own input
+    only, as in the authors' code (`get_stats`/`set_stats` in their `batchnorm.py`).
+
+    The statistics (mean and biased variance, in float32) are ordinary tensors in
+    the autograd graph, so gradients flow through them to any order, which the
+    native kernels do not offer for `nn.SyncBatchNorm`. For a `SyncBatchNorm` in a
+    multi-process run they are reduced over its process group, as it would do.
+    Running statistics are updated once, from the first pass, when
+    `update_running_stats` is true; never otherwise. Layers in eval mode use their
+    running statistics as usual and are left alone.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for layer in layers:
+        layer.forward = functools.partial(_normalise_with_first_batch, layer, {}, update_running_stats)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+
+
+def _normalise_with_first_batch(layer, saved, update_running_stats, x):
+    if "mean" not in saved:  # the first (clean) pass: measure and keep the statistics
+        saved["mean"], saved["var"], count = _batch_moments(layer, x)
+        if update_running_stats and layer.track_running_stats:
+            _update_running_stats(layer, saved["mean"].detach(), saved["var"].detach(), count)
+    mean, var = saved["mean"], saved["var"]
+    scale = torch.rsqrt(var + layer.eps)  # [C], float32
+    if layer.affine:
+        scale = scale * layer.weight
+        shift = layer.bias - mean * scale
+    else:
+        shift = -mean * scale
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # broadcast [C] over [N, C, *]
+    return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+
+
+def _batch_moments(layer, x):
+    """Per-channel mean and biased variance of x [N, C, *], in float32, and their count."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(_wide(x), dim=dims, correction=0)
+    count = x.numel() // x.shape[1]
+    group = _sync_group(layer)
+    if group is None:
+        return mean, var, count
+    # Combine the processes' moments exactly (Chan et al.), as nn.SyncBatchNorm does,
+    # with an all-reduce whose backward is again an all-reduce: differentiable to any order.
+    from torch.distributed._functional_collectives import all_reduce
+    n = mean.new_full((1,), count)
+    total = all_reduce(torch.cat([mean * n, n]), "sum", group)
+    count = total[-1]
+    global_mean = total[:-1] / count
+    global_var = all_reduce(n * (var + (mean - global_mean) ** 2), "sum", group) / count
+    return global_mean, global_var, count
+
+
+def _sync_group(layer):
+    """The process group a SyncBatchNorm layer reduces over in a multi-process run, else None."""
+    if not (isinstance(layer, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    group = layer.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+@torch.no_grad()
+def _update_running_stats(layer, mean, var, count):
+    """The update nn.BatchNorm does in train mode (unbiased variance, momentum or cumulative)."""
+    if count < 2:
+        raise ValueError(f"batch norm needs more than 1 value per channel in train mode, got {count}")
+    layer.num_batches_tracked += 1
+    momentum = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+    unbiased_var = var * count / (count - 1)
+    layer.running_mean.lerp_(mean.to(layer.running_mean.dtype), momentum)
+    layer.running_var.lerp_(unbiased_var.to(layer.running_var.dtype), momentum)
+
+
+# --------------------------------------------------------------------------- the measure
+def _wide(t):
+    """t in float32 at least: bf16/fp16 from autocast is promoted, float64 kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _per_sample_loss(model, x, y):
+    """ℓ(x): per-sample cross-entropy [B], in float32 at least, even under autocast."""
+    return F.cross_entropy(_wide(model(x)), y, reduction="none")
+
+
+def _loss_and_input_grad(model, x, y, create_graph):
+    """Clean logits, ℓ(x) [B] and ∇ₓℓ(x) [B, ...] (computed even under no_grad); with
+    `create_graph` the gradient stays differentiable with respect to the weights
+    (double backprop)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        loss = F.cross_entropy(_wide(logits), y, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
+    return logits, loss, grad
+
+
+def _directional(delta, grad):
+    """δᵀ∇ₓℓ(x) per sample: [B], in float32 at least."""
+    return (_wide(delta) * _wide(grad)).flatten(1).sum(1)
+
+
+def _gap(model, x, y, delta, clean_loss, grad):
+    """Eq. (5) given ℓ(x) and ∇ₓℓ(x): g(δ; x) per sample, [B]."""
+    return (_per_sample_loss(model, x + delta, y) - clean_loss - _directional(delta, grad)).abs()
+
+
+def _project(delta, x, eps):
+    """Nearest point of B(ε) ∩ {δ : x + δ ∈ [0, 1]}: clip to the ball, then to the box."""
+    return (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
+
+
+def _random_start(x, eps, generator):
+    """Uniform in B(ε), projected into the box, as the authors' `pgd_attack`."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _project((2 * noise - 1) * eps, x, eps)
+
+
+def linearity_gap(model, x, y, delta):
+    """Eq. (5): g(δ; x) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)| for each sample, shape [B].
+
+    x: images [B, ...] in [0, 1]; y: labels [B]; delta: perturbations shaped like x.
+    Differentiable with respect to the weights when grad mode is on. Batch-norm
+    layers in train mode normalise x + δ with the statistics of x and do not update
+    their running statistics (see `reuse_clean_batch_statistics`).
+    """
+    with reuse_clean_batch_statistics(model):
+        _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
+        return _gap(model, x, y, delta, clean_loss, grad)
+
+
+def _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best):
+    """Adam ascent on g(δ; x) over B(ε) ∩ [0, 1] (the authors' search, `UnrolledAdam`).
+
+    Returns δ [B, ...] detached: the last iterate or, with `keep_best`, the best
+    iterate of each sample, then with g at it [B] (one more forward pass).
+    """
+    clean_loss, grad = clean_loss.detach(), grad.detach()
+    delta = _random_start(x, eps, generator).requires_grad_(True)
+    optimizer = torch.optim.Adam([delta], lr=lr, eps=1e-9, maximize=True)  # eps as the authors'
+    best_delta, best_gap = delta.detach().clone(), torch.full_like(clean_loss, -1.0)
+    for step in range(steps + 1):
+        last = step == steps
+        if last and not keep_best:
+            return delta.detach(), None
+        with torch.set_grad_enabled(not last):
+            gap = _gap(model, x, y, delta, clean_loss, grad)
+        if keep_best:  # g at the current iterate: keep it where it improves
+            improved = gap.detach() > best_gap
+            best_gap = torch.where(improved, gap.detach(), best_gap)
+            best_delta[improved] = delta.detach()[improved]
+        if last:
+            return best_delta, best_gap
+        (delta.grad,) = torch.autograd.grad(gap.sum(), delta)  # samples independent: ∇ of the sum
+        optimizer.step()
+        with torch.no_grad():
+            delta.copy_(_project(delta, x, eps))
+
+
+def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
+    """Eq. (6): γ(ε, x) = max_{δ ∈ B(ε), x + δ ∈ [0, 1]} g(δ; x), per sample, shape [B].
+
+    The measurement of the paper's Fig. 2 and F3: `steps` Adam steps (lr 0.1 in
+    pixel units) from a uniform random start, projected after each step, keeping
+    the best iterate of each sample, so the result is a lower bound on γ that never
+    decreases with more steps (same model, same `generator` state). Returns
+    (gamma [B], delta [B, ...]), detached. Running batch-norm statistics are left
+    untouched; in train mode the clean batch's statistics normalise every pass.
+    """
+    _check_eps(eps)
+    with reuse_clean_batch_statistics(model), torch.enable_grad():
+        _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=False)
+        delta, gamma = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=True)
+    return gamma, delta
+
+
+# --------------------------------------------------------------------------- the objective
+def llr_loss(model, x, y, eps, lam=4.0, mu=3.0, steps=2, lr=0.1, generator=None):
+    """Eq. (8): mean over the batch of ℓ(x) + λ·g(δ_LLR; x) + μ·|δ_LLRᵀ∇ₓℓ(x)|.
+
+    model: maps images [B, ...] in [0, 1] to logits [B, K]. x: [B, ...] in [0, 1].
+    y: [B] integer labels. eps: radius of the ℓ∞ ball in pixel units (8/255 for CIFAR-10).
+    lam, mu: the paper's λ and μ (paper §5: λ = 4, μ = 3 for CIFAR-10 at ε = 8/255).
+    steps, lr: Adam steps on δ and their learning rate (2 steps as the paper's ImageNet
+    runs; the authors' CIFAR-10 config uses 10). generator: optional torch.Generator
+    for the random start (the global RNG otherwise).
+
+    δ_LLR comes from `steps` ascent steps on g with no gradient through the search;
+    γ is then g(δ_LLR; x), a lower bound on Eq. (6). The returned loss is
+    differentiable with respect to the weights through ℓ(x), ℓ(x + δ_LLR) and
+    ∇ₓℓ(x) (double backprop). Costs: one clean forward and input backward with
+    graph, `steps` forward + input-backward passes, one forward on x + δ_LLR.
+
+    Returns (loss, info); info holds detached per-sample tensors: `delta` [B, ...],
+    `gamma`, `grad_term` (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean
+    `logits` [B, K] (for accuracy, with no extra forward pass).
+
+    The authors' released code minimises 2·CE + 4·(γ + 0.3·|δᵀ∇ₓℓ|) with SGD at
+    lr 0.1 and ℓ2 weight 2e-4 (`config.py`), which is 2 × this loss with lam=2,
+    mu=0.6: reproduce it with lam=2.0, mu=0.6, SGD lr 0.2 and weight decay 1e-4.
+    """
+    _check_eps(eps)
+    with reuse_clean_batch_statistics(model, update_running_stats=True):
+        logits, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
+        delta, _ = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=False)
+        gamma = _gap(model, x, y, delta, clean_loss, grad)
+    grad_term = _directional(delta, grad).abs()
+    loss = (clean_loss + lam * gamma + mu * grad_term).mean()
+    info = {"delta": delta, "gamma": gamma.detach(), "grad_term": grad_term.detach(),
+            "clean_loss": clean_loss.detach(), "logits": logits.detach()}
+    return loss, info
+
+
+def _check_eps(eps):
+    if not 0 <= float(eps) <= 1:
+        raise ValueError(f"eps must lie in [0, 1] (pixel units, e.g. 8/255), got {eps}")

@@ -1,0 +1,182 @@
+"""Classifiers for llr, and their checkpoints.
+
+Every model takes images in [0, 1] and normalises them inside `forward` (the
+RobustBench convention), so ε is in pixel units everywhere and any attack library
+can be pointed at it. LLR differentiates through the input gradient, which needs
+a smooth activation: softplus is the default; relu is there for comparisons.
+
+    model = build_model("wrn-28-8", num_classes=10)            # paper's CIFAR-10 model
+    model = build_model("resnet152", num_classes=1000, normalization="imagenet")
+    save_checkpoint(model, "run/last.safetensors", epoch=3)
+    model = load_checkpoint("run/last.safetensors")            # eval mode, [0, 1] inputs
+"""
+import json
+import os
+import re
+
+import torch
+from torch import nn
+
+NORMALIZATION = {  # per-channel (mean, std) of the training images
+    "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),  # authors' datasets.py
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision
+}
+ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+ARCHITECTURES = "wrn-<depth>-<width> (e.g. wrn-28-8, wrn-40-8, wrn-34-10), preact-resnet18, resnet18, resnet50, resnet152"
+
+
+class ImageClassifier(nn.Module):
+    """[0, 1] images [B, 3, H, W] → logits [B, K]: per-channel normalisation, then `net`.
+
+    `config` holds what `build_model` needs to rebuild it; checkpoints store it.
+    """
+
+    def __init__(self, net, mean, std, config):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.config = config
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016b): BN-act-conv3x3, BN-act-conv3x3, plus
+    the input, or a 1x1 projection of the first activation when the shape changes
+    (as the authors' `wide_resnet.py` and fast_adversarial's `PreActBlock`)."""
+
+    def __init__(self, in_channels, out_channels, stride, activation):
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(in_channels), activation()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(out_channels), activation()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.act2(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """conv3x3 stem, stages of `PreActBlock`s (the first of each may stride), BN-act,
+    global average pooling, linear. Wide-ResNet-D-W (Zagoruyko & Komodakis 2016) is
+    stem 16, widths (16W, 32W, 64W), (D-4)/6 blocks each, strides (1, 2, 2);
+    PreAct ResNet-18 is stem 64, widths (64, 128, 256, 512), 2 blocks each."""
+
+    def __init__(self, stem, widths, blocks, strides, num_classes, activation):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        layers, channels = [], stem
+        for width, stride in zip(widths, strides):
+            for i in range(blocks):
+                layers.append(PreActBlock(channels, width, stride if i == 0 else 1, activation))
+                channels = width
+        self.blocks = nn.Sequential(*layers)
+        self.bn, self.act = nn.BatchNorm2d(channels), activation()
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():  # He-normal convolutions, as the authors' wide_resnet.py
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        out = self.act(self.bn(self.blocks(self.stem(x))))
+        return self.fc(out.mean((2, 3)))
+
+
+def _torchvision_resnet(name, num_classes, activation):
+    """torchvision's ResNet layout (bottlenecks, 7x7 stem) with every ReLU swapped."""
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    for module in list(net.modules()):
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, child_name, activation())
+    return net
+
+
+def build_model(name, num_classes=10, activation="softplus", normalization="cifar10"):
+    """The classifier called `name` (see ARCHITECTURES), taking [0, 1] images.
+
+    normalization: the dataset whose mean and std the model subtracts and divides by.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    if normalization not in NORMALIZATION:
+        raise ValueError(f"unknown normalization {normalization!r}; choose from {', '.join(NORMALIZATION)}")
+    act = ACTIVATIONS[activation]
+    wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
+    if wrn:
+        depth, width = int(wrn[1]), int(wrn[2])
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"{name}: a Wide-ResNet's depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...)")
+        net = PreActResNet(16, [16 * width, 32 * width, 64 * width], (depth - 4) // 6, [1, 2, 2], num_classes, act)
+    elif name == "preact-resnet18":
+        net = PreActResNet(64, [64, 128, 256, 512], 2, [1, 2, 2, 2], num_classes, act)
+    elif name in ("resnet18", "resnet50", "resnet152"):
+        net = _torchvision_resnet(name, num_classes, act)
+    else:
+        raise ValueError(f"unknown architecture {name!r}; choose from {ARCHITECTURES}")
+    config = {"arch": name, "num_classes": num_classes, "activation": activation, "normalization": normalization}
+    return ImageClassifier(net, *NORMALIZATION[normalization], config)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(model, path, **metadata):
+    """Write the weights of a `build_model` model to `path` (safetensors), atomically
+    (temporary file, then rename), with its config and any JSON-able `metadata`."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(f"save_checkpoint takes the unwrapped model from build_model, got {type(model).__name__}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    header = {"format": "llr-checkpoint-1", "config": json.dumps(model.config)}
+    header.update({k: json.dumps(v) for k, v in metadata.items()})
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=header)
+    os.replace(tmp, path)
+
+
+def read_checkpoint_metadata(path):
+    """The config and metadata stored with a checkpoint, as a dict."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a safetensors checkpoint ({e})") from None
+    if header.get("format") != "llr-checkpoint-1":
+        raise ValueError(f"{path} is not an llr checkpoint (no model config stored in it)")
+    return {k: json.loads(v) for k, v in header.items() if k != "format"}
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the model stored at `path` and load its weights: an `nn.Module` in eval
+    mode mapping [0, 1] images to logits, ready for any evaluation tool."""
+    from safetensors.torch import load_file
+
+    config = read_checkpoint_metadata(path)["config"]
+    model = build_model(config["arch"], config["num_classes"], config["activation"], config["normalization"])
+    state = load_file(path, device=str(map_location))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path} does not match {config['arch']}: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped tensors "
+                         f"(e.g. {(missing + unexpected + mismatched)[0]})")
+    model.load_state_dict(state)
+    return model.to(map_location).eval()

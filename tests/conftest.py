@@ -1,0 +1,49 @@
+"""Shared test helpers: the repository root on sys.path, tiny models, tiny image folders."""
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+class TinyConvNet(nn.Module):
+    """conv-BN-softplus-conv-pool-linear on [B, 3, 4, 4]: small enough for finite differences."""
+
+    def __init__(self, num_classes=3, batchnorm=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        h = nn.functional.softplus(self.bn(self.conv1(x)))
+        h = nn.functional.softplus(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyConvNet().double()
+
+
+def make_image_folder(root, splits=("train", "test"), classes=3, per_class=4, size=8, seed=0):
+    """Write a tiny ImageFolder of random JPEGs: root/<split>/<class>/<i>.jpg."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                # class-dependent mean colour, so a model can learn something
+                pixels = rng.integers(0, 80, (size, size, 3)) + 80 * (np.arange(3) == c % 3)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=95)
+    return root

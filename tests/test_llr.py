@@ -1,0 +1,258 @@
+"""llr.py against mathematics: closed forms in float64, finite differences, invariants."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import llr
+from conftest import TinyConvNet
+
+EPS = 0.1
+
+
+def _seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _data(n=6, seed=1, dtype=torch.float64, shape=(3, 4, 4), classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- Eq. (5)
+def test_gap_matches_independent_float64_computation():
+    """g(δ; x) of a softplus MLP against the closed-form loss and input gradient in numpy."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Softplus(), nn.Linear(7, 3)).double()
+    x, y = _data(5, shape=(3, 2, 2))
+    delta = (torch.rand_like(x) * 2 - 1) * EPS
+
+    W1, b1 = mlp[1].weight.detach().numpy(), mlp[1].bias.detach().numpy()
+    W2, b2 = mlp[3].weight.detach().numpy(), mlp[3].bias.detach().numpy()
+    onehot = np.eye(3)[y.numpy()]
+
+    def loss_and_grad(v):  # v: [B, 12]
+        h = v @ W1.T + b1
+        z = np.log1p(np.exp(h)) @ W2.T + b2
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        loss = -np.log((p * onehot).sum(1))
+        grad = ((p - onehot) @ W2) / (1 + np.exp(-h)) @ W1
+        return loss, grad
+
+    xv, dv = x.flatten(1).numpy(), delta.flatten(1).numpy()
+    loss_x, grad_x = loss_and_grad(xv)
+    loss_xd, _ = loss_and_grad(xv + dv)
+    expected = np.abs(loss_xd - loss_x - (dv * grad_x).sum(1))
+
+    got = llr.linearity_gap(mlp, x, y, delta).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
+    assert (expected > 1e-6).all()  # a non-trivial gap: the comparison can fail
+
+
+class LinearLossModel(nn.Module):
+    """Two classes with log-probabilities log p0 = w·x − c and log(1 − p0): the
+    cross-entropy of class 0 is c − w·x, exactly linear in x (c keeps p0 < 1 on [0, 1])."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dtype=torch.float64))
+
+    def forward(self, x):
+        s = x.flatten(1) @ self.w - (self.w.abs().sum() + 1)
+        return torch.stack([s, torch.log(-torch.expm1(s))], 1)
+
+
+def test_gap_and_gamma_vanish_when_loss_is_linear():
+    torch.manual_seed(0)
+    model = LinearLossModel(48)
+    x, _ = _data(4)
+    y = torch.zeros(4, dtype=torch.long)
+    delta = (torch.rand_like(x) * 2 - 1) * EPS
+    assert llr.linearity_gap(model, x, y, delta).abs().max() < 1e-12
+    gamma, _ = llr.local_linearity(model, x, y, EPS, steps=5, generator=_seeded())
+    assert gamma.abs().max() < 1e-12
+    # ... while the first-order term is not zero, and llr_loss = ℓ + μ|δᵀ∇ℓ|
+    loss, info = llr.llr_loss(model, x, y, EPS, lam=4.0, mu=3.0, steps=2, generator=_seeded())
+    assert (info["grad_term"] > 1e-3).all()
+    torch.testing.assert_close(loss, (info["clean_loss"] + 3.0 * info["grad_term"]).mean(), rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- Eq. (6)
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_gamma_bounds_gap_at_random_points(tiny_net, train_mode):
+    tiny_net.train(train_mode)
+    x, y = _data(8)
+    gamma, delta = llr.local_linearity(tiny_net, x, y, EPS, steps=20, generator=_seeded())
+    assert (gamma >= 0).all()
+    torch.testing.assert_close(gamma, llr.linearity_gap(tiny_net, x, y, delta).detach())  # γ is g at the δ it returns
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        random_delta = llr._project((torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * EPS, x, EPS)
+        assert (gamma >= llr.linearity_gap(tiny_net, x, y, random_delta).detach()).all()
+
+
+def test_gamma_never_decreases_with_more_steps(tiny_net):
+    """The best iterate is kept: on this model and seed the last iterate of the
+    ascent does fall at some step, yet γ never does."""
+    x, y = _data(8)
+    gammas = torch.stack([llr.local_linearity(tiny_net, x, y, EPS, steps=k, generator=_seeded(3))[0]
+                          for k in range(12)])
+    assert (gammas[1:] >= gammas[:-1]).all()
+    assert (gammas[-1] > gammas[0]).any()
+    with llr.reuse_clean_batch_statistics(tiny_net):
+        _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=False)
+        last = torch.stack([llr._gap(tiny_net, x, y, llr._ascend_gap(
+            tiny_net, x, y, EPS, k, 0.1, clean_loss, grad, _seeded(3), keep_best=False)[0], clean_loss, grad).detach()
+            for k in range(12)])
+    assert (last[1:] < last[:-1]).any()  # so the first assertion has something to catch
+
+
+@pytest.mark.parametrize("eps", [0.0, 1 / 255, 0.3, 1.0])
+def test_perturbations_stay_in_ball_and_box(tiny_net, eps):
+    x, y = _data(8)
+    x[0], x[1, :, :2] = 0.0, 1.0  # pixels on the box boundary
+    _, info = llr.llr_loss(tiny_net, x, y, eps, steps=3, generator=_seeded())
+    _, delta = llr.local_linearity(tiny_net, x, y, eps, steps=3, generator=_seeded())
+    for d in (info["delta"], delta):
+        assert d.abs().max() <= eps + 1e-12
+        assert (x + d).min() >= 0 and (x + d).max() <= 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_bad_eps_is_rejected(tiny_net, bad):
+    x, y = _data(2)
+    with pytest.raises(ValueError, match="eps"):
+        llr.llr_loss(tiny_net, x, y, bad)
+    with pytest.raises(ValueError, match="eps"):
+        llr.local_linearity(tiny_net, x, y, bad)
+
+
+# --------------------------------------------------------------------------- Eq. (8)
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_weight_gradient_matches_finite_differences(tiny_net, train_mode):
+    """The double backprop: d/dθ of ℓ + λ|ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ| + μ|δᵀ∇ₓℓ| for a fixed δ
+    (steps=0 and a fixed generator: δ is the same random start at every θ), against
+    central differences in float64. In train mode this includes the batch-norm
+    statistics of the clean pass, which the pass on x + δ reuses."""
+    tiny_net.train(train_mode)
+    x, y = _data(5)
+    params = [p for p in tiny_net.parameters()]
+
+    def objective():
+        return llr.llr_loss(tiny_net, x, y, EPS, lam=4.0, mu=3.0, steps=0, generator=_seeded(7))[0]
+
+    analytic = torch.cat([g.flatten() for g in torch.autograd.grad(objective(), params)])
+    numeric, h = [], 1e-6
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + h
+                plus = objective()
+                flat[i] = old - h
+                minus = objective()
+                flat[i] = old
+                numeric.append((plus - minus) / (2 * h))
+    numeric = torch.stack(numeric)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+    # the second-order part matters: dropping it (a detached ∇ₓℓ) gives another gradient
+    assert (analytic - numeric).abs().max() < 1e-3 * analytic.abs().max()
+
+
+def test_second_order_terms_are_present(tiny_net):
+    """Without create_graph the gradient differs: guards against a silently detached ∇ₓℓ."""
+    x, y = _data(5)
+    params = list(tiny_net.parameters())
+    loss, info = llr.llr_loss(tiny_net, x, y, EPS, steps=0, generator=_seeded(7))
+    full = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    with llr.reuse_clean_batch_statistics(tiny_net):
+        _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=True)
+        grad = grad.detach()  # ∇ₓℓ as a constant: first-order terms only
+        gamma = llr._gap(tiny_net, x, y, info["delta"], clean_loss, grad)
+    first_order_only = (clean_loss + 4.0 * gamma + 3.0 * llr._directional(info["delta"], grad).abs()).mean()
+    partial = torch.cat([g.flatten() for g in torch.autograd.grad(first_order_only, params)])
+    assert (full - partial).abs().max() > 1e-3 * full.abs().max()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_objective_is_per_sample(batchnorm):
+    """Without batch statistics (no BN, or BN in eval mode) a sample's δ, γ and terms
+    do not depend on the rest of the batch, and the loss is the mean of its terms."""
+    torch.manual_seed(0)
+    model = TinyConvNet(batchnorm=batchnorm).double().train(not batchnorm)
+    x, y = _data(6)
+    x_other, y_other = _data(6, seed=9)
+    x_other[0], y_other[0] = x[0], y[0]
+    loss, info = llr.llr_loss(model, x, y, EPS, lam=4.0, mu=3.0, steps=3, generator=_seeded())
+    _, info_other = llr.llr_loss(model, x_other, y_other, EPS, lam=4.0, mu=3.0, steps=3, generator=_seeded())
+    for key in ("delta", "gamma", "grad_term", "clean_loss", "logits"):
+        torch.testing.assert_close(info[key][0], info_other[key][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, (info["clean_loss"] + 4.0 * info["gamma"] + 3.0 * info["grad_term"]).mean())
+    for i in range(6):  # each sample alone gives the same γ at the same δ
+        alone = llr.linearity_gap(model, x[i:i + 1], y[i:i + 1], info["delta"][i:i + 1])
+        torch.testing.assert_close(alone.detach()[0], info["gamma"][i], rtol=1e-10, atol=1e-14)
+
+
+def test_authors_weighting_is_twice_lam2_mu06(tiny_net):
+    """The docstring's mapping: 2·CE + 4·(γ + 0.3·|δᵀ∇ℓ|) = 2 × llr_loss(lam=2, mu=0.6)."""
+    x, y = _data(5)
+    loss, info = llr.llr_loss(tiny_net, x, y, EPS, lam=2.0, mu=0.6, steps=2, generator=_seeded())
+    authors = (2 * info["clean_loss"] + 4 * (info["gamma"] + 0.3 * info["grad_term"])).mean()
+    torch.testing.assert_close(2 * loss.detach(), authors)
+
+
+# --------------------------------------------------------------------------- batch norm
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_see_the_clean_batch_once(tiny_net, momentum):
+    tiny_net.bn.momentum = momentum
+    x, y = _data(8)
+    reference = copy.deepcopy(tiny_net)
+    reference(x)  # one ordinary train-mode forward of the clean batch
+    llr.llr_loss(tiny_net, x, y, EPS, steps=3, generator=_seeded())
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(tiny_net.bn, name), getattr(reference.bn, name), rtol=1e-12, atol=1e-14)
+    # measurements never touch them
+    before = copy.deepcopy(tiny_net.state_dict())
+    llr.local_linearity(tiny_net, x, y, EPS, steps=3, generator=_seeded())
+    llr.linearity_gap(tiny_net, x, y, torch.full_like(x, EPS) * 0.5)
+    for name, value in tiny_net.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert tiny_net.training and "forward" not in vars(tiny_net.bn)  # the module is restored
+
+
+def test_perturbed_pass_uses_clean_batch_statistics(tiny_net):
+    """g in train mode equals an independent computation: ℓ(x) and ∇ₓℓ(x) from an
+    ordinary train-mode pass, ℓ(x + δ) from an eval-mode copy whose running
+    statistics are set to the clean batch's mean and biased variance."""
+    x, y = _data(8)
+    delta = (torch.rand_like(x) * 2 - 1) * EPS
+    xr = x.clone().requires_grad_(True)
+    clean_loss = nn.functional.cross_entropy(copy.deepcopy(tiny_net)(xr), y, reduction="none")
+    (grad,) = torch.autograd.grad(clean_loss.sum(), xr)
+    frozen = copy.deepcopy(tiny_net).eval()
+    pre_bn = tiny_net.conv1(x).detach()
+    frozen.bn.running_mean.copy_(pre_bn.mean((0, 2, 3)))
+    frozen.bn.running_var.copy_(pre_bn.var((0, 2, 3), unbiased=False))
+    perturbed_loss = nn.functional.cross_entropy(frozen(x + delta), y, reduction="none")
+    expected = (perturbed_loss - clean_loss - (delta * grad).flatten(1).sum(1)).abs()
+    torch.testing.assert_close(llr.linearity_gap(tiny_net, x, y, delta).detach(), expected.detach())
+
+
+# --------------------------------------------------------------------------- precision
+def test_bf16_autocast_gives_finite_loss_and_gradients():
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_model("wrn-10-1")
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, info = llr.llr_loss(model, x, y, 8 / 255)
+        gamma, _ = llr.local_linearity(model, x, y, 8 / 255, steps=3)
+    loss.backward()
+    assert loss.dtype == torch.float32 and info["gamma"].dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(gamma).all() and torch.isfinite(info["gamma"]).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

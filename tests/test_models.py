@@ -1,0 +1,96 @@
+"""models.py: every architecture builds and double-backpropagates; checkpoints round-trip."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import llr
+import models
+
+
+@pytest.mark.parametrize("name, size", [("wrn-10-1", 16), ("wrn-16-2", 16), ("preact-resnet18", 16),
+                                        ("resnet18", 32), ("resnet50", 32), ("resnet152", 64)])
+def test_every_model_runs_llr_double_backward(name, size):
+    torch.manual_seed(0)
+    model = models.build_model(name, num_classes=5, normalization="imagenet" if "resnet1" in name else "cifar10")
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert sum(isinstance(m, nn.Softplus) for m in model.modules()) > 0
+    x, y = torch.rand(2, 3, size, size), torch.tensor([0, 3])
+    assert model(x).shape == (2, 5)
+    loss, _ = llr.llr_loss(model, x, y, 4 / 255, steps=1)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("name, params", [("wrn-34-10", 46_160_474), ("wrn-28-10", 36_479_194),
+                                          ("preact-resnet18", 11_172_170)])
+def test_parameter_counts_match_reference_implementations(name, params):
+    """TRADES' WRN-34-10 and the usual WRN-28-10 / PreAct ResNet-18 sizes."""
+    assert sum(p.numel() for p in models.build_model(name).parameters()) == params
+
+
+def test_normalisation_is_inside_the_model():
+    torch.manual_seed(0)
+    model = models.build_model("wrn-10-1").eval()
+    x = torch.rand(3, 3, 8, 8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.NORMALIZATION["cifar10"])
+    torch.testing.assert_close(model(x), model.net((x - mean) / std))
+
+
+def test_relu_variant():
+    model = models.build_model("preact-resnet18", activation="relu")
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, nn.Softplus) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="vgg16"), "unknown architecture 'vgg16'"),
+    (dict(name="wrn-27-8"), "6n\\+4"),
+    (dict(name="wrn-10-1", activation="gelu"), "unknown activation"),
+    (dict(name="wrn-10-1", normalization="mnist"), "unknown normalization"),
+])
+def test_bad_names_give_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.build_model(**kwargs)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model("wrn-10-1", num_classes=7, activation="relu")
+    model(torch.rand(4, 3, 8, 8))  # move the running statistics away from their initial values
+    path = str(tmp_path / "model.safetensors")
+    models.save_checkpoint(model, path, epoch=3, eps=8 / 255)
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
+    loaded = models.load_checkpoint(path)
+    assert not loaded.training and loaded.config == model.config
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    meta = models.read_checkpoint_metadata(path)
+    assert meta["epoch"] == 3 and meta["eps"] == 8 / 255 and meta["config"]["num_classes"] == 7
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        models.load_checkpoint(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors checkpoint"):
+        models.load_checkpoint(str(tmp_path / "junk.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="not an llr checkpoint"):
+        models.load_checkpoint(str(tmp_path / "foreign.safetensors"))
+    # weights of one architecture under the config of another
+    path = str(tmp_path / "mixed.safetensors")
+    models.save_checkpoint(models.build_model("wrn-10-1"), path)
+    other = models.build_model("wrn-10-2")
+    other.config = models.build_model("wrn-10-1").config
+    models.save_checkpoint(other, path)
+    with pytest.raises(ValueError, match="does not match wrn-10-1: .* mis-shaped"):
+        models.load_checkpoint(path)
+    with pytest.raises(TypeError, match="unwrapped model"):
+        models.save_checkpoint(nn.Linear(2, 2), path)

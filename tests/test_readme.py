@@ -1,0 +1,27 @@
+"""The README's Python examples run as written, and CI runs the README's test command."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_python_examples_run_as_written(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+        assert result.returncode == 0, f"README example failed:\n{block}\n{result.stderr}"
+
+
+def test_ci_runs_the_readme_test_command():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert "make test" in ci and "make test" in _readme()
