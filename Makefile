@@ -1,9 +1,17 @@
 # make install: a virtual environment with the requirements; make test: install, then run the tests.
-PYTHON ?= python3
-VENV   ?= .venv
-PY      = $(VENV)/bin/python
+# make cifar: the paper's CIFAR-10 LLR run, then eval.py on it (resumes if stopped). make cifar-quick: minutes.
+# Variables: DATA_DIR (CIFAR-10: torchvision's, downloaded there if missing, or an ImageFolder tree),
+# GPUS (processes for accelerate launch), PRECISION (no or bf16).
+PYTHON    ?= python3
+VENV      ?= .venv
+PY         = $(VENV)/bin/python
+DATA_DIR  ?= data/cifar10
+GPUS      ?= 1
+PRECISION ?= no
+LAUNCH     = $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter-out 1,$(GPUS)),--multi_gpu) \
+             --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no
 
-.PHONY: install test
+.PHONY: install test cifar cifar-quick eval
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,3 +20,19 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# train (or resume) RUN with the given flags, then evaluate its best checkpoint
+define train_and_eval
+	if [ -f $(1)/state.pt ]; then $(LAUNCH) train_cifar.py --resume $(1); \
+	else $(LAUNCH) train_cifar.py --data-dir $(DATA_DIR) --download --out $(1) $(2); fi
+	$(PY) eval.py $(1)/best.safetensors --eps 8/255 --data-dir $(DATA_DIR) --n $(3)
+endef
+
+cifar: install  ## WRN-28-8 softplus, LLR (λ = 4, μ = 3, 10 inner steps), ε = 8/255, 110 epochs
+	$(call train_and_eval,runs/cifar-llr,--method llr --llr-steps 10,10000)
+
+cifar-quick: install  ## PreAct ResNet-18, LLR with 2 inner steps, 10 epochs
+	$(call train_and_eval,runs/cifar-quick,--method llr --arch preact-resnet18 --epochs 10,1000)
+
+eval: install  ## make eval CKPT=runs/x/best.safetensors [EPS=8/255] [N=1000]
+	$(PY) eval.py $(CKPT) --eps $(or $(EPS),8/255) --data-dir $(DATA_DIR) --n $(or $(N),1000)

@@ -41,7 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics"]
+__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics", "project",
+           "random_point"]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -154,20 +155,20 @@ def _directional(delta, grad):
     return (_wide(delta) * _wide(grad)).flatten(1).sum(1)
 
 
-def _gap(model, x, y, delta, clean_loss, grad):
-    """Eq. (5) given ℓ(x) and ∇ₓℓ(x): g(δ; x) per sample, [B]."""
-    return (_per_sample_loss(model, x + delta, y) - clean_loss - _directional(delta, grad)).abs()
+def _gap(model, x, y, x_adv, clean_loss, grad):
+    """Eq. (5) at δ = x_adv − x, given ℓ(x) and ∇ₓℓ(x): g per sample, [B]."""
+    return (_per_sample_loss(model, x_adv, y) - clean_loss - _directional(x_adv - x, grad)).abs()
 
 
-def _project(delta, x, eps):
-    """Nearest point of B(ε) ∩ {δ : x + δ ∈ [0, 1]}: clip to the ball, then to the box."""
-    return (x + delta.clamp(-eps, eps)).clamp(0, 1) - x
+def project(x_adv, x, eps):
+    """The nearest point to x_adv in {x' : |x' − x|∞ ≤ ε, x' ∈ [0, 1]} (clip to the ball, then the box)."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
-def _random_start(x, eps, generator):
-    """Uniform in B(ε), projected into the box, as the authors' `pgd_attack`."""
+def random_point(x, eps, generator=None):
+    """x + δ with δ uniform in B(ε), projected into [0, 1], as the authors' `pgd_attack` starts."""
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return _project((2 * noise - 1) * eps, x, eps)
+    return project(x + (2 * noise - 1) * eps, x, eps)
 
 
 def linearity_gap(model, x, y, delta):
@@ -180,35 +181,35 @@ def linearity_gap(model, x, y, delta):
     """
     with reuse_clean_batch_statistics(model):
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
-        return _gap(model, x, y, delta, clean_loss, grad)
+        return _gap(model, x, y, x + delta, clean_loss, grad)
 
 
 def _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best):
     """Adam ascent on g(δ; x) over B(ε) ∩ [0, 1] (the authors' search, `UnrolledAdam`).
 
-    Returns δ [B, ...] detached: the last iterate or, with `keep_best`, the best
+    Returns x + δ [B, ...] detached: the last iterate or, with `keep_best`, the best
     iterate of each sample, then with g at it [B] (one more forward pass).
     """
     clean_loss, grad = clean_loss.detach(), grad.detach()
-    delta = _random_start(x, eps, generator).requires_grad_(True)
-    optimizer = torch.optim.Adam([delta], lr=lr, eps=1e-9, maximize=True)  # eps as the authors'
-    best_delta, best_gap = delta.detach().clone(), torch.full_like(clean_loss, -1.0)
+    x_adv = random_point(x, eps, generator).requires_grad_(True)
+    optimizer = torch.optim.Adam([x_adv], lr=lr, eps=1e-9, maximize=True)  # eps as the authors'
+    best_x, best_gap = x_adv.detach().clone(), torch.full_like(clean_loss, -1.0)
     for step in range(steps + 1):
         last = step == steps
         if last and not keep_best:
-            return delta.detach(), None
+            return x_adv.detach(), None
         with torch.set_grad_enabled(not last):
-            gap = _gap(model, x, y, delta, clean_loss, grad)
+            gap = _gap(model, x, y, x_adv, clean_loss, grad)
         if keep_best:  # g at the current iterate: keep it where it improves
             improved = gap.detach() > best_gap
             best_gap = torch.where(improved, gap.detach(), best_gap)
-            best_delta[improved] = delta.detach()[improved]
+            best_x[improved] = x_adv.detach()[improved]
         if last:
-            return best_delta, best_gap
-        (delta.grad,) = torch.autograd.grad(gap.sum(), delta)  # samples independent: ∇ of the sum
+            return best_x, best_gap
+        (x_adv.grad,) = torch.autograd.grad(gap.sum(), x_adv)  # samples independent: ∇ of the sum
         optimizer.step()
         with torch.no_grad():
-            delta.copy_(_project(delta, x, eps))
+            x_adv.copy_(project(x_adv, x, eps))
 
 
 def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
@@ -224,8 +225,8 @@ def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
     _check_eps(eps)
     with reuse_clean_batch_statistics(model), torch.enable_grad():
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=False)
-        delta, gamma = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=True)
-    return gamma, delta
+        x_adv, gamma = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=True)
+    return gamma, x_adv - x
 
 
 # --------------------------------------------------------------------------- the objective
@@ -256,8 +257,9 @@ def llr_loss(model, x, y, eps, lam=4.0, mu=3.0, steps=2, lr=0.1, generator=None)
     _check_eps(eps)
     with reuse_clean_batch_statistics(model, update_running_stats=True):
         logits, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
-        delta, _ = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=False)
-        gamma = _gap(model, x, y, delta, clean_loss, grad)
+        x_adv, _ = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=False)
+        gamma = _gap(model, x, y, x_adv, clean_loss, grad)
+    delta = x_adv - x
     grad_term = _directional(delta, grad).abs()
     loss = (clean_loss + lam * gamma + mu * grad_term).mean()
     info = {"delta": delta, "gamma": gamma.detach(), "grad_term": grad_term.detach(),

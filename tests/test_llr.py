@@ -90,7 +90,7 @@ def test_gamma_bounds_gap_at_random_points(tiny_net, train_mode):
     torch.testing.assert_close(gamma, llr.linearity_gap(tiny_net, x, y, delta).detach())  # γ is g at the δ it returns
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
-        random_delta = llr._project((torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * EPS, x, EPS)
+        random_delta = llr.random_point(x, EPS, g) - x
         assert (gamma >= llr.linearity_gap(tiny_net, x, y, random_delta).detach()).all()
 
 
@@ -172,7 +172,7 @@ def test_second_order_terms_are_present(tiny_net):
     with llr.reuse_clean_batch_statistics(tiny_net):
         _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=True)
         grad = grad.detach()  # ∇ₓℓ as a constant: first-order terms only
-        gamma = llr._gap(tiny_net, x, y, info["delta"], clean_loss, grad)
+        gamma = llr._gap(tiny_net, x, y, x + info["delta"], clean_loss, grad)
     first_order_only = (clean_loss + 4.0 * gamma + 3.0 * llr._directional(info["delta"], grad).abs()).mean()
     partial = torch.cat([g.flatten() for g in torch.autograd.grad(first_order_only, params)])
     assert (full - partial).abs().max() > 1e-3 * full.abs().max()

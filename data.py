@@ -1,0 +1,136 @@
+"""Data for llr: CIFAR-10 held in memory and augmented on the device in batches;
+ImageNet read from its folders by DataLoader workers.
+
+Two layouts are read for CIFAR-10 (`--data-dir`):
+- torchvision's (`cifar-10-batches-py/`), downloaded there once on request;
+- an ImageFolder tree `train/<class>/*` and `test/<class>/*` of images, e.g. the JPEG
+  copy in `../shared/data` (`mkdir -p data/cifar10-jpeg && tar xzf cifar10-jpeg.tar.gz -C data/cifar10-jpeg`).
+Folder trees are sorted by class, so their images are put in one fixed random
+order (seed 0) when loaded: "the first N test images" are then a mix of classes,
+as in CIFAR-10's own test order.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG")
+
+
+class DataError(Exception):
+    """A missing or malformed dataset; the message says how to get it right."""
+
+
+CIFAR10_HELP = ("download it with `python train_cifar.py --download --data-dir DIR` (needs the network), "
+                "or point --data-dir to an ImageFolder tree with train/ and test/ "
+                "(e.g. the JPEG copy: mkdir -p data/cifar10-jpeg && tar xzf cifar10-jpeg.tar.gz -C data/cifar10-jpeg)")
+
+
+def load_cifar10(data_dir, split, download=False):
+    """CIFAR-10's `split` ("train" or "test") as (uint8 images [N, 3, 32, 32], int64 labels [N], class names)."""
+    if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):
+        return load_image_folder(os.path.join(data_dir, split))
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(data_dir, train=split == "train", download=download)
+    except RuntimeError as e:  # "Dataset not found or corrupted"
+        raise DataError(f"no CIFAR-10 at {data_dir!r} ({e}); {CIFAR10_HELP}") from None
+    except OSError as e:  # the download failed
+        raise DataError(f"could not download CIFAR-10 into {data_dir!r} ({e}); {CIFAR10_HELP}") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(ds.targets), list(ds.classes)
+
+
+def load_image_folder(folder):
+    """Every image of an ImageFolder tree `folder/<class>/*`, decoded to uint8 RGB, all of one size,
+    in a fixed random order (seed 0). Returns (images [N, 3, H, W], labels [N], class names)."""
+    import numpy as np
+    from PIL import Image
+
+    files, labels, classes = _list_image_folder(folder)
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as e:  # includes PIL's UnidentifiedImageError
+            raise DataError(f"cannot decode {path} ({e})") from None
+    sizes = {im.shape for im in images}
+    if len(sizes) > 1:
+        raise DataError(f"images in {folder} differ in size ({sorted(sizes)[:3]} ...); this loader needs one size")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return images[order], torch.tensor(labels)[order], classes
+
+
+def _list_image_folder(folder):
+    """(files, labels, classes) of an ImageFolder tree, sorted, with one-line errors."""
+    if not os.path.isdir(folder):
+        raise DataError(f"no folder {folder!r}; expected an ImageFolder tree {folder}/<class>/<image>")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(folder, name))):
+            if f.endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(folder, name, f))
+                labels.append(label)
+    if not files:
+        raise DataError(f"no images in {folder!r}; expected {folder}/<class>/<image>.jpg|png")
+    return files, labels, classes
+
+
+def crop_and_flip(images, padding=4, generator=None):
+    """Standard CIFAR augmentation on the device for a batch [B, C, H, W]: reflect-pad by
+    `padding` (the authors' `datasets.py`), take a random H x W crop, flip half the batch."""
+    b, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    top = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
+    left = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
+    rows = (top + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)  # [B, H, W]
+    cols = (left + torch.arange(w, device=device).view(1, 1, w)).expand(b, h, w)
+    flip = torch.rand(b, 1, 1, generator=generator, device=device) < 0.5
+    cols = torch.where(flip, left + (w - 1) - (cols - left), cols)  # mirror inside the crop
+    flat = (rows * (w + 2 * padding) + cols).view(b, 1, h * w).expand(-1, images.shape[1], -1)
+    return padded.flatten(2).gather(2, flat).view_as(images)
+
+
+def imagenet_transform(train, size=224):
+    """torchvision's standard ImageNet pipeline to uint8 tensors: random-resized crop and flip for
+    training; resize to 256/224 of `size` and a center crop for evaluation."""
+    from torchvision.transforms import v2
+
+    if train:
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([v2.ToImage(), v2.RGB(), *steps])
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """An ImageFolder tree as (uint8 image [3, H, W], label) pairs, read and transformed on access."""
+
+    def __init__(self, folder, transform):
+        self.files, self.labels, self.classes = _list_image_folder(folder)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as image:
+            return self.transform(image), self.labels[i]
+
+
+def load_imagenet_eval(data_dir, n, size=224, workers=8):
+    """The first n images of ImageNet's validation folder in a fixed random order (seed 0; the
+    folder is sorted by class), resized and center-cropped: (uint8 [n, 3, size, size], labels [n])."""
+    dataset = ImageFolderDataset(os.path.join(data_dir, "val"), imagenet_transform(train=False, size=size))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=64,
+                                         num_workers=min(workers, os.cpu_count() or 1))
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)

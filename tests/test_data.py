@@ -1,0 +1,53 @@
+"""data.py: on-device augmentation against a per-image reference; folder loading and its errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from conftest import make_image_folder
+
+
+def test_crop_and_flip_matches_a_per_image_reference():
+    images = torch.rand(16, 3, 6, 5)
+    out = data.crop_and_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
+    # replay the generator: the same draws, applied image by image
+    g = torch.Generator().manual_seed(0)
+    top = torch.randint(0, 5, (16, 1, 1), generator=g).flatten()
+    left = torch.randint(0, 5, (16, 1, 1), generator=g).flatten()
+    flip = (torch.rand(16, 1, 1, generator=g) < 0.5).flatten()
+    assert flip.any() and (~flip).any()
+    for i in range(16):
+        padded = F.pad(images[i:i + 1], (2, 2, 2, 2), mode="reflect")[0]
+        crop = padded[:, top[i]:top[i] + 6, left[i]:left[i] + 5]
+        torch.testing.assert_close(out[i], crop.flip(2) if flip[i] else crop, rtol=0, atol=0)
+
+
+def test_image_folder_loads_in_a_fixed_mixed_order(tmp_path):
+    make_image_folder(str(tmp_path), classes=3, per_class=4, size=8)
+    images, labels, classes = data.load_cifar10(str(tmp_path), "test")
+    assert images.shape == (12, 3, 8, 8) and images.dtype == torch.uint8
+    assert classes == ["class0", "class1", "class2"] and sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert labels.tolist() != sorted(labels.tolist())  # not sorted by class
+    again, labels_again, _ = data.load_cifar10(str(tmp_path), "test")
+    assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    # the generated colour cue survives JPEG: class c is brightest in channel c
+    assert (images.float().mean((2, 3)).argmax(1) == labels).all()
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(data.DataError, match="no CIFAR-10 at .*--data-dir"):
+        data.load_cifar10(str(tmp_path / "missing"), "train")
+    make_image_folder(str(tmp_path / "a"), splits=("test",), classes=2, per_class=1)
+    with pytest.raises(data.DataError, match="no folder"):
+        data.load_cifar10(str(tmp_path / "a"), "train")
+    (tmp_path / "a" / "test" / "class0" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data.DataError, match="cannot decode"):
+        data.load_cifar10(str(tmp_path / "a"), "test")
+    make_image_folder(str(tmp_path / "b"), splits=("test",), classes=2, per_class=1, size=8)
+    make_image_folder(str(tmp_path / "b"), splits=("test",), classes=1, per_class=1, size=6, seed=1)
+    (tmp_path / "b" / "test" / "class0" / "0.jpg").rename(tmp_path / "b" / "test" / "class1" / "x.jpg")
+    with pytest.raises(data.DataError, match="differ in size"):
+        data.load_cifar10(str(tmp_path / "b"), "test")
+    (tmp_path / "c" / "test" / "empty").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="no images"):
+        data.load_cifar10(str(tmp_path / "c"), "test")

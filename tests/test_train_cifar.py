@@ -1,0 +1,168 @@
+"""train_cifar.py end to end on a tiny ImageFolder: every method, resume, NaN stop, 2 processes, errors."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as eval_script
+import methods
+import train_cifar
+from conftest import ROOT, make_image_folder
+
+TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--eval-n", "6", "--eval-steps", "2",
+        "--eps-warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=8, size=16)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
+    run = str(tmp_path / method)
+    train_cifar.main(["--method", method, "--data-dir", data_dir, "--epochs", "2", "--out", run,
+                      "--log-gamma-every", "3", "--gamma-n", "4", *TINY])
+    assert {"config.json", "log.jsonl", "last.safetensors", "best.safetensors", "state.pt"} <= set(os.listdir(run))
+    log = _log(run)
+    train = [e for e in log if e["kind"] == "train"]
+    assert [e["step"] for e in train] == list(range(1, 7))
+    assert all({"loss", "lr", "eps", "images_per_s"} <= set(e) for e in train)
+    assert train[0]["eps"] == pytest.approx(0.5 * 8 / 255) and train[-1]["eps"] == pytest.approx(8 / 255)  # warm-up
+    expected_terms = {"llr": {"gamma", "grad_term"}, "adv": {"adv_acc"}, "trades": {"kl"}, "cure": {"curvature"},
+                      "lfr": {"flatness"}, "plain": {"train_acc"}}[method]
+    assert expected_terms <= set(train[-1])
+    assert [e["step"] for e in log if e["kind"] == "eval"] == [3, 6]
+    assert [e["step"] for e in log if e["kind"] == "gamma"] == [3, 6]  # Fig. 2's γ for any method
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["args"]["method"] == method and config["torch"] == torch.__version__ and "git_commit" in config
+    report = eval_script.main([os.path.join(run, "best.safetensors"), "--eps", "8/255", "--data-dir", data_dir,
+                               "--n", "6", "--steps", "2", "--restarts", "1", "--attacks", "fgsm20,untargeted",
+                               "--no-sanity", "--out", str(tmp_path / "eval.json")])
+    assert report["training"]["method"] == method and report["model"]["arch"] == "wrn-10-1"
+
+
+def _stop_at(step_to_stop, method="llr"):
+    """The method, sending SIGTERM to this very process during step `step_to_stop` (1-based)."""
+    calls = {"n": 0}
+    original = methods.METHODS[method]
+
+    @functools.wraps(original)  # keeps the signature the flags are generated from
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    return wrapped
+
+
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    """Stop after 4 of 9 steps (SIGTERM, in the middle of an epoch), resume: the final weights
+    equal those of an uninterrupted run, bit for bit."""
+    common = ["--data-dir", data_dir, "--epochs", "3", *TINY, "--llr-steps", "2"]
+    whole = str(tmp_path / "whole")
+    train_cifar.main([*common, "--out", whole])
+    parts = str(tmp_path / "parts")
+    with monkeypatch.context() as m:
+        m.setitem(methods.METHODS, "llr", _stop_at(4))
+        train_cifar.main([*common, "--out", parts])
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert torch.load(os.path.join(parts, "state.pt"), weights_only=True)["step"] == 4
+    train_cifar.main(["--resume", parts])
+    a, b = load_file(os.path.join(whole, "last.safetensors")), load_file(os.path.join(parts, "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in _log(parts) if e["kind"] == "train"] == list(range(1, 10))
+    # a different seed gives different weights: the comparison can fail
+    other = str(tmp_path / "other")
+    train_cifar.main([*common, "--out", other, "--seed", "1"])
+    c = load_file(os.path.join(other, "last.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = str(tmp_path / "nan")
+    original = methods.METHODS["plain"]
+    calls = {"n": 0}
+
+    @functools.wraps(original)
+    def nan_after_four(*args, **kwargs):
+        calls["n"] += 1
+        loss, info = original(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] >= 5 else loss), info
+
+    monkeypatch.setitem(methods.METHODS, "plain", nan_after_four)
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY])
+    assert "NaN or inf" in str(e.value.code) and "before step 5" in str(e.value.code)
+    state = torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    assert state["step"] == 3  # the checkpoint at the end of epoch 1, untouched
+    weights = load_file(os.path.join(run, "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    torch.testing.assert_close(weights["net.fc.weight"], state["model"]["net.fc.weight"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eps", "300/255"], "eps must lie in [0, 1]"),
+    (["--eps", "x"], "cannot read eps"),
+    (["--arch", "vgg"], "unknown architecture"),
+])
+def test_bad_input_gives_one_line_error(flags, message, data_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(["--data-dir", data_dir, "--out", str(tmp_path / "r"), *TINY, *flags])
+    text = str(e.value.code)
+    assert text.startswith("train_cifar.py: error:") and message in text and "\n" not in text
+
+
+def test_missing_data_gives_one_line_and_nonzero_exit(tmp_path):
+    argv = [sys.executable, os.path.join(ROOT, "train_cifar.py"), "--data-dir", str(tmp_path / "nothing"),
+            "--out", str(tmp_path / "r"), *TINY]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "no CIFAR-10 at" in lines[0] and "--download" in lines[0], result.stderr
+
+
+def test_existing_run_is_not_overwritten(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+
+
+def test_two_process_llr_run(data_dir, tmp_path):
+    """Double backprop under multi-process data parallel: `accelerate launch` with 2 CPU processes
+    (ACCELERATE_USE_CPU=1 makes Accelerate use gloo on a machine without GPUs)."""
+    run = str(tmp_path / "ddp")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            os.path.join(ROOT, "train_cifar.py"), "--data-dir", data_dir, "--epochs", "2", "--out", run, *TINY]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["processes"] == 2
+    log = _log(run)
+    assert [e["step"] for e in log if e["kind"] == "train"] == list(range(1, 7))
+    assert [e["eval_n"] for e in log if e["kind"] == "eval"] == [6, 6]  # both shards counted
+    weights = load_file(os.path.join(run, "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
