@@ -1,7 +1,7 @@
 # make install: a virtual environment with the requirements; make test: install, then run the tests.
 # make cifar: the paper's CIFAR-10 LLR run, then eval.py on it (resumes if stopped). make cifar-quick: minutes.
 # Variables: DATA_DIR (CIFAR-10: torchvision's, downloaded there if missing, or an ImageFolder tree),
-# GPUS (processes for accelerate launch), PRECISION (no or bf16).
+# GPUS (processes for accelerate launch), PRECISION (no or bf16), BENCH_FLAGS (e.g. --bf16 --channels-last).
 PYTHON    ?= python3
 VENV      ?= .venv
 PY         = $(VENV)/bin/python
@@ -11,7 +11,7 @@ PRECISION ?= no
 LAUNCH     = $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter-out 1,$(GPUS)),--multi_gpu) \
              --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no
 
-.PHONY: install test cifar cifar-quick eval
+.PHONY: install test cifar cifar-quick eval bench
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ cifar-quick: install  ## PreAct ResNet-18, LLR with 2 inner steps, 10 epochs
 
 eval: install  ## make eval CKPT=runs/x/best.safetensors [EPS=8/255] [N=1000]
 	$(PY) eval.py $(CKPT) --eps $(or $(EPS),8/255) --data-dir $(DATA_DIR) --n $(or $(N),1000)
+
+bench: install  ## each method's step time as a ratio to plain, on this machine's device: bench.json
+	$(PY) bench.py $(BENCH_FLAGS)

@@ -125,10 +125,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return self.transform(image), self.labels[i]
 
 
-def load_imagenet_eval(data_dir, n, size=224, workers=8):
-    """The first n images of ImageNet's validation folder in a fixed random order (seed 0; the
-    folder is sorted by class), resized and center-cropped: (uint8 [n, 3, size, size], labels [n])."""
-    dataset = ImageFolderDataset(os.path.join(data_dir, "val"), imagenet_transform(train=False, size=size))
+def load_folder_subset(folder, n, size=224, workers=8):
+    """The first n images of an ImageFolder tree in a fixed random order (seed 0; the tree is sorted
+    by class), resized and center-cropped as for evaluation: (uint8 [n, 3, size, size], labels [n])."""
+    dataset = ImageFolderDataset(folder, imagenet_transform(train=False, size=size))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=64,
                                          num_workers=min(workers, os.cpu_count() or 1))

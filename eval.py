@@ -80,12 +80,13 @@ class Autocast(torch.nn.Module):
             return self.model(x).float()
 
 
-def load_test_images(dataset, data_dir, n):
-    """The first n test images (uint8 [n, 3, H, W]) and labels [n]."""
+def load_test_images(dataset, data_dir, n, image_size):
+    """The first n test images (uint8 [n, 3, H, W]) and labels [n]: CIFAR-10's test set, or ImageNet's
+    validation set in a fixed random order, resized to 256/224 of `image_size` and center-cropped."""
     if dataset == "cifar10":
         images, labels, _ = data.load_cifar10(data_dir, "test")
         return images[:n], labels[:n]
-    return data.load_imagenet_eval(data_dir, n)
+    return data.load_folder_subset(os.path.join(data_dir, "val"), n, image_size)
 
 
 def batches(images, labels, batch_size, device):
@@ -270,7 +271,7 @@ def main(argv=None):
         if data_dir is None:
             raise ValueError("--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
-        images, labels = load_test_images(dataset, data_dir, args.n)
+        images, labels = load_test_images(dataset, data_dir, args.n, meta.get("image_size", 224))
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model

@@ -66,38 +66,18 @@ def selected_options(args):
             if p.default is not p.empty and p.name != "generator"}
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data/cifar10", help="torchvision's CIFAR-10, or an ImageFolder tree "
-                   "with train/ and test/ (default data/cifar10)")
-    g.add_argument("--download", action="store_true", help="download torchvision's CIFAR-10 into --data-dir if missing")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8)")
-    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
-                   help="softplus: smooth, needed by double backprop (paper §5)")
-    g = p.add_argument_group("method")
+def shared_arguments(parser, out_prefix):
+    """The flags both training scripts share: methods and their options, the seed, logging,
+    evaluation, checkpoints and --resume."""
+    g = parser.add_argument_group("method")
     g.add_argument("--method", default="llr", choices=list(methods.METHODS))
-    g.add_argument("--eps", default="8/255", help="ℓ∞ radius in pixel units (paper: 8/255)")
-    g.add_argument("--eps-warmup", type=int, default=500, metavar="STEPS",
-                   help="ε grows linearly from 0 over this many steps (authors' config: llr.warm_start = 500)")
-    g = p.add_argument_group("optimisation (SGD with momentum; paper §5 and the authors' config.py)")
-    g.add_argument("--epochs", type=int, default=110, help="paper: ~110 epochs")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch, split across processes (paper: 128)")
-    g.add_argument("--lr", type=number, default=0.1, help="authors' config: 0.1")
-    g.add_argument("--lr-decay-at", default="0.8,0.88,0.96", metavar="FRACTIONS",
-                   help="the learning rate is divided by 10 after these fractions of training "
-                        "(authors' config: 80k, 88k, 96k of 100k steps)")
-    g.add_argument("--momentum", type=number, default=0.9, help="authors' config: 0.9")
-    g.add_argument("--weight-decay", type=number, default=2e-4,
-                   help="on conv and linear weights only (authors' config: ℓ2 2e-4 on weights)")
+    g = parser.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
-    g = p.add_argument_group("logging, evaluation, checkpoints")
-    g.add_argument("--out", help="run directory (default runs/cifar-<method>)")
+    g.add_argument("--out", help=f"run directory (default runs/{out_prefix}-<method>)")
     g.add_argument("--log-every", type=int, default=50, metavar="STEPS",
                    help="log, check for NaN and honour SIGTERM/Ctrl-C every this many steps")
     g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
-    g.add_argument("--eval-n", type=int, default=1000, help="held-out test images for clean and PGD accuracy")
+    g.add_argument("--eval-n", type=int, default=1000, help="held-out images for clean and PGD accuracy")
     g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack used there")
     g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every this many steps (0: at the end of each epoch only)")
@@ -105,27 +85,65 @@ def get_args(argv=None):
                    help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
     g.add_argument("--gamma-n", type=int, default=128, help="images in that subset")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
-    method_options(p)
-    args = p.parse_args(argv)
+    method_options(parser)
+
+
+def finish_args(parser, argv, out_prefix):
+    """Parse; with --resume, the run's saved arguments replace the command line's."""
+    args = parser.parse_args(argv)
     if args.resume:
         resume_dir = args.resume
-        with open(os.path.join(resume_dir, "config.json")) as f:
-            args = argparse.Namespace(**json.load(f)["args"])
+        try:
+            with open(os.path.join(resume_dir, "config.json")) as f:
+                args = argparse.Namespace(**json.load(f)["args"])
+        except OSError as e:
+            parser.exit(1, f"{parser.prog}: error: cannot resume from {resume_dir}: {e.strerror}\n")
         args.resume, args.out = resume_dir, resume_dir
-    args.out = args.out or f"runs/cifar-{args.method}"
+    args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
 
 
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data/cifar10", help="torchvision's CIFAR-10, or an ImageFolder tree "
+                   "with train/ and test/ (default data/cifar10)")
+    g.add_argument("--download", action="store_true", help="download torchvision's CIFAR-10 into --data-dir if missing")
+    g = p.add_argument_group("model and threat model")
+    g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8)")
+    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
+                   help="softplus: smooth, needed by double backprop (paper §5)")
+    g.add_argument("--eps", default="8/255", help="ℓ∞ radius in pixel units (paper: 8/255)")
+    g.add_argument("--eps-warmup", type=number, default=0.64, metavar="EPOCHS",
+                   help="ε grows linearly from 0 over this many epochs (authors' config: 500 steps at batch 64)")
+    g = p.add_argument_group("optimisation (SGD with momentum; paper §5 and the authors' config.py)")
+    g.add_argument("--epochs", type=int, default=110, help="paper: ~110 epochs")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch, split across processes (paper: 128)")
+    g.add_argument("--lr", type=number, default=0.1, help="authors' config: 0.1")
+    g.add_argument("--lr-warmup", type=number, default=0.0, metavar="EPOCHS", help="linear warm-up of the lr")
+    g.add_argument("--lr-decay-at", default="0.8,0.88,0.96", metavar="FRACTIONS",
+                   help="the learning rate is divided by 10 after these fractions of training "
+                        "(authors' config: 80k, 88k, 96k of 100k steps)")
+    g.add_argument("--momentum", type=number, default=0.9, help="authors' config: 0.9")
+    g.add_argument("--weight-decay", type=number, default=2e-4,
+                   help="on conv and linear weights only (authors' config: ℓ2 2e-4 on weights)")
+    shared_arguments(p, "cifar")
+    return finish_args(p, argv, "cifar")
+
+
 # --------------------------------------------------------------------------- schedules
-def learning_rate(args, step, total_steps):
-    """Step decays: ÷10 after each fraction of training in --lr-decay-at."""
-    decays = sum(step >= float(f) * total_steps for f in args.lr_decay_at.split(","))
-    return args.lr * 0.1 ** decays
+def learning_rate(args, step, steps_per_epoch, total_steps):
+    """Linear warm-up over --lr-warmup epochs, then ÷10 after each fraction of training in --lr-decay-at."""
+    warmup = args.lr_warmup * steps_per_epoch
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * 0.1 ** sum(step >= float(f) * total_steps for f in args.lr_decay_at.split(","))
 
 
-def epsilon(args, eps, step):
-    """Linear warm-up of ε over --eps-warmup steps, then constant."""
-    return eps * min(1.0, (step + 1) / args.eps_warmup) if args.eps_warmup > 0 else eps
+def epsilon(args, eps, step, steps_per_epoch):
+    """Linear warm-up of ε over --eps-warmup epochs, then constant."""
+    warmup = args.eps_warmup * steps_per_epoch
+    return eps * min(1.0, (step + 1) / warmup) if warmup > 0 else eps
 
 
 STREAMS = {"epoch": 0, "augment": 1, "method": 2, "gamma": 3}
@@ -233,40 +251,21 @@ class StopRequest:
         self.requested = True
 
 
-# --------------------------------------------------------------------------- main
-def setup(args, accelerator):
-    """Everything that can fail because of the user's input, before any training."""
-    eps = attacks.parse_eps(args.eps)
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError("use --mixed_precision bf16 (or none): fp16 would need loss scaling through the double backward")
-    if args.batch_size % accelerator.num_processes:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
+# --------------------------------------------------------------------------- the loop
+def check_run_dir(args):
     state_path = os.path.join(args.out, STATE)
     if os.path.exists(state_path) and not args.resume:
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, or choose another --out")
     if args.resume and not os.path.exists(state_path):
         raise ValueError(f"nothing to resume: {state_path} does not exist")
-    images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
-    test_images, test_labels, _ = data.load_cifar10(args.data_dir, "test")
-    if len(labels) < args.batch_size:
-        raise ValueError(f"the training set ({len(labels)} images) is smaller than one batch ({args.batch_size})")
-    torch.manual_seed(args.seed)
-    model = models.build_model(args.arch, num_classes=int(labels.max()) + 1, activation=args.activation)
-    return eps, images, labels, test_images, test_labels, model
 
 
-def main(argv=None):
-    from accelerate import Accelerator
-
-    args = get_args(argv)
-    accelerator = Accelerator()
-    try:
-        eps, images, labels, test_images, test_labels, model = setup(args, accelerator)
-    except (ValueError, OSError, data.DataError) as e:
-        sys.exit(f"train_cifar.py: error: {e}")
+def train(args, accelerator, model, eps, micro_batches, steps_per_epoch, held_out, gamma_subset, metadata):
+    """The training loop of both scripts. `micro_batches(step)` gives the (x, y) micro-batches of
+    optimiser step `step` on this process (one, or the gradient-accumulation steps). `held_out`
+    and `gamma_subset` are (uint8 images, labels) on the device for evaluation and for γ; `metadata`
+    (the dataset, ...) goes into every checkpoint."""
     device = accelerator.device
-    images, labels = images.to(device), labels.to(device)
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
     optimizer = optimizer_for(model, args)
     step, best = 0, -1.0
     if args.resume:
@@ -277,7 +276,6 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     loss_fn, options = methods.METHODS[args.method], selected_options(args)
-    steps_per_epoch = len(labels) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     log_path = os.path.join(args.out, "log.jsonl")
     if accelerator.is_main_process:
@@ -285,18 +283,18 @@ def main(argv=None):
         if not args.resume:
             with open(os.path.join(args.out, "config.json"), "w") as f:
                 json.dump(provenance(args, accelerator), f, indent=1)
-        accelerator.print(f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, {len(labels)} images, "
-                          f"{total_steps} steps, {accelerator.num_processes} process(es) on {device}; "
+        accelerator.print(f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, {total_steps} steps of "
+                          f"{args.batch_size} images, {accelerator.num_processes} process(es) on {device}; "
                           f"{'resuming at step ' + str(step) if step else 'starting'} -> {args.out}")
 
     def log(entry):
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, **entry}) + "\n")
 
     def checkpoint(name="last.safetensors", metrics=None):
         if accelerator.is_main_process:
-            meta = {"dataset": "cifar10", "method": args.method, "eps": eps, "step": step,
+            meta = {**metadata, "method": args.method, "eps": eps, "step": step,
                     "epoch": step / steps_per_epoch, **(metrics or {})}
             save(args.out, unwrapped, optimizer, step, best, meta, name)
         accelerator.wait_for_everyone()
@@ -306,50 +304,51 @@ def main(argv=None):
     with StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
                                      dynamic_ncols=True) as bar:
         while step < total_steps:
-            # ---- one training step
-            lr, eps_now = learning_rate(args, step, total_steps), epsilon(args, eps, step)
+            # ---- one optimiser step: set lr and ε, the method's loss and backward on each micro-batch
+            lr, eps_now = learning_rate(args, step, steps_per_epoch, total_steps), epsilon(args, eps, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch_for(images, labels, args, step, steps_per_epoch, accelerator)
-            generator = generator_for(args, step, device, "method", accelerator.process_index)
-            loss, info = loss_fn(model, x, y, eps_now, generator=generator, **options)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for micro, (x, y) in enumerate(micro_batches(step)):
+                with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch
+                    stream = accelerator.process_index + accelerator.num_processes * micro
+                    generator = generator_for(args, step, device, "method", stream)
+                    loss, info = loss_fn(model, x, y, eps_now, generator=generator, **options)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                # metrics stay on the device until the checks below
+                nonfinite += ~torch.isfinite(loss.detach())
+                logits = info.get("logits", info.get("adv_logits"))
+                terms = {"loss": loss.detach(),
+                         "train_acc" if "logits" in info else "adv_acc": (logits.argmax(1) == y).float().mean()}
+                terms.update({k: v.float().mean() for k, v in info.items() if k not in ("logits", "adv_logits", "delta")})
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v
+                count += 1
             step += 1
             bar.update(1)
-            # ---- metrics, summed on the device and read at the checks below
-            nonfinite += ~torch.isfinite(loss.detach())
-            logits = info.get("logits", info.get("adv_logits"))
-            terms = {"loss": loss.detach(),
-                     "train_acc" if "logits" in info else "adv_acc": (logits.argmax(1) == y).float().mean()}
-            terms.update({k: v.float().mean() for k, v in info.items() if k not in ("logits", "adv_logits", "delta")})
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v
-            count += 1
             if args.log_gamma_every and step % args.log_gamma_every == 0 and accelerator.is_main_process:
-                log({"kind": "gamma", "step": step, "epoch": step / steps_per_epoch, "eps": eps,
-                     **measure_gamma(unwrapped, images, labels, eps, args, step)})
-            # ---- checks, at the same steps on every process: before any checkpoint, every --log-every
+                log({"kind": "gamma", "eps": eps, **measure_gamma(unwrapped, *gamma_subset, eps, args, step)})
+            # ---- checks, at the same steps on every process: before any checkpoint, and every --log-every
             end_of_epoch = step % steps_per_epoch == 0
             save_now = end_of_epoch or step == total_steps or (args.save_every and step % args.save_every == 0)
             if step % args.log_every and not save_now:
                 continue
             flags = accelerator.reduce(torch.stack([nonfinite, torch.tensor(float(stop.requested), device=device)]), "sum")
             if flags[0].item() > 0:
-                message = (f"train_cifar.py: the loss became NaN or inf within the {count} steps before step {step}; "
-                           f"stopped without saving. The last good checkpoint is {os.path.join(args.out, 'last.safetensors')}"
-                           f" (continue with --resume {args.out}, e.g. after lowering lr in its config.json)")
-                sys.exit(message if accelerator.is_main_process else 1)
+                message = (f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped "
+                           f"without saving. The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} "
+                           f"(continue with --resume {args.out}, e.g. after lowering lr in its config.json)")
+                sys.exit(f"{os.path.basename(sys.argv[0])}: {message}" if accelerator.is_main_process else 1)
             means = {k: accelerator.reduce(v / count, "mean").item() for k, v in sums.items()}
-            log({"kind": "train", "step": step, "epoch": step / steps_per_epoch, "lr": lr, "eps": eps_now,
-                 **means, "images_per_s": count * args.batch_size / (time.time() - interval_start)})
+            images = count * args.batch_size / accelerator.gradient_accumulation_steps  # all processes
+            log({"kind": "train", "lr": lr, "eps": eps_now, **means, "images_per_s": images / (time.time() - interval_start)})
             bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
-            sums, count, interval_start = {}, 0, time.time()
+            sums, count = {}, 0
             # ---- evaluation and checkpoints
             if (end_of_epoch and (step // steps_per_epoch) % args.eval_every == 0) or step == total_steps:
-                metrics = evaluate(unwrapped, test_images, test_labels, eps, args, accelerator)
-                log({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, "eps": eps, **metrics})
+                metrics = evaluate(unwrapped, *held_out, eps, args, accelerator)
+                log({"kind": "eval", "eps": eps, **metrics})
                 accelerator.print(f"step {step}: clean {100 * metrics['eval_clean_acc']:.2f}%  "
                                   f"PGD-{args.eval_steps} {100 * metrics['eval_robust_acc']:.2f}%")
                 if metrics["eval_robust_acc"] > best:
@@ -363,6 +362,35 @@ def main(argv=None):
             interval_start = time.time()  # evaluation and saving are not training time
     accelerator.print(f"done: {os.path.join(args.out, 'best.safetensors')} (PGD accuracy {100 * best:.2f}%), "
                       f"{os.path.join(args.out, 'last.safetensors')}")
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = get_args(argv)
+    accelerator = Accelerator()
+    try:  # everything that can fail because of the user's input, before any training
+        eps = attacks.parse_eps(args.eps)
+        if accelerator.mixed_precision == "fp16":
+            raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
+        if args.batch_size % accelerator.num_processes:
+            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
+        check_run_dir(args)
+        images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
+        test_images, test_labels, _ = data.load_cifar10(args.data_dir, "test")
+        if len(labels) < args.batch_size:
+            raise ValueError(f"the training set ({len(labels)} images) is smaller than one batch ({args.batch_size})")
+        torch.manual_seed(args.seed)
+        model = models.build_model(args.arch, num_classes=int(labels.max()) + 1, activation=args.activation)
+    except (ValueError, OSError, data.DataError) as e:
+        sys.exit(f"train_cifar.py: error: {e}")
+    device = accelerator.device
+    images, labels = images.to(device), labels.to(device)
+    steps_per_epoch = len(labels) // args.batch_size
+    train(args, accelerator, model, eps,
+          lambda step: [batch_for(images, labels, args, step, steps_per_epoch, accelerator)], steps_per_epoch,
+          held_out=(test_images.to(device), test_labels.to(device)),
+          gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]), metadata={"dataset": "cifar10"})
 
 
 if __name__ == "__main__":

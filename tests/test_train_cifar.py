@@ -16,7 +16,7 @@ import train_cifar
 from conftest import ROOT, make_image_folder
 
 TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--eval-n", "6", "--eval-steps", "2",
-        "--eps-warmup", "2"]
+        "--eps-warmup", "0.5"]  # 3 steps per epoch: ε reaches its value at step 2
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
     train = [e for e in log if e["kind"] == "train"]
     assert [e["step"] for e in train] == list(range(1, 7))
     assert all({"loss", "lr", "eps", "images_per_s"} <= set(e) for e in train)
-    assert train[0]["eps"] == pytest.approx(0.5 * 8 / 255) and train[-1]["eps"] == pytest.approx(8 / 255)  # warm-up
+    assert train[0]["eps"] == pytest.approx(8 / 255 / 1.5) and train[-1]["eps"] == pytest.approx(8 / 255)  # warm-up
     expected_terms = {"llr": {"gamma", "grad_term"}, "adv": {"adv_acc"}, "trades": {"kl"}, "cure": {"curvature"},
                       "lfr": {"flatness"}, "plain": {"train_acc"}}[method]
     assert expected_terms <= set(train[-1])

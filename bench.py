@@ -1,0 +1,141 @@
+"""Cost of a training step of each method, as a ratio to a plain step measured in the same run.
+
+    python bench.py                                   # GPU: PreAct ResNet-18, batch 128; CPU: wrn-10-2, batch 32
+    python bench.py --bf16 --channels-last            # the fast path on a GPU
+    python bench.py --arch resnet152 --image-size 224 --batch-size 32 --methods plain,llr-2,adv-30 --bf16
+    make bench
+
+A step is what training does: the method's loss, backward (with the double backward
+where the method has one), optimizer step. Methods are timed in rounds, in a new
+random order each round, so that drift on a shared machine hits all of them alike;
+each time is taken after device synchronisation, after warm-up steps. Reports the
+median and quartiles of the milliseconds per step, images/s, the ratio of the
+median to plain's, and (on CUDA) peak memory, as a table and as JSON.
+"""
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+import methods
+import models
+
+# name: (method, options); "llr-2" is LLR with 2 inner steps, and so on
+VARIANTS = {
+    "plain": ("plain", {}),
+    "llr-1": ("llr", {"steps": 1}), "llr-2": ("llr", {"steps": 2}), "llr-8": ("llr", {"steps": 8}),
+    "adv-1": ("adv", {"steps": 1}), "adv-2": ("adv", {"steps": 2}), "adv-10": ("adv", {"steps": 10}),
+    "adv-30": ("adv", {"steps": 30}),
+    "trades-10": ("trades", {"steps": 10}),
+    "cure": ("cure", {}),
+    "lfr": ("lfr", {}),
+}
+
+
+def get_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="preact-resnet18" if cuda else "wrn-10-2")
+    p.add_argument("--batch-size", type=int, default=128 if cuda else 32)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps of each method first")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPU for a check)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench.json")
+    return p.parse_args(argv)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(args, device):
+    """A function running one full training step of a named variant; peak memory is tracked per call."""
+    torch.manual_seed(args.seed)
+    model = models.build_model(args.arch, num_classes=args.num_classes,
+                               normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
+    x = x.to(device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def step(name):
+        method, options = VARIANTS[name]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss, _ = methods.METHODS[method](model, x, y, 8 / 255, generator=generator, **options)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(args):
+    device = torch.device(args.device)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench.py: error: unknown method {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if "plain" not in names:
+        names.insert(0, "plain")  # the reference of every ratio
+    step = make_step(args, device)
+    times = {n: [] for n in names}
+    peak = {}
+    for name in names:  # warm-up: allocator, kernels, lazy imports
+        for _ in range(args.warmup):
+            step(name)
+    order = random.Random(args.seed)
+    for _ in range(args.rounds):
+        for name in order.sample(names, len(names)):
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step(name)
+            _sync(device)
+            times[name].append(1000 * (time.perf_counter() - start))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
+    plain_ms = statistics.median(times["plain"])
+    results = {}
+    for name in names:
+        t = sorted(times[name])
+        q1, median, q3 = (statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3)
+        results[name] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "ms_all": times[name],
+                         "images_per_s": args.batch_size / (median / 1000), "ratio_to_plain": median / plain_ms,
+                         "peak_memory_gib": peak[name] / 2**30 if name in peak else None}
+        if name in peak and "plain" in peak:
+            results[name]["memory_ratio_to_plain"] = peak[name] / peak["plain"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": device_name, "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
+              "bf16": args.bf16, "channels_last": args.channels_last, "rounds": args.rounds, "warmup": args.warmup,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    print(f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
+          f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}; "
+          f"median of {args.rounds} interleaved steps")
+    print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'images/s':>11s}{'x plain':>9s}{'peak GiB':>10s}")
+    for name, r in results.items():
+        memory = f"{r['peak_memory_gib']:10.2f}" if r["peak_memory_gib"] is not None else f"{'-':>10s}"
+        print(f"{name:12s}{r['ms_median']:10.1f}{r['ms_q1']:8.1f}-{r['ms_q3']:<8.1f}{r['images_per_s']:11.1f}"
+              f"{r['ratio_to_plain']:9.2f}{memory}")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    run(get_args())

@@ -1,0 +1,59 @@
+"""llr.py's synchronised batch norm across processes (nn.SyncBatchNorm, 2 CPU processes, gloo)."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import llr
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+
+
+def _worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(8, 3, 5, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        delta = (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.1
+        mine = slice(4 * rank, 4 * rank + 4)  # each process holds half of the batch
+        synced, whole = nn.SyncBatchNorm.convert_sync_batchnorm(_net()), _net()
+        # losses on x and x + δ normalised with the statistics of the whole clean batch
+        with llr.reuse_clean_batch_statistics(synced, update_running_stats=True):
+            loss = (nn.functional.cross_entropy(synced(x[mine]), y[mine], reduction="sum")
+                    + nn.functional.cross_entropy(synced(x[mine] + delta[mine]), y[mine], reduction="sum"))
+        loss.backward()
+        with llr.reuse_clean_batch_statistics(whole, update_running_stats=True):
+            reference = (nn.functional.cross_entropy(whole(x), y, reduction="sum")
+                         + nn.functional.cross_entropy(whole(x + delta), y, reduction="sum"))
+        reference.backward()
+        for p, q in zip(synced.parameters(), whole.parameters()):
+            summed = p.grad.clone()
+            dist.all_reduce(summed)  # the gradient of the total loss, through the all-reduce
+            torch.testing.assert_close(summed, q.grad, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(synced[1].running_mean, whole[1].running_mean)
+        torch.testing.assert_close(synced[1].running_var, whole[1].running_var)
+        # the double backward runs through the synchronised statistics
+        synced.zero_grad()
+        loss, _ = llr.llr_loss(synced, x[mine], y[mine], 0.1, steps=2, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in synced.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_statistics_are_global_and_differentiable():
+    """Two processes with half a batch each get exactly the gradients and running statistics
+    of one process with the whole batch (float64)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port), nprocs=2)

@@ -1,0 +1,123 @@
+"""train_imagenet.py on a tiny generated ImageFolder: LLR and ADV end to end with gradient
+accumulation, exact resume through DataLoader workers, 2 processes, errors; eval.py on ImageNet."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as eval_script
+import methods
+import train_imagenet
+from conftest import ROOT, make_image_folder
+
+# 3 classes x 8 images, 32 px crops, global batch 8 = 2 micro-batches of 4: 3 steps per epoch
+TINY = ["--arch", "wrn-10-1", "--image-size", "32", "--batch-size", "8", "--per-device-batch", "4", "--workers", "0",
+        "--log-every", "1", "--eval-n", "6", "--eval-steps", "2", "--gamma-n", "4", "--lr-warmup", "0.5",
+        "--eps-warmup", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("imagenet")), splits=("train", "val"), classes=3,
+                             per_class=8, size=40)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method, flags", [("llr", []), ("adv", ["--adv-steps", "2"]), ("plain", [])])
+def test_methods_train_and_evaluate(method, flags, imagenet, tmp_path):
+    run = str(tmp_path / method)
+    train_imagenet.main(["--data-dir", imagenet, "--method", method, "--eps", "4", "--epochs", "2", "--out", run,
+                         "--log-gamma-every", "3", *TINY, *flags])
+    log = _log(run)
+    train = [e for e in log if e["kind"] == "train"]
+    assert [e["step"] for e in train] == list(range(1, 7))  # optimiser steps, each of 2 micro-batches
+    assert train[-1]["eps"] == pytest.approx(4 / 255)
+    assert train[0]["lr"] == pytest.approx(0.1 * 8 / 256 / 1.5)  # lr per 256 x batch, warm-up over 1.5 steps
+    assert [e["step"] for e in log if e["kind"] == "eval"] == [3, 6]
+    assert [e["step"] for e in log if e["kind"] == "gamma"] == [3, 6]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["args"]["llr_steps"] == 2 and config["args"]["lr"] == pytest.approx(0.1 * 8 / 256)
+    report = eval_script.main([os.path.join(run, "best.safetensors"), "--eps", "4/255", "--data-dir", imagenet,
+                               "--n", "6", "--steps", "2", "--restarts", "1", "--num-targets", "1", "--no-sanity",
+                               "--attacks", "untargeted,multi-targeted,random-targeted", "--out", str(tmp_path / "e.json")])
+    assert report["dataset"] == "imagenet" and report["n_images"] == 6
+    assert report["results"]["multi-targeted"]["options"]["num_targets"] == 1
+
+
+def test_llr_steps_follow_the_paper_by_epsilon():
+    assert train_imagenet.get_args(["--data-dir", "x", "--eps", "4"]).llr_steps == 2
+    assert train_imagenet.get_args(["--data-dir", "x", "--eps", "16"]).llr_steps == 10
+    assert train_imagenet.get_args(["--data-dir", "x", "--eps", "16", "--llr-steps", "3"]).llr_steps == 3
+
+
+def test_resume_continues_exactly_with_workers_and_accumulation(imagenet, tmp_path, monkeypatch, capsys):
+    common = ["--data-dir", imagenet, "--epochs", "3", *TINY, "--workers", "2"]
+    whole = str(tmp_path / "whole")
+    train_imagenet.main([*common, "--out", whole])
+    parts = str(tmp_path / "parts")
+    original, calls = methods.METHODS["llr"], {"n": 0}
+
+    @functools.wraps(original)
+    def stop_during_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # the first micro-batch of step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setitem(methods.METHODS, "llr", stop_during_step_5)
+        train_imagenet.main([*common, "--out", parts])
+    assert "stopped at step 5" in capsys.readouterr().out
+    train_imagenet.main(["--resume", parts])
+    a, b = load_file(os.path.join(whole, "last.safetensors")), load_file(os.path.join(parts, "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eps", "300"], "units of 1/255"),
+    (["--per-device-batch", "3"], "not a multiple of --per-device-batch"),
+])
+def test_bad_input_gives_one_line_error(flags, message, imagenet, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(["--data-dir", imagenet, "--out", str(tmp_path / "r"), *TINY, *flags])
+    assert str(e.value.code).startswith("train_imagenet.py: error:") and message in str(e.value.code)
+
+
+def test_missing_imagenet_gives_one_line_and_nonzero_exit(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--data-dir",
+                             str(tmp_path / "none"), "--out", str(tmp_path / "r"), *TINY],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert result.returncode != 0 and len(lines) == 1 and "no folder" in lines[0], result.stderr
+
+
+def test_two_process_run(imagenet, tmp_path):
+    run = str(tmp_path / "ddp")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            os.path.join(ROOT, "train_imagenet.py"), "--data-dir", imagenet, "--epochs", "1", "--out", run, *TINY,
+            "--per-device-batch", "2"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
+    assert [e["step"] for e in _log(run) if e["kind"] == "train"] == [1, 2, 3]

@@ -1,0 +1,156 @@
+"""Train a softplus ResNet-152 on ImageNet with LLR (or ADV, or plain) at ε = 4/255 or 16/255.
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_imagenet.py --eps 4 --data-dir /data/imagenet
+    accelerate launch --mixed_precision bf16 train_imagenet.py --eps 4 --data-dir /data/imagenet   # one GPU: same global batch
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_imagenet.py --eps 16 --data-dir /data/imagenet
+    accelerate launch ... train_imagenet.py --method adv --adv-steps 30 --eps 4 --data-dir /data/imagenet  # the paper's ADV
+    accelerate launch ... train_imagenet.py --resume runs/imagenet-llr                                     # after pre-emption
+    python eval.py runs/imagenet-llr/best.safetensors --eps 4/255 --data-dir /data/imagenet --num-targets 20 --bf16
+
+--eps is in units of 1/255. The global batch (--batch-size) is reached on any number of
+devices by gradient accumulation: per-device batch × processes × accumulation steps. The
+loop, the method functions and the checkpoint format are those of train_cifar.py (imported,
+not copied): a run directory with config.json, log.jsonl, last/best.safetensors and
+state.pt; --resume continues exactly; SIGTERM stops at the next log step with a checkpoint.
+Batch norm is synchronised across GPUs (nn.SyncBatchNorm; llr.py makes it twice
+differentiable); the data order and each image's augmentation are functions of
+(seed, epoch, index), so a resumed run reads exactly the images an uninterrupted one would.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import data
+import models
+from train_cifar import check_run_dir, finish_args, number, shared_arguments, train
+
+MIX = 1_000_003  # to combine integers into one seed
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (required)")
+    g.add_argument("--image-size", type=int, default=224, help="training crop and evaluation size (standard: 224)")
+    g.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
+    g = p.add_argument_group("model and threat model")
+    g.add_argument("--arch", default="resnet152", help=f"one of {models.ARCHITECTURES} (paper: resnet152)")
+    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS))
+    g.add_argument("--eps", type=number, default=4, help="ℓ∞ radius in units of 1/255: 4 or 16 in the paper")
+    g.add_argument("--eps-warmup", type=number, default=6.0, metavar="EPOCHS",
+                   help="ε grows linearly from 0 over this many epochs (our choice: the lr warm-up's length)")
+    g.add_argument("--no-sync-bn", action="store_true", help="keep batch norm per device on multiple GPUs")
+    g = p.add_argument_group("optimisation (SGD with momentum; the ImageNet adversarial-training recipe of "
+                             "Xie et al. 2019, 110 epochs as the paper)")
+    g.add_argument("--epochs", type=int, default=110, help="paper: 110")
+    g.add_argument("--batch-size", type=int, default=4096, help="global batch (Xie et al.: 4096)")
+    g.add_argument("--per-device-batch", type=int, default=32, help="images per device per micro-batch")
+    g.add_argument("--lr-per-256", type=number, default=0.1, help="the lr is this × global batch / 256 (Goyal et al.)")
+    g.add_argument("--lr-warmup", type=number, default=6.0, metavar="EPOCHS", help="linear lr warm-up (Xie et al.: 6)")
+    g.add_argument("--lr-decay-at", default="0.318,0.636,0.864", metavar="FRACTIONS",
+                   help="÷10 after these fractions of training: epochs 35, 70 and 95 of 110 (Xie et al.)")
+    g.add_argument("--momentum", type=number, default=0.9)
+    g.add_argument("--weight-decay", type=number, default=1e-4, help="on conv and linear weights only (Xie et al.)")
+    shared_arguments(p, "imagenet")
+    p.set_defaults(llr_steps=None, save_every=200, log_every=20)
+    args = finish_args(p, argv, "imagenet")
+    if args.data_dir is None:
+        p.error("--data-dir is required (ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+    if args.llr_steps is None:  # the paper: 2 inner steps at ε = 4/255, 10 at 16/255
+        args.llr_steps = 10 if args.eps > 4 else 2
+    return args
+
+
+class SeededFolder(torch.utils.data.Dataset):
+    """An ImageFolder whose item (index, seed) is that image with its augmentation drawn from `seed`:
+    augmentation is a function of the sample, not of the worker that happens to load it."""
+
+    def __init__(self, folder, transform):
+        self.folder = data.ImageFolderDataset(folder, transform)
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global RNG
+            torch.manual_seed(seed)
+            return self.folder[index]
+
+
+class FolderBatches:
+    """The micro-batches of optimiser step `step` for this process. Each epoch is a permutation
+    of the training set seeded by (seed, epoch), cut into global batches; each global batch is
+    split across processes, then into micro-batches. A new DataLoader starts at the step asked
+    for, so a resumed run continues mid-epoch with the same images and augmentations."""
+
+    def __init__(self, dataset, args, accelerator, steps_per_epoch, accumulation):
+        self.dataset, self.args, self.accelerator = dataset, args, accelerator
+        self.steps_per_epoch, self.accumulation = steps_per_epoch, accumulation
+        self.iterator, self.next_step = None, None
+
+    def _start(self, step):
+        args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
+        epoch, first = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(args.seed * MIX + epoch))
+        keys = []
+        for b in range(first, self.steps_per_epoch):
+            for i in order[b * args.batch_size:(b + 1) * args.batch_size][rank::world].tolist():
+                keys.append((i, (args.seed * MIX + epoch) * MIX + i))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=args.per_device_batch, sampler=keys,
+                                             num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                             drop_last=True, persistent_workers=False)
+        self.iterator = iter(loader)
+
+    def __call__(self, step):
+        if step != self.next_step or step % self.steps_per_epoch == 0:
+            self._start(step)
+        self.next_step = step + 1
+        device = self.accelerator.device
+        return [(x.to(device, non_blocking=True).float() / 255, y.to(device, non_blocking=True))
+                for x, y in (next(self.iterator) for _ in range(self.accumulation))]
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+
+    args = get_args(argv)
+    accelerator = Accelerator()
+    try:  # everything that can fail because of the user's input, before any training
+        if not 0 <= args.eps <= 255:
+            raise ValueError(f"--eps is in units of 1/255 and must lie in [0, 255], got {args.eps:g}")
+        eps = args.eps / 255
+        accumulation, rest = divmod(args.batch_size, args.per_device_batch * accelerator.num_processes)
+        if rest or accumulation < 1:
+            raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --per-device-batch "
+                             f"{args.per_device_batch} x {accelerator.num_processes} processes")
+        accelerator.gradient_accumulation_steps = accumulation
+        if accelerator.mixed_precision == "fp16":
+            raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
+        args.lr = args.lr_per_256 * args.batch_size / 256
+        check_run_dir(args)
+        train_set = SeededFolder(os.path.join(args.data_dir, "train"), data.imagenet_transform(True, args.image_size))
+        held_out = data.load_folder_subset(os.path.join(args.data_dir, "val"), args.eval_n, args.image_size, args.workers)
+        gamma_subset = data.load_folder_subset(os.path.join(args.data_dir, "train"), args.gamma_n, args.image_size,
+                                               args.workers)
+        steps_per_epoch = len(train_set) // args.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
+        torch.manual_seed(args.seed)
+        model = models.build_model(args.arch, num_classes=len(train_set.folder.classes), activation=args.activation,
+                                   normalization="imagenet")
+    except (ValueError, OSError, data.DataError) as e:
+        sys.exit(f"train_imagenet.py: error: {e}")
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
+    device = accelerator.device
+    batches = FolderBatches(train_set, args, accelerator, steps_per_epoch, accumulation)
+    train(args, accelerator, model, eps, batches, steps_per_epoch,
+          held_out=tuple(t.to(device) for t in held_out), gamma_subset=tuple(t.to(device) for t in gamma_subset),
+          metadata={"dataset": "imagenet", "image_size": args.image_size})
+
+
+if __name__ == "__main__":
+    main()
