@@ -1,4 +1,4 @@
-# make install: a virtual environment with the requirements; make test: install, then run the tests.
+# make install: a virtual environment with the requirements; make test: install (with the extras), then test.
 # make cifar: the paper's CIFAR-10 LLR run, then eval.py on it (resumes if stopped). make cifar-quick: minutes.
 # Variables: DATA_DIR (CIFAR-10: torchvision's, downloaded there if missing, or an ImageFolder tree),
 # GPUS (processes for accelerate launch), PRECISION (no or bf16), BENCH_FLAGS (e.g. --bf16 --channels-last).
@@ -11,14 +11,20 @@ PRECISION ?= no
 LAUNCH     = $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter-out 1,$(GPUS)),--multi_gpu) \
              --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no
 
-.PHONY: install test cifar cifar-quick eval bench
+.PHONY: install install-extras test cifar cifar-quick eval bench
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt pytest
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-test: install
+install-extras: $(VENV)/.extras  ## matplotlib for plots.py, pyautoattack for eval.py --autoattack
+$(VENV)/.extras: requirements-extras.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-extras.txt
+	touch $@
+
+test: install install-extras
+	$(PY) -m pip install -q pytest
 	$(PY) -m pytest -q tests
 
 # train (or resume) RUN with the given flags, then evaluate its best checkpoint

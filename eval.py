@@ -16,11 +16,13 @@ flagged when violated.
 import argparse
 import inspect
 import json
+import logging
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import attacks
@@ -37,6 +39,9 @@ SUITE = {  # name: (table label, attack); the order is the worst-case order
 }
 DEFAULT_SUITE = "fgsm20,untargeted,multi-targeted,random-targeted"
 BALL_TOLERANCE = 1e-6  # float32 rounding of x ± ε; anything further out is not counted
+AUTOATTACK_VERSION = "0.2.0"  # the pyautoattack release this was tested with (requirements-extras.txt)
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than 0.5% of images the suite did not
 
 
 def get_args(argv=None):
@@ -58,13 +63,26 @@ def get_args(argv=None):
                    help="signed-gradient PGD with a cosine step, or Adam lr 0.1 (the authors')")
     g.add_argument("--fgsm-steps", type=int, default=20, help="k of the weak FGSM-k attack (paper: 20)")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("AutoAttack cross-check (pyautoattack, Croce & Hein 2020; make install-extras)")
+    g.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack on the same images; resumable (state in OUT.autoattack-state.json)")
+    g.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand", "custom"])
+    g.add_argument("--aa-attacks", help="with --aa-version custom: comma-separated, from " + ", ".join(AA_ATTACKS))
     g = p.add_argument_group("extra measurements")
     g.add_argument("--gamma", action="store_true", help="γ(ε, x) with 50 Adam steps, lr 0.1 (Fig. F3)")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity checks' extra attacks")
+    g = p.add_argument_group("instead of the suite: figures (plots.py draws them)")
+    g.add_argument("--surface", type=int, nargs="+", metavar="INDEX",
+                   help="loss surfaces around these test images (Fig. 1, 4; the paper's panel: 126)")
+    g.add_argument("--surface-grid", type=int, default=41, help="grid points per axis")
+    g.add_argument("--surface-radius", help="half-width of the grid in pixel units (default: eps)")
+    g.add_argument("--strength", action="store_true",
+                   help="Untargeted and Multi-Targeted accuracy against attack strength (Fig. 3)")
+    g.add_argument("--strengths", default="20x1,50x1,100x5,200x10", help="steps x restarts, weakest first")
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--out", help="JSON path (default: CHECKPOINT with .eval.json)")
+    g.add_argument("--out", help="JSON path (default: CHECKPOINT with .eval.json, .surface.json or .strength.json)")
     return p.parse_args(argv)
 
 
@@ -231,6 +249,172 @@ def evaluate(model, images, labels, eps, args, num_classes, device):
     return results
 
 
+def loss_surface(model, x, y, eps, radius, grid, seed, batch_size):
+    """The loss ℓ(x + a·u + b·v) and predicted class on a grid × grid lattice of a, b in
+    [−radius, radius] (the paper's Fig. 1 and 4): u = sign(∇ₓℓ(x)), the model's own adversarial
+    direction, and v a random sign vector drawn from `seed` (the same for every model). Each
+    point is projected onto the ε-ball around x and [0, 1]: x + a·u + b·v moves |a| + |b| where
+    u and v agree, so with radius = ε the grid's corners lie on the ball's boundary.
+    x: one image [1, C, H, W]; returns a dict of JSON-able lists."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    u = grad.sign()
+    v = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(x)
+    a = torch.linspace(-radius, radius, grid, dtype=torch.float64)
+    coefficients = torch.cartesian_prod(a, a).to(x.device, x.dtype)  # [grid², 2]: (a, b), a major
+    losses, preds = [], []
+    with torch.no_grad():
+        for chunk in coefficients.split(batch_size):
+            points = x.detach() + chunk[:, 0, None, None, None] * u + chunk[:, 1, None, None, None] * v
+            points = llr.project(points, x.detach(), eps)
+            logits = model(points)
+            losses.append(F.cross_entropy(logits, y.expand(len(chunk)), reduction="none").cpu())
+            preds.append(logits.argmax(1).cpu())
+    shape = (grid, grid)
+    return {"a": a.tolist(), "b": a.tolist(), "loss": torch.cat(losses).view(shape).tolist(),
+            "pred": torch.cat(preds).view(shape).tolist(), "label": int(y.item()), "radius": radius, "eps": eps,
+            "v_seed": seed}
+
+
+def parse_strengths(text):
+    try:
+        strengths = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5") from None
+    if not strengths or any(len(s) != 2 or min(s) < 1 for s in strengths):
+        raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5")
+    return strengths
+
+
+def strength_sweep(model, images, labels, eps, args, num_classes, device):
+    """Untargeted and Multi-Targeted accuracy at growing strengths (steps x restarts; the paper's
+    Fig. 3). Each point attacks only the samples still robust after the weaker points, with a new
+    seed, so the per-sample worst case carries over and a curve never rises."""
+    correct = clean_correct(model, images, labels, args.batch_size, device)
+    curves = {}
+    for name in ("untargeted", "multi-targeted"):
+        robust, points = correct.clone(), []
+        for k, (steps, restarts) in enumerate(parse_strengths(args.strengths)):
+            options = {**attack_options(name, args, num_classes), "steps": steps, "restarts": restarts}
+            rows = robust.nonzero().squeeze(1)
+            seconds = 0.0
+            if len(rows):
+                still, _, seconds = run_attack(model, images[rows], labels[rows], eps, name, options, num_classes,
+                                               args.batch_size, device, args.seed + 1000 * k)
+                robust[rows] = still
+            targets = options.get("num_targets", 1)
+            points.append({"steps": steps, "restarts": restarts, "gradient_evaluations": steps * restarts * targets,
+                           "accuracy": robust.float().mean().item(), "time_s": round(seconds, 2),
+                           "robust": robust.tolist()})
+        curves[name] = points
+    return {"nominal": correct.float().mean().item(), "curves": curves}
+
+
+def import_autoattack():
+    """pyautoattack's AutoAttack, or a one-line error saying how to install it."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise ValueError(f"--autoattack needs the optional package pyautoattack: run `make install-extras` "
+                         f"(or pip install pyautoattack=={AUTOATTACK_VERSION})") from None
+    return AutoAttack
+
+
+def autoattack_options(args):
+    if args.aa_version == "custom":
+        attacks = [a.strip() for a in (args.aa_attacks or "").split(",") if a.strip()]
+        if not attacks or any(a not in AA_ATTACKS for a in attacks):
+            raise ValueError(f"--aa-version custom needs --aa-attacks from {', '.join(AA_ATTACKS)}")
+        return {"version": "custom", "attacks": attacks}
+    if args.aa_attacks:
+        raise ValueError("--aa-attacks goes with --aa-version custom")
+    return {"version": args.aa_version}
+
+
+class _Warnings(logging.Handler):
+    """Collects AutoAttack's own warnings (its checks for randomised defences, probabilities as
+    outputs, dynamic models...)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        if record.getMessage() not in self.messages:
+            self.messages.append(record.getMessage())
+
+
+def run_autoattack(model, images, labels, eps, args, device, state_path):
+    """AutoAttack on the same images, chunk by chunk. Each chunk's adversarial examples are
+    verified as the suite's are (ball, box, a fresh forward pass) and its verified per-sample
+    result is saved in `state_path` at once, so an interrupted run continues with the next chunk.
+    (pyautoattack's own state file cannot serve: after a resume it returns only the examples of
+    the current run, which could then not be verified.)"""
+    AutoAttack = import_autoattack()
+    options = autoattack_options(args)
+    config = {"checkpoint": args.checkpoint, "eps": eps, "n": len(labels), "seed": args.seed, "chunk": args.batch_size,
+              "bf16": args.bf16, **options}
+    state = {"config": config, "chunks": {}}
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            saved = json.load(f)
+        if saved["config"] != config:
+            raise ValueError(f"{state_path} belongs to another evaluation ({saved['config']}); delete it or use --out")
+        state = saved
+        print(f"AutoAttack: continuing from {state_path} ({len(state['chunks'])} chunks done)")
+    log = _Warnings()
+    logging.getLogger("auto-attack").addHandler(log)
+    try:
+        for start in tqdm(range(0, len(labels), args.batch_size), desc=f"AutoAttack ({options['version']})", leave=False):
+            if str(start) in state["chunks"]:
+                continue
+            begin = time.time()
+            x = images[start:start + args.batch_size].to(device).float() / 255
+            y = labels[start:start + args.batch_size].to(device)
+            adversary = AutoAttack(model, norm="Linf", eps=eps, seed=args.seed + start, device=device, **options)
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
+            valid, pred = check_adversarial(model, x, x_adv, eps)
+            state["chunks"][str(start)] = {"robust": (~valid | (pred == y)).tolist(), "invalid": int((~valid).sum()),
+                                           "time_s": time.time() - begin, "warnings": list(log.messages)}
+            with open(state_path + ".tmp", "w") as f:
+                json.dump(state, f)
+            os.replace(state_path + ".tmp", state_path)
+    finally:
+        logging.getLogger("auto-attack").removeHandler(log)
+    chunks = [state["chunks"][str(start)] for start in range(0, len(labels), args.batch_size)]
+    robust = [r for c in chunks for r in c["robust"]]
+    warnings = sorted({w for c in chunks for w in c["warnings"]})
+    return {**options, "package_version": AUTOATTACK_VERSION, "accuracy": sum(robust) / len(robust),
+            "robust": robust, "invalid_examples": sum(c["invalid"] for c in chunks),
+            "time_s": round(sum(c["time_s"] for c in chunks), 2), "warnings": warnings}
+
+
+def cross_check(suite_robust, autoattack_robust):
+    """Per-sample agreement of the suite's worst case and AutoAttack's result."""
+    pairs = list(zip(suite_robust, autoattack_robust))
+    return {"autoattack_only": sum(s and not a for s, a in pairs),  # broken by AutoAttack, not by the suite
+            "suite_only": sum(a and not s for s, a in pairs),
+            "both": sum(not s and not a for s, a in pairs),
+            "autoattack_only_indices": [i for i, (s, a) in enumerate(pairs) if s and not a]}
+
+
+def add_autoattack(results, autoattack, checks, n):
+    """Worst case over the suite and AutoAttack, the cross-check, and its two report lines."""
+    worst = [s and a for s, a in zip(results["worst_case"]["robust"], autoattack["robust"])]
+    results["autoattack"] = autoattack
+    results["worst_case_with_autoattack"] = {"accuracy": sum(worst) / n, "robust": worst}
+    counts = cross_check(results["worst_case"]["robust"], autoattack["robust"])
+    checks.append({"name": "AutoAttack finds little that the suite missed",
+                   "ok": counts["autoattack_only"] <= AUTOATTACK_MISS_SHARE * n,
+                   "detail": f"AutoAttack broke {counts['autoattack_only']} images the suite did not (flag above "
+                             f"{100 * AUTOATTACK_MISS_SHARE:g}% of {n}); the suite broke {counts['suite_only']} "
+                             f"that AutoAttack did not"})
+    checks.append({"name": "AutoAttack's own checks (randomised defence, output range, dynamic model, classes)",
+                   "ok": not autoattack["warnings"], "detail": "; ".join(autoattack["warnings"]) or "no warnings"})
+    return counts
+
+
 def print_table(report):
     r = report["results"]
     print(f"\n{report['checkpoint']}  ({report['model']['arch']} {report['model']['activation']})  "
@@ -247,6 +431,14 @@ def print_table(report):
         else:
             print(f"{label:32s}{100 * e['accuracy']:9.2f}%{100 * e['worst_case_accuracy']:11.2f}%"
                   f"{budget:>18s}{e['time_s']:8.1f}s")
+    if "autoattack" in r:
+        aa, both = r["autoattack"], r["worst_case_with_autoattack"]["accuracy"]
+        attacks_run = ",".join(aa.get("attacks", [])) or aa["version"]
+        print(f"{'AutoAttack (' + attacks_run + ')':32s}{100 * aa['accuracy']:9.2f}%{100 * both:11.2f}%"
+              f"{'':18s}{aa['time_s']:8.1f}s")
+        c = report["cross_check"]
+        print(f"cross-check: AutoAttack broke {c['autoattack_only']} images the suite did not, "
+              f"the suite broke {c['suite_only']} that AutoAttack did not, both broke {c['both']}")
     invalid = sum(e.get("invalid_examples", 0) for e in r.values())
     print(f"{invalid} adversarial examples failed verification (counted as robust)")
     if "gamma" in report:
@@ -261,9 +453,15 @@ def print_table(report):
 
 def main(argv=None):
     args = get_args(argv)
+    mode = "surface" if args.surface else "strength" if args.strength else "eval"
     try:  # set-up errors are the user's to fix: one line, non-zero exit
         eps = attacks.parse_eps(args.eps)
+        radius = attacks.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks)
+        parse_strengths(args.strengths)
+        if args.autoattack:
+            import_autoattack()
+            autoattack_options(args)
         meta = models.read_checkpoint_metadata(args.checkpoint)
         config = meta["config"]
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
@@ -271,29 +469,56 @@ def main(argv=None):
         if data_dir is None:
             raise ValueError("--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
-        images, labels = load_test_images(dataset, data_dir, args.n, meta.get("image_size", 224))
+        n = max(args.surface) + 1 if args.surface else args.n
+        images, labels = load_test_images(dataset, data_dir, n, meta.get("image_size", 224))
+        if args.surface and max(args.surface) >= len(labels):
+            raise ValueError(f"--surface index {max(args.surface)} is beyond the {len(labels)} test images")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
+    out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
     start = time.time()
-    report = {"checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
+    report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
               "eps": eps, "eps_text": args.eps, "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
-              "device": str(args.device), "torch": torch.__version__, "labels": labels.tolist(),
+              "device": str(args.device), "torch": torch.__version__,
               "training": {k: v for k, v in meta.items() if k != "config"}}
-    results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device)
-    report["results"] = results
-    if args.gamma:
-        report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed)
-    weak = results.get("fgsm20", {}).get("accuracy")
-    report["obfuscation"] = {
-        "drop_weak_to_worst": None if weak is None else weak - results["worst_case"]["accuracy"],
-        "checks": sanity_checks(evaluated, images, labels, eps, results, args, config["num_classes"], args.device)}
+    if mode == "surface":
+        report["surface"] = [{"index": i, **loss_surface(evaluated, images[i:i + 1].to(args.device).float() / 255,
+                                                         labels[i:i + 1].to(args.device), eps, radius,
+                                                         args.surface_grid, args.seed, args.batch_size)}
+                             for i in args.surface]
+        print(f"loss surfaces of {args.checkpoint} around test images {args.surface}: "
+              f"{args.surface_grid}x{args.surface_grid} grid, radius {radius:.5f}, eps {args.eps}")
+    elif mode == "strength":
+        report["strength"] = strength_sweep(evaluated, images, labels, eps, args, config["num_classes"], args.device)
+        print(f"{args.checkpoint}  eps = {args.eps}  {len(labels)} images; accuracy (worst case so far):")
+        for name, points in report["strength"]["curves"].items():
+            print(f"  {name:15s}" + "  ".join(f"{p['steps']}x{p['restarts']}: {100 * p['accuracy']:.2f}%"
+                                                for p in points))
+    else:
+        report["labels"] = labels.tolist()
+        results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device)
+        report["results"] = results
+        if args.gamma:
+            report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed)
+        weak = results.get("fgsm20", {}).get("accuracy")
+        report["obfuscation"] = {
+            "drop_weak_to_worst": None if weak is None else weak - results["worst_case"]["accuracy"],
+            "checks": sanity_checks(evaluated, images, labels, eps, results, args, config["num_classes"], args.device)}
+        if args.autoattack:
+            state_path = out + ".autoattack-state.json"
+            try:
+                autoattack = run_autoattack(evaluated, images, labels, eps, args, args.device, state_path)
+            except ValueError as e:
+                sys.exit(f"eval.py: error: {e}")
+            report["cross_check"] = add_autoattack(results, autoattack, report["obfuscation"]["checks"], len(labels))
+        print_table(report)
     report["time_s"] = round(time.time() - start, 2)
-    print_table(report)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + ".eval.json"
     with open(out + ".tmp", "w") as f:
         json.dump(report, f)
     os.replace(out + ".tmp", out)
+    if args.autoattack:
+        os.remove(out + ".autoattack-state.json")  # its results are in the report now
     print(f"wrote {out}")
     return report
 

@@ -294,7 +294,7 @@ def train(args, accelerator, model, eps, micro_batches, steps_per_epoch, held_ou
 
     def checkpoint(name="last.safetensors", metrics=None):
         if accelerator.is_main_process:
-            meta = {**metadata, "method": args.method, "eps": eps, "step": step,
+            meta = {**metadata, "method": args.method, "options": options, "eps": eps, "step": step,
                     "epoch": step / steps_per_epoch, **(metrics or {})}
             save(args.out, unwrapped, optimizer, step, best, meta, name)
         accelerator.wait_for_everyone()

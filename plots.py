@@ -1,0 +1,234 @@
+"""The paper's figures, from the JSON that eval.py writes and the training logs.
+
+    python plots.py surface runs/adv-1/best.surface.json runs/llr-1/best.surface.json --out fig4.png  # Fig. 1, 4
+    python plots.py gamma runs/adv-1/log.jsonl runs/adv-2/log.jsonl runs/llr-2/log.jsonl --out fig2.png # Fig. 2
+    python plots.py gamma-hist runs/adv-2/best.eval.json runs/llr-2/best.eval.json --out figF3.png     # Fig. F3
+    python plots.py strength runs/adv-2/best.strength.json runs/llr-2/best.strength.json --out fig3.png # Fig. 3
+    python plots.py curves runs/adv-2/log.jsonl runs/llr-2/log.jsonl --out curves.png
+
+Runs are labelled as in the paper (ADV-1, LLR-2, ...) from their method and inner steps.
+Each command writes a PNG (and a PDF with --pdf). matplotlib is needed here only.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+class InputError(Exception):
+    """A missing or malformed input file; the message says which and why."""
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_log(path):
+    """A training log.jsonl as a list of dicts, and the run's config.json next to it if present."""
+    try:
+        with open(path) as f:
+            entries = [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not a JSON-lines log ({e})") from None
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    config = read_json(config_path)["args"] if os.path.exists(config_path) else {}
+    return entries, config
+
+
+def label(method, options):
+    """The paper's name for a run: ADV-2 (2 PGD steps), LLR-2 (2 inner steps), TRADES, ..."""
+    if method in ("adv", "llr", "lfr") and "steps" in options:
+        return f"{method.upper()}-{options['steps']}" + (" (μ=0)" if method == "llr" and options.get("mu") == 0 else "")
+    return (method or "model").upper() if method != "plain" else "plain"
+
+
+def run_label(config):
+    options = {k[len(config.get("method", "")) + 1:]: v for k, v in config.items()
+               if k.startswith(f"{config.get('method')}_")}
+    return label(config.get("method"), options)
+
+
+def report_label(report):
+    training = report.get("training", {})
+    return label(training.get("method"), training.get("options", {})) if training.get("method") else \
+        os.path.basename(report["checkpoint"])
+
+
+def figure(rows, cols, size=(4.5, 3.5), **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, **kwargs)
+
+
+def save(fig, out, pdf):
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    if pdf:
+        fig.savefig(os.path.splitext(out)[0] + ".pdf")
+    print(f"wrote {out}" + (" and its PDF" if pdf else ""))
+
+
+# --------------------------------------------------------------------------- the figures
+def plot_surface(files, out, pdf, index=None):
+    """Fig. 1/4: the loss over the grid around one test image, coloured by predicted class."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    reports = [read_json(f) for f in files]
+    fig = plt.figure(figsize=(5 * len(reports), 4.6))
+    colours = plt.get_cmap("tab10")
+    for k, (path, report) in enumerate(zip(files, reports)):
+        surfaces = report.get("surface")
+        if not surfaces:
+            raise InputError(f"{path} has no loss surface (run eval.py CHECKPOINT --surface INDEX)")
+        chosen = [s for s in surfaces if index is None or s["index"] == index]
+        if not chosen:
+            raise InputError(f"{path} has no surface for test image {index} (it has {[s['index'] for s in surfaces]})")
+        s = chosen[0]
+        a, b = np.meshgrid(np.array(s["a"]) * 255, np.array(s["b"]) * 255, indexing="ij")
+        loss, pred = np.array(s["loss"]), np.array(s["pred"])
+        ax = fig.add_subplot(1, len(reports), k + 1, projection="3d")
+        ax.plot_surface(a, b, loss, facecolors=colours(pred % 10), linewidth=0, antialiased=False, shade=False)
+        ax.set_xlabel("adversarial direction a (1/255)")
+        ax.set_ylabel("random direction b (1/255)")
+        ax.set_zlabel("cross-entropy loss")
+        wrong = 100 * (pred != s["label"]).mean()
+        ax.set_title(f"{report_label(report)}: test image {s['index']}, eps = {report['eps_text']}\n"
+                     f"colour = predicted class (true: {s['label']}); {wrong:.0f}% of the grid misclassified",
+                     fontsize=9)
+    save(fig, out, pdf)
+
+
+def plot_gamma(files, out, pdf):
+    """Fig. 2: γ(ε, x) on a fixed set of training images during training, one line per run."""
+    fig, axes = figure(1, 1, size=(6, 4))
+    ax = axes[0, 0]
+    for path in files:
+        entries, config = read_log(path)
+        points = [e for e in entries if e.get("kind") == "gamma"]
+        if not points:
+            raise InputError(f"{path} has no γ measurements (train with --log-gamma-every N)")
+        ax.plot([e["step"] for e in points], [e["gamma_mean"] for e in points], marker="o", markersize=3,
+                label=f"{run_label(config)} ({os.path.basename(os.path.dirname(path))})")
+    n, eps = points[-1]["gamma_n"], points[-1]["eps"]
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"γ(ε, x), mean over {n} training images")
+    ax.set_yscale("log")
+    ax.set_title(f"local linearity during training, eps = {255 * eps:.3g}/255 (50 Adam steps)", fontsize=10)
+    ax.legend(fontsize=8)
+    save(fig, out, pdf)
+
+
+def plot_gamma_hist(files, out, pdf):
+    """Fig. F3: the distribution of γ(ε, x) over test images, one histogram per checkpoint."""
+    import numpy as np
+
+    fig, axes = figure(1, 1, size=(6, 4))
+    ax = axes[0, 0]
+    reports = [read_json(f) for f in files]
+    values = []
+    for path, report in zip(files, reports):
+        if "gamma" not in report:
+            raise InputError(f"{path} has no γ values (run eval.py CHECKPOINT --gamma)")
+        values.append(np.array(report["gamma"]["values"]))
+    bins = np.linspace(0, max(v.max() for v in values), 40)
+    for report, v in zip(reports, values):
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{report_label(report)}: mean {v.mean():.3g} ({len(v)} images)")
+    ax.set_xlabel("γ(ε, x)")
+    ax.set_ylabel("test images")
+    ax.set_title(f"local linearity on the test set, eps = {reports[0]['eps_text']} (50 Adam steps)", fontsize=10)
+    ax.legend(fontsize=8)
+    save(fig, out, pdf)
+
+
+def plot_strength(files, out, pdf):
+    """Fig. 3: accuracy against attack strength; Untargeted light, Multi-Targeted dark, one hue per checkpoint."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = figure(1, 1, size=(6.5, 4.2))
+    ax = axes[0, 0]
+    hues = plt.get_cmap("tab10")
+    for k, path in enumerate(files):
+        report = read_json(path)
+        if "strength" not in report:
+            raise InputError(f"{path} has no strength sweep (run eval.py CHECKPOINT --strength)")
+        for name, alpha, style in (("untargeted", 0.45, "--"), ("multi-targeted", 1.0, "-")):
+            points = report["strength"]["curves"][name]
+            ax.plot(range(len(points)), [100 * p["accuracy"] for p in points], style, marker="o", color=hues(k),
+                    alpha=alpha, label=f"{report_label(report)}: {name} ({report['n_images']} images)")
+        ticks = [f"{p['steps']}x{p['restarts']}" for p in points]
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel("attack strength: steps x restarts (per target for Multi-Targeted)")
+    ax.set_ylabel("accuracy (%), worst case so far")
+    ax.set_title(f"accuracy against attack strength, eps = {report['eps_text']}", fontsize=10)
+    ax.legend(fontsize=7)
+    save(fig, out, pdf)
+
+
+def plot_curves(files, out, pdf):
+    """Training curves: loss, accuracies, the method's own terms, lr and ε against epoch."""
+    panels = [("loss", ["loss"]), ("training accuracy", ["train_acc", "adv_acc"]),
+              ("held-out accuracy (eval)", ["eval_clean_acc", "eval_robust_acc"]),
+              ("method terms", ["gamma", "grad_term", "kl", "curvature", "flatness"]),
+              ("learning rate", ["lr"]), ("eps (pixels)", ["eps"])]
+    fig, axes = figure(2, 3)
+    for path in files:
+        entries, config = read_log(path)
+        if not entries:
+            raise InputError(f"{path} is empty")
+        name = run_label(config)
+        for ax, (title, keys) in zip(axes.flat, panels):
+            for key in keys:
+                kind = "eval" if key.startswith("eval_") else "train"
+                points = [e for e in entries if e.get("kind") == kind and key in e]
+                if points:
+                    ax.plot([e["epoch"] for e in points], [e[key] for e in points],
+                            marker="o" if kind == "eval" else None, markersize=3, label=f"{name}: {key}")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("epoch")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=6)
+    save(fig, out, pdf)
+
+
+COMMANDS = {"surface": plot_surface, "gamma": plot_gamma, "gamma-hist": plot_gamma_hist,
+            "strength": plot_strength, "curves": plot_curves}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=list(COMMANDS))
+    p.add_argument("files", nargs="+", help="eval.py JSON (surface, gamma-hist, strength) or log.jsonl (gamma, curves)")
+    p.add_argument("--out", help="PNG path (default: <command>.png)")
+    p.add_argument("--pdf", action="store_true", help="also write a PDF next to the PNG")
+    p.add_argument("--index", type=int, help="surface: the test image to draw (default: the first in each file)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("plots.py: error: matplotlib is not installed; install it with `make install-extras` "
+                 "(or pip install matplotlib)")
+    out = args.out or f"{args.command}.png"
+    try:
+        if args.command == "surface":
+            plot_surface(args.files, out, args.pdf, args.index)
+        else:
+            COMMANDS[args.command](args.files, out, args.pdf)
+    except InputError as e:
+        sys.exit(f"plots.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
