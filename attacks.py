@@ -1,4 +1,4 @@
-"""ℓ∞ attacks for evaluating robustness: the paper's suite (§5, Tables 1-3).
+"""ℓ∞ attacks for evaluating robustness: the paper's suite (its Tables 1-3).
 
 Every attack is called as `fn(model, x, y, eps, **options)` on a batch and returns
 `x_adv`, shaped like x, with |x_adv − x| ≤ ε and x_adv in [0, 1]. `model` maps [0, 1]
@@ -25,7 +25,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from llr import project, random_point
+from llr import float32_or_wider, project, random_point
 
 __all__ = ["untargeted", "multi_targeted", "random_targeted", "fgsm_k", "deepfool_linf",
            "margin", "random_targets", "parse_eps"]
@@ -42,21 +42,22 @@ def parse_eps(text):
     return eps
 
 
-def _wide(t):
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def margin(logits, y):
     """max_{j≠y} f_j − f_y per sample [B], in float32: positive when the sample is misclassified."""
-    f = _wide(logits)
+    f = float32_or_wider(logits)
     true = f.gather(1, y[:, None]).squeeze(1)
     return f.scatter(1, y[:, None], float("-inf")).amax(1) - true
 
 
 def _targeted_margin(logits, target, y):
     """f_target − f_y per sample [B] (objective of a targeted run; positive ⇒ misclassified)."""
-    f = _wide(logits)
+    f = float32_or_wider(logits)
     return f.gather(1, target[:, None]).squeeze(1) - f.gather(1, y[:, None]).squeeze(1)
+
+
+def _other_classes_by_logit(logits, y):
+    """[B, K−1] class indices other than y, highest clean logit first (the true class sorts last)."""
+    return float32_or_wider(logits).scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)[:, :-1]
 
 
 def random_targets(y, num_classes, seed=0):
@@ -155,8 +156,8 @@ def multi_targeted(model, x, y, eps, *, steps=100, restarts=1, num_targets=None,
     """
     logits, generator = _setup(model, x, y, eps, optimizer, seed)
     best_x, best_score = x.clone(), margin(logits, y)
-    ranked = _wide(logits).scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
-    num_targets = ranked.shape[1] - 1 if num_targets is None else min(num_targets, ranked.shape[1] - 1)
+    ranked = _other_classes_by_logit(logits, y)
+    num_targets = ranked.shape[1] if num_targets is None else min(num_targets, ranked.shape[1])
     score = lambda logits, rows: margin(logits, y[rows])  # noqa: E731
     for k in range(num_targets):
         target = ranked[:, k]
@@ -194,7 +195,7 @@ def fgsm_k(model, x, y, eps, *, steps=20, step_size=None, loss="margin", restart
     best_x, best_score = x.clone(), margin(logits, y)
     score = lambda logits, rows: margin(logits, y[rows])  # noqa: E731
     objective = score if loss == "margin" else (
-        lambda logits, rows: F.cross_entropy(_wide(logits), y[rows], reduction="none"))
+        lambda logits, rows: F.cross_entropy(float32_or_wider(logits), y[rows], reduction="none"))
     step_size = eps / 4 if step_size is None else step_size
     _ascent(model, x, y, eps, objective, score, best_x, best_score, steps=steps, restarts=restarts,
             optimizer="sign", step_sizes=lambda t: step_size, lr=None,
@@ -211,8 +212,7 @@ def deepfool_linf(model, x, y, eps, *, steps=50, overshoot=0.02, candidates=10, 
     """
     logits, generator = _setup(model, x, y, eps, "sign", seed)
     best_x, best_score = x.clone(), margin(logits, y)
-    ranked = _wide(logits).scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
-    ranked = ranked[:, :min(candidates, ranked.shape[1] - 1)]
+    ranked = _other_classes_by_logit(logits, y)[:, :candidates]
     for restart in range(restarts):
         rows = (best_score <= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -223,7 +223,7 @@ def deepfool_linf(model, x, y, eps, *, steps=50, overshoot=0.02, candidates=10, 
         for step in range(steps + 1):
             x_adv.requires_grad_(True)
             with torch.set_grad_enabled(step < steps):
-                f = _wide(model(x_adv))
+                f = float32_or_wider(model(x_adv))
             s = margin(f.detach(), y[rows])
             better = s > best_score[rows]
             best_score[rows[better]] = s[better]

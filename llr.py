@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics", "project",
-           "random_point"]
+           "random_point", "float32_or_wider"]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -91,7 +91,7 @@ def _normalise_with_first_batch(layer, saved, update_running_stats, x):
 def _batch_moments(layer, x):
     """Per-channel mean and biased variance of x [N, C, *], in float32, and their count."""
     dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(_wide(x), dim=dims, correction=0)
+    var, mean = torch.var_mean(float32_or_wider(x), dim=dims, correction=0)
     count = x.numel() // x.shape[1]
     group = _sync_group(layer)
     if group is None:
@@ -128,14 +128,14 @@ def _update_running_stats(layer, mean, var, count):
 
 
 # --------------------------------------------------------------------------- the measure
-def _wide(t):
+def float32_or_wider(t):
     """t in float32 at least: bf16/fp16 from autocast is promoted, float64 kept."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _per_sample_loss(model, x, y):
     """ℓ(x): per-sample cross-entropy [B], in float32 at least, even under autocast."""
-    return F.cross_entropy(_wide(model(x)), y, reduction="none")
+    return F.cross_entropy(float32_or_wider(model(x)), y, reduction="none")
 
 
 def _loss_and_input_grad(model, x, y, create_graph):
@@ -145,14 +145,14 @@ def _loss_and_input_grad(model, x, y, create_graph):
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        loss = F.cross_entropy(_wide(logits), y, reduction="none")
+        loss = F.cross_entropy(float32_or_wider(logits), y, reduction="none")
         (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
     return logits, loss, grad
 
 
 def _directional(delta, grad):
     """δᵀ∇ₓℓ(x) per sample: [B], in float32 at least."""
-    return (_wide(delta) * _wide(grad)).flatten(1).sum(1)
+    return (float32_or_wider(delta) * float32_or_wider(grad)).flatten(1).sum(1)
 
 
 def _gap(model, x, y, x_adv, clean_loss, grad):
@@ -235,7 +235,7 @@ def llr_loss(model, x, y, eps, lam=4.0, mu=3.0, steps=2, lr=0.1, generator=None)
 
     model: maps images [B, ...] in [0, 1] to logits [B, K]. x: [B, ...] in [0, 1].
     y: [B] integer labels. eps: radius of the ℓ∞ ball in pixel units (8/255 for CIFAR-10).
-    lam, mu: the paper's λ and μ (paper §5: λ = 4, μ = 3 for CIFAR-10 at ε = 8/255).
+    lam, mu: the paper's λ and μ (4 and 3: the CIFAR-10 values this project uses at ε = 8/255).
     steps, lr: Adam steps on δ and their learning rate (2 steps as the paper's ImageNet
     runs; the authors' CIFAR-10 config uses 10). generator: optional torch.Generator
     for the random start (the global RNG otherwise).

@@ -71,6 +71,15 @@ def figure(rows, cols, size=(4.5, 3.5), **kwargs):
     return plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False, **kwargs)
 
 
+def finish(fig, ax, xlabel, ylabel, title, out, pdf):
+    """Name the axes, title and legend of a one-panel figure, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    save(fig, out, pdf)
+
+
 def save(fig, out, pdf):
     fig.tight_layout()
     fig.savefig(out, dpi=130)
@@ -122,12 +131,9 @@ def plot_gamma(files, out, pdf):
         ax.plot([e["step"] for e in points], [e["gamma_mean"] for e in points], marker="o", markersize=3,
                 label=f"{run_label(config)} ({os.path.basename(os.path.dirname(path))})")
     n, eps = points[-1]["gamma_n"], points[-1]["eps"]
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"γ(ε, x), mean over {n} training images")
     ax.set_yscale("log")
-    ax.set_title(f"local linearity during training, eps = {255 * eps:.3g}/255 (50 Adam steps)", fontsize=10)
-    ax.legend(fontsize=8)
-    save(fig, out, pdf)
+    finish(fig, ax, "training step", f"γ(ε, x), mean over {n} training images",
+           f"local linearity during training, eps = {255 * eps:.3g}/255 (50 Adam steps)", out, pdf)
 
 
 def plot_gamma_hist(files, out, pdf):
@@ -145,11 +151,8 @@ def plot_gamma_hist(files, out, pdf):
     bins = np.linspace(0, max(v.max() for v in values), 40)
     for report, v in zip(reports, values):
         ax.hist(v, bins=bins, alpha=0.5, label=f"{report_label(report)}: mean {v.mean():.3g} ({len(v)} images)")
-    ax.set_xlabel("γ(ε, x)")
-    ax.set_ylabel("test images")
-    ax.set_title(f"local linearity on the test set, eps = {reports[0]['eps_text']} (50 Adam steps)", fontsize=10)
-    ax.legend(fontsize=8)
-    save(fig, out, pdf)
+    finish(fig, ax, "γ(ε, x)", "test images",
+           f"local linearity on the test set, eps = {reports[0]['eps_text']} (50 Adam steps)", out, pdf)
 
 
 def plot_strength(files, out, pdf):
@@ -169,11 +172,8 @@ def plot_strength(files, out, pdf):
                     alpha=alpha, label=f"{report_label(report)}: {name} ({report['n_images']} images)")
         ticks = [f"{p['steps']}x{p['restarts']}" for p in points]
     ax.set_xticks(range(len(ticks)), ticks)
-    ax.set_xlabel("attack strength: steps x restarts (per target for Multi-Targeted)")
-    ax.set_ylabel("accuracy (%), worst case so far")
-    ax.set_title(f"accuracy against attack strength, eps = {report['eps_text']}", fontsize=10)
-    ax.legend(fontsize=7)
-    save(fig, out, pdf)
+    finish(fig, ax, "attack strength: steps x restarts (per target for Multi-Targeted)",
+           "accuracy (%), worst case so far", f"accuracy against attack strength, eps = {report['eps_text']}", out, pdf)
 
 
 def plot_curves(files, out, pdf):

@@ -112,11 +112,11 @@ def get_args(argv=None):
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8)")
     g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
-                   help="softplus: smooth, needed by double backprop (paper §5)")
+                   help="softplus: smooth, needed by double backprop")
     g.add_argument("--eps", default="8/255", help="ℓ∞ radius in pixel units (paper: 8/255)")
     g.add_argument("--eps-warmup", type=number, default=0.64, metavar="EPOCHS",
                    help="ε grows linearly from 0 over this many epochs (authors' config: 500 steps at batch 64)")
-    g = p.add_argument_group("optimisation (SGD with momentum; paper §5 and the authors' config.py)")
+    g = p.add_argument_group("optimisation (SGD with momentum; the authors' config.py)")
     g.add_argument("--epochs", type=int, default=110, help="paper: ~110 epochs")
     g.add_argument("--batch-size", type=int, default=128, help="global batch, split across processes (paper: 128)")
     g.add_argument("--lr", type=number, default=0.1, help="authors' config: 0.1")

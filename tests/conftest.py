@@ -27,6 +27,24 @@ class TinyConvNet(nn.Module):
 
 
 @pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; in-process runs of the training scripts each start clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def read_log(run_dir):
+    """A run's log.jsonl as a list of dicts."""
+    import json
+
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
 def tiny_net():
     torch.manual_seed(0)
     return TinyConvNet().double()

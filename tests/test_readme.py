@@ -13,8 +13,19 @@ def _readme():
 
 
 def test_python_examples_run_as_written(tmp_path):
+    """Each block runs in a checkout-like folder holding what the README assumes exists: a
+    checkpoint at runs/cifar-llr/best.safetensors and CIFAR-10 (here a tiny 10-class folder)."""
+    import torch
+
+    import models
+    from conftest import make_image_folder
+
+    make_image_folder(str(tmp_path / "data" / "cifar10"), classes=10, per_class=3, size=16)
+    (tmp_path / "runs" / "cifar-llr").mkdir(parents=True)
+    torch.manual_seed(0)
+    models.save_checkpoint(models.build_model("wrn-10-1"), str(tmp_path / "runs" / "cifar-llr" / "best.safetensors"))
     blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
-    assert blocks
+    assert len(blocks) >= 2
     for block in blocks:
         result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)

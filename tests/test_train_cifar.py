@@ -1,6 +1,7 @@
 """train_cifar.py end to end on a tiny ImageFolder: every method, resume, NaN stop, 2 processes, errors."""
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,29 +14,18 @@ from safetensors.torch import load_file
 import eval as eval_script
 import methods
 import train_cifar
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, read_log
 
 TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--eval-n", "6", "--eval-steps", "2",
         "--eps-warmup", "0.5"]  # 3 steps per epoch: ε reaches its value at step 2
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=8, size=16)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
@@ -44,7 +34,7 @@ def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
     train_cifar.main(["--method", method, "--data-dir", data_dir, "--epochs", "2", "--out", run,
                       "--log-gamma-every", "3", "--gamma-n", "4", *TINY])
     assert {"config.json", "log.jsonl", "last.safetensors", "best.safetensors", "state.pt"} <= set(os.listdir(run))
-    log = _log(run)
+    log = read_log(run)
     train = [e for e in log if e["kind"] == "train"]
     assert [e["step"] for e in train] == list(range(1, 7))
     assert all({"loss", "lr", "eps", "images_per_s"} <= set(e) for e in train)
@@ -91,7 +81,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
     train_cifar.main(["--resume", parts])
     a, b = load_file(os.path.join(whole, "last.safetensors")), load_file(os.path.join(parts, "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [e["step"] for e in _log(parts) if e["kind"] == "train"] == list(range(1, 10))
+    assert [e["step"] for e in read_log(parts) if e["kind"] == "train"] == list(range(1, 10))
     # a different seed gives different weights: the comparison can fail
     other = str(tmp_path / "other")
     train_cifar.main([*common, "--out", other, "--seed", "1"])
@@ -161,8 +151,26 @@ def test_two_process_llr_run(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["processes"] == 2
-    log = _log(run)
+    log = read_log(run)
     assert [e["step"] for e in log if e["kind"] == "train"] == list(range(1, 7))
     assert [e["eval_n"] for e in log if e["kind"] == "eval"] == [6, 6]  # both shards counted
     weights = load_file(os.path.join(run, "last.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_bf16_mixed_precision_through_accelerate(data_dir, tmp_path, monkeypatch):
+    """Accelerate's mixed-precision setting (here from the environment, as `accelerate launch
+    --mixed_precision bf16` sets it) runs LLR's double backward under bf16 autocast."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run = str(tmp_path / "bf16")
+    train_cifar.main(["--method", "llr", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["mixed_precision"] == "bf16"
+    train = [e for e in read_log(run) if e["kind"] == "train"]
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["gamma"]) for e in train)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit, match="use bf16"):
+        train_cifar.main(["--method", "llr", "--data-dir", data_dir, "--epochs", "1", "--out", str(tmp_path / "f"), *TINY])

@@ -14,12 +14,15 @@ from safetensors.torch import load_file
 import eval as eval_script
 import methods
 import train_imagenet
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, read_log
 
 # 3 classes x 8 images, 32 px crops, global batch 8 = 2 micro-batches of 4: 3 steps per epoch
 TINY = ["--arch", "wrn-10-1", "--image-size", "32", "--batch-size", "8", "--per-device-batch", "4", "--workers", "0",
         "--log-every", "1", "--eval-n", "6", "--eval-steps", "2", "--gamma-n", "4", "--lr-warmup", "0.5",
         "--eps-warmup", "0.5"]
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +31,12 @@ def imagenet(tmp_path_factory):
                              per_class=8, size=40)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("method, flags", [("llr", []), ("adv", ["--adv-steps", "2"]), ("plain", [])])
 def test_methods_train_and_evaluate(method, flags, imagenet, tmp_path):
     run = str(tmp_path / method)
     train_imagenet.main(["--data-dir", imagenet, "--method", method, "--eps", "4", "--epochs", "2", "--out", run,
                          "--log-gamma-every", "3", *TINY, *flags])
-    log = _log(run)
+    log = read_log(run)
     train = [e for e in log if e["kind"] == "train"]
     assert [e["step"] for e in train] == list(range(1, 7))  # optimiser steps, each of 2 micro-batches
     assert train[-1]["eps"] == pytest.approx(4 / 255)
@@ -120,4 +109,4 @@ def test_two_process_run(imagenet, tmp_path):
                             env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
-    assert [e["step"] for e in _log(run) if e["kind"] == "train"] == [1, 2, 3]
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
