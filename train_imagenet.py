@@ -18,6 +18,7 @@ differentiable); the data order and each image's augmentation are functions of
 """
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -80,6 +81,13 @@ class SeededFolder(torch.utils.data.Dataset):
             return self.folder[index]
 
 
+def _ignore_stop_signals(worker_id):
+    """A scheduler's SIGTERM (or Ctrl-C) reaches the DataLoader workers too: they keep loading,
+    and the main process finishes the step and checkpoints before it stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class FolderBatches:
     """The micro-batches of optimiser step `step` for this process. Each epoch is a permutation
     of the training set seeded by (seed, epoch), cut into global batches; each global batch is
@@ -101,7 +109,7 @@ class FolderBatches:
                 keys.append((i, (args.seed * MIX + epoch) * MIX + i))
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=args.per_device_batch, sampler=keys,
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                             drop_last=True, persistent_workers=False)
+                                             drop_last=True, worker_init_fn=_ignore_stop_signals)
         self.iterator = iter(loader)
 
     def __call__(self, step):

@@ -110,3 +110,31 @@ def test_two_process_run(imagenet, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+
+
+def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(imagenet, tmp_path):
+    """As a cluster scheduler does before pre-emption: SIGTERM to the training process and its
+    DataLoader workers alike. The run finishes its step, checkpoints and exits cleanly."""
+    import time
+
+    run = str(tmp_path / "preempted")
+    argv = [sys.executable, os.path.join(ROOT, "train_imagenet.py"), "--data-dir", imagenet, "--epochs", "200",
+            "--out", run, "--method", "plain", *TINY, "--workers", "2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if os.path.exists(os.path.join(run, "log.jsonl")) and len(read_log(run)) >= 3:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "stopped at step" in stdout
+    state = torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    assert 0 < state["step"] < 600
