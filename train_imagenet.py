@@ -81,11 +81,17 @@ class SeededFolder(torch.utils.data.Dataset):
             return self.folder[index]
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _ignore_stop_signals(worker_id):
     """A scheduler's SIGTERM (or Ctrl-C) reaches the DataLoader workers too: they keep loading,
-    and the main process finishes the step and checkpoints before it stops."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    and the main process finishes the step and checkpoints before it stops. The workers are
+    started with these signals blocked (see FolderBatches._start), so one that arrives while a
+    worker starts, before this runs, is discarded here instead of killing the worker."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class FolderBatches:
@@ -110,7 +116,11 @@ class FolderBatches:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=args.per_device_batch, sampler=keys,
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                                              drop_last=True, worker_init_fn=_ignore_stop_signals)
-        self.iterator = iter(loader)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the workers
+        try:
+            self.iterator = iter(loader)  # starts the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal held meanwhile arrives now
 
     def __call__(self, step):
         if step != self.next_step or step % self.steps_per_epoch == 0:
