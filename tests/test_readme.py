@@ -36,3 +36,11 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = f.read()
     assert "make test" in ci and "make test" in _readme()
+
+
+def test_linked_files_exist():
+    """Every figure and script the README points to is part of the checkout."""
+    paths = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _readme()) + re.findall(r"\bdocs/[\w./-]+\.sh\b", _readme())
+    assert len(paths) >= 6
+    missing = [p for p in paths if not os.path.isfile(os.path.join(ROOT, p))]
+    assert not missing, f"README links to missing files: {missing}"
