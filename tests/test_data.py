@@ -51,3 +51,36 @@ def test_folder_errors(tmp_path):
     (tmp_path / "c" / "test" / "empty").mkdir(parents=True)
     with pytest.raises(data.DataError, match="no images"):
         data.load_cifar10(str(tmp_path / "c"), "test")
+
+
+def test_torchvision_layout(tmp_path, monkeypatch):
+    """torchvision's `cifar-10-batches-py` layout (the one `--download` writes) is read as uint8
+    NCHW in CIFAR-10's own order, with its labels and class names. The files are generated in
+    torchvision's format; only its MD5 check against the real files is switched off."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = rng.integers(0, 256, (3, 3072), dtype=np.uint8)  # rows: R plane, G plane, B plane
+        labels = rng.integers(0, 10, 3).tolist()
+        written[name] = pixels, labels
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": pixels, "labels": labels}, f)
+    images, labels, classes = data.load_cifar10(str(tmp_path), "test")
+    pixels, expected = written["test_batch"]
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8 and classes == names
+    assert labels.tolist() == expected
+    assert torch.equal(images, torch.from_numpy(pixels).reshape(3, 3, 32, 32))  # channel c = the c-th 1024 bytes
+    train, train_labels, _ = data.load_cifar10(str(tmp_path), "train")
+    assert train.shape == (15, 3, 32, 32) and train_labels.tolist() == sum((written[f"data_batch_{i}"][1]
+                                                                             for i in range(1, 6)), [])
