@@ -278,13 +278,14 @@ def loss_surface(model, x, y, eps, radius, grid, seed, batch_size):
 
 
 def parse_strengths(text):
+    """'20x1,50x1' -> [(20, 1), (50, 1)]: (steps, restarts), each at least 1."""
     try:
         strengths = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        if all(len(s) == 2 and min(s) >= 1 for s in strengths):
+            return strengths
     except ValueError:
-        raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5") from None
-    if not strengths or any(len(s) != 2 or min(s) < 1 for s in strengths):
-        raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5")
-    return strengths
+        pass
+    raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5")
 
 
 def strength_sweep(model, images, labels, eps, args, num_classes, device):
@@ -377,9 +378,7 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
             valid, pred = check_adversarial(model, x, x_adv, eps)
             state["chunks"][str(start)] = {"robust": (~valid | (pred == y)).tolist(), "invalid": int((~valid).sum()),
                                            "time_s": time.time() - begin, "warnings": list(log.messages)}
-            with open(state_path + ".tmp", "w") as f:
-                json.dump(state, f)
-            os.replace(state_path + ".tmp", state_path)
+            write_json(state_path, state)
     finally:
         logging.getLogger("auto-attack").removeHandler(log)
     chunks = [state["chunks"][str(start)] for start in range(0, len(labels), args.batch_size)]
@@ -413,6 +412,13 @@ def add_autoattack(results, autoattack, checks, n):
     checks.append({"name": "AutoAttack's own checks (randomised defence, output range, dynamic model, classes)",
                    "ok": not autoattack["warnings"], "detail": "; ".join(autoattack["warnings"]) or "no warnings"})
     return counts
+
+
+def write_json(path, obj):
+    """`obj` as JSON at `path`, atomically (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def print_table(report):
@@ -514,9 +520,7 @@ def main(argv=None):
             report["cross_check"] = add_autoattack(results, autoattack, report["obfuscation"]["checks"], len(labels))
         print_table(report)
     report["time_s"] = round(time.time() - start, 2)
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f)
-    os.replace(out + ".tmp", out)
+    write_json(out, report)
     if args.autoattack:
         os.remove(out + ".autoattack-state.json")  # its results are in the report now
     print(f"wrote {out}")

@@ -233,6 +233,9 @@ def provenance(args, accelerator):
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption by a scheduler, Ctrl-C
+
+
 class StopRequest:
     """SIGTERM (pre-emption) or Ctrl-C: note it; the loop stops at its next check with a checkpoint."""
 
@@ -240,7 +243,7 @@ class StopRequest:
         self.requested = False
 
     def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -252,7 +255,10 @@ class StopRequest:
 
 
 # --------------------------------------------------------------------------- the loop
-def check_run_dir(args):
+def check_run(args, accelerator):
+    """The checks of a run's setting that both scripts share: precision, and --out / --resume."""
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
     state_path = os.path.join(args.out, STATE)
     if os.path.exists(state_path) and not args.resume:
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, or choose another --out")
@@ -371,11 +377,9 @@ def main(argv=None):
     accelerator = Accelerator()
     try:  # everything that can fail because of the user's input, before any training
         eps = attacks.parse_eps(args.eps)
-        if accelerator.mixed_precision == "fp16":
-            raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
         if args.batch_size % accelerator.num_processes:
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
-        check_run_dir(args)
+        check_run(args, accelerator)
         images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
         test_images, test_labels, _ = data.load_cifar10(args.data_dir, "test")
         if len(labels) < args.batch_size:

@@ -25,7 +25,7 @@ import torch
 
 import data
 import models
-from train_cifar import check_run_dir, finish_args, number, shared_arguments, train
+from train_cifar import STOP_SIGNALS, check_run, finish_args, number, shared_arguments, train
 
 MIX = 1_000_003  # to combine integers into one seed
 
@@ -81,9 +81,6 @@ class SeededFolder(torch.utils.data.Dataset):
             return self.folder[index]
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
 def _ignore_stop_signals(worker_id):
     """A scheduler's SIGTERM (or Ctrl-C) reaches the DataLoader workers too: they keep loading,
     and the main process finishes the step and checkpoints before it stops. The workers are
@@ -108,11 +105,12 @@ class FolderBatches:
     def _start(self, step):
         args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
         epoch, first = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(args.seed * MIX + epoch))
+        epoch_seed = args.seed * MIX + epoch
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(epoch_seed))
         keys = []
         for b in range(first, self.steps_per_epoch):
             for i in order[b * args.batch_size:(b + 1) * args.batch_size][rank::world].tolist():
-                keys.append((i, (args.seed * MIX + epoch) * MIX + i))
+                keys.append((i, epoch_seed * MIX + i))
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=args.per_device_batch, sampler=keys,
                                              num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                                              drop_last=True, worker_init_fn=_ignore_stop_signals)
@@ -145,10 +143,8 @@ def main(argv=None):
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --per-device-batch "
                              f"{args.per_device_batch} x {accelerator.num_processes} processes")
         accelerator.gradient_accumulation_steps = accumulation
-        if accelerator.mixed_precision == "fp16":
-            raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
         args.lr = args.lr_per_256 * args.batch_size / 256
-        check_run_dir(args)
+        check_run(args, accelerator)
         train_set = SeededFolder(os.path.join(args.data_dir, "train"), data.imagenet_transform(True, args.image_size))
         held_out = data.load_folder_subset(os.path.join(args.data_dir, "val"), args.eval_n, args.image_size, args.workers)
         gamma_subset = data.load_folder_subset(os.path.join(args.data_dir, "train"), args.gamma_n, args.image_size,
