@@ -20,26 +20,19 @@ PGD whose step decays from `step_size` to 0 on a cosine, and `"adam"`, Adam on t
 image in pixel units with lr 0.1 (the authors' `carlini_wagner_attack`).
 """
 import math
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
-from llr import float32_or_wider, project, random_point
+from ball import check_eps, project, random_point
 
 __all__ = ["untargeted", "multi_targeted", "random_targeted", "fgsm_k", "deepfool_linf",
-           "margin", "random_targets", "parse_eps"]
+           "margin", "random_targets"]
 
 
-def parse_eps(text):
-    """ε from the command line, a number or a fraction ("8/255", "0.0314"), in [0, 1] (pixel units)."""
-    try:
-        eps = float(Fraction(str(text)))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read eps {text!r}: write a number or a fraction such as 8/255") from None
-    if not 0 <= eps <= 1:
-        raise ValueError(f"eps must lie in [0, 1] in pixel units (e.g. 8/255), got {text}")
-    return eps
+def float32_or_wider(t):
+    """t in float32 at least: bf16/fp16 logits from autocast are promoted, float64 kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def margin(logits, y):
@@ -72,6 +65,15 @@ def _cosine(step_size, steps):
     return lambda t: step_size * 0.5 * (1 + math.cos(math.pi * t / steps))
 
 
+def _keep_best(best_x, best_score, rows, x_adv, score):
+    """Where `score` [b] beats best_score at `rows`, record it and x_adv [b, ...] (in place). Returns
+    the mask [b] of the samples still unbroken (best score not positive)."""
+    better = score > best_score[rows]
+    best_score[rows[better]] = score[better]
+    best_x[rows[better]] = x_adv.detach()[better]
+    return best_score[rows] <= 0
+
+
 def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, restarts, optimizer,
             step_sizes, lr, random_start, generator):
     """Projected ascent on `objective(logits, rows)` [b] from `restarts` starts.
@@ -95,14 +97,10 @@ def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, re
             with torch.set_grad_enabled(step < steps):
                 logits = model(x_adv)
                 obj = objective(logits, rows)
-            s = score(logits.detach(), rows)
-            better = s > best_score[rows]
-            best_score[rows[better]] = s[better]
-            best_x[rows[better]] = x_adv.detach()[better]
+            keep = _keep_best(best_x, best_score, rows, x_adv, score(logits.detach(), rows))
             if step == steps:
                 break
             (grad,) = torch.autograd.grad(obj.sum(), x_adv)
-            keep = best_score[rows] <= 0  # stop working on broken samples
             rows, x0, x_adv, grad = rows[keep], x0[keep], x_adv.detach()[keep], grad[keep]
             if rows.numel() == 0:
                 break
@@ -117,8 +115,7 @@ def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, re
 
 def _setup(model, x, y, eps, optimizer, seed):
     """Checks, the clean logits (the clean point is every attack's first candidate), the attack's generator."""
-    if not 0 <= eps <= 1:
-        raise ValueError(f"eps must lie in [0, 1] in pixel units, got {eps}")
+    check_eps(eps)
     if optimizer not in ("sign", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; choose sign or adam")
     if x.shape[0] != y.shape[0]:
@@ -224,11 +221,7 @@ def deepfool_linf(model, x, y, eps, *, steps=50, overshoot=0.02, candidates=10, 
             x_adv.requires_grad_(True)
             with torch.set_grad_enabled(step < steps):
                 f = float32_or_wider(model(x_adv))
-            s = margin(f.detach(), y[rows])
-            better = s > best_score[rows]
-            best_score[rows[better]] = s[better]
-            best_x[rows[better]] = x_adv.detach()[better]
-            keep = best_score[rows] <= 0
+            keep = _keep_best(best_x, best_score, rows, x_adv, margin(f.detach(), y[rows]))
             if step == steps or not keep.any():
                 break
             cand = ranked[rows]  # [b, c]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attacks
+import ball
 import data
 import llr
 import models
@@ -38,7 +39,6 @@ SUITE = {  # name: (table label, attack); the order is the worst-case order
     "deepfool": ("DeepFool", attacks.deepfool_linf),
 }
 DEFAULT_SUITE = "fgsm20,untargeted,multi-targeted,random-targeted"
-BALL_TOLERANCE = 1e-6  # float32 rounding of x ± ε; anything further out is not counted
 AUTOATTACK_VERSION = "0.2.0"  # the pyautoattack release this was tested with (requirements-extras.txt)
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than 0.5% of images the suite did not
@@ -124,8 +124,7 @@ def check_adversarial(model, x, x_adv, eps):
     """Per sample: is x_adv inside the ε-ball around x and inside [0, 1] (in x's dtype), and the
     prediction of a fresh forward pass on it. Only valid examples may count as breaks."""
     x_adv = x_adv.to(x.dtype)
-    dist = (x_adv - x).abs().flatten(1).amax(1)
-    valid = (dist <= eps + BALL_TOLERANCE) & (x_adv.flatten(1).amin(1) >= 0) & (x_adv.flatten(1).amax(1) <= 1)
+    valid = ball.inside(x_adv, x, eps)  # up to float32 rounding of x ± ε; anything further out is not counted
     with torch.no_grad():
         return valid, model(x_adv).argmax(1)
 
@@ -267,7 +266,7 @@ def loss_surface(model, x, y, eps, radius, grid, seed, batch_size):
     with torch.no_grad():
         for chunk in coefficients.split(batch_size):
             points = x.detach() + chunk[:, 0, None, None, None] * u + chunk[:, 1, None, None, None] * v
-            points = llr.project(points, x.detach(), eps)
+            points = ball.project(points, x.detach(), eps)
             logits = model(points)
             losses.append(F.cross_entropy(logits, y.expand(len(chunk)), reduction="none").cpu())
             preds.append(logits.argmax(1).cpu())
@@ -461,8 +460,8 @@ def main(argv=None):
     args = get_args(argv)
     mode = "surface" if args.surface else "strength" if args.strength else "eval"
     try:  # set-up errors are the user's to fix: one line, non-zero exit
-        eps = attacks.parse_eps(args.eps)
-        radius = attacks.parse_eps(args.surface_radius) if args.surface_radius else eps
+        eps = ball.parse_eps(args.eps)
+        radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks)
         parse_strengths(args.strengths)
         if args.autoattack:

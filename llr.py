@@ -41,8 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics", "project",
-           "random_point", "float32_or_wider"]
+__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics"]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -91,7 +90,7 @@ def _normalise_with_first_batch(layer, saved, update_running_stats, x):
 def _batch_moments(layer, x):
     """Per-channel mean and biased variance of x [N, C, *], in float32, and their count."""
     dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(float32_or_wider(x), dim=dims, correction=0)
+    var, mean = torch.var_mean(_float32_or_wider(x), dim=dims, correction=0)
     count = x.numel() // x.shape[1]
     group = _sync_group(layer)
     if group is None:
@@ -128,14 +127,14 @@ def _update_running_stats(layer, mean, var, count):
 
 
 # --------------------------------------------------------------------------- the measure
-def float32_or_wider(t):
+def _float32_or_wider(t):
     """t in float32 at least: bf16/fp16 from autocast is promoted, float64 kept."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _per_sample_loss(model, x, y):
     """ℓ(x): per-sample cross-entropy [B], in float32 at least, even under autocast."""
-    return F.cross_entropy(float32_or_wider(model(x)), y, reduction="none")
+    return F.cross_entropy(_float32_or_wider(model(x)), y, reduction="none")
 
 
 def _loss_and_input_grad(model, x, y, create_graph):
@@ -145,14 +144,14 @@ def _loss_and_input_grad(model, x, y, create_graph):
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        loss = F.cross_entropy(float32_or_wider(logits), y, reduction="none")
+        loss = F.cross_entropy(_float32_or_wider(logits), y, reduction="none")
         (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
     return logits, loss, grad
 
 
 def _directional(delta, grad):
     """δᵀ∇ₓℓ(x) per sample: [B], in float32 at least."""
-    return (float32_or_wider(delta) * float32_or_wider(grad)).flatten(1).sum(1)
+    return (_float32_or_wider(delta) * _float32_or_wider(grad)).flatten(1).sum(1)
 
 
 def _gap(model, x, y, x_adv, clean_loss, grad):
@@ -160,15 +159,15 @@ def _gap(model, x, y, x_adv, clean_loss, grad):
     return (_per_sample_loss(model, x_adv, y) - clean_loss - _directional(x_adv - x, grad)).abs()
 
 
-def project(x_adv, x, eps):
-    """The nearest point to x_adv in {x' : |x' − x|∞ ≤ ε, x' ∈ [0, 1]} (clip to the ball, then the box)."""
+def _project(x_adv, x, eps):
+    """The nearest point to x_adv in B(ε) ∩ [0, 1]: clip to the ℓ∞ ball around x, then to the box."""
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
-def random_point(x, eps, generator=None):
+def _random_start(x, eps, generator=None):
     """x + δ with δ uniform in B(ε), projected into [0, 1], as the authors' `pgd_attack` starts."""
     noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return project(x + (2 * noise - 1) * eps, x, eps)
+    return _project(x + (2 * noise - 1) * eps, x, eps)
 
 
 def linearity_gap(model, x, y, delta):
@@ -184,32 +183,29 @@ def linearity_gap(model, x, y, delta):
         return _gap(model, x, y, x + delta, clean_loss, grad)
 
 
-def _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best):
-    """Adam ascent on g(δ; x) over B(ε) ∩ [0, 1] (the authors' search, `UnrolledAdam`).
+def _new_search(x, eps, lr, generator):
+    """The start of the authors' search (`UnrolledAdam`): x + δ uniform in B(ε) ∩ [0, 1], and Adam
+    on it in pixel units, maximising (β = (0.9, 0.999), eps 1e-9 as the authors')."""
+    x_adv = _random_start(x, eps, generator).requires_grad_(True)
+    return x_adv, torch.optim.Adam([x_adv], lr=lr, eps=1e-9, maximize=True)
 
-    Returns x + δ [B, ...] detached: the last iterate or, with `keep_best`, the best
-    iterate of each sample, then with g at it [B] (one more forward pass).
-    """
+
+def _ascent_step(optimizer, x_adv, gap, x, eps):
+    """One Adam step on x_adv up the gap [B], then the projection onto B(ε) ∩ [0, 1]."""
+    (x_adv.grad,) = torch.autograd.grad(gap.sum(), x_adv)  # samples are independent: ∇ of the sum
+    optimizer.step()
+    with torch.no_grad():
+        x_adv.copy_(_project(x_adv, x, eps))
+
+
+def _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator):
+    """δ_LLR of Eq. (8) for training: `steps` Adam steps on g(δ; x), the last iterate x + δ
+    (detached; no gradient flows through the search)."""
     clean_loss, grad = clean_loss.detach(), grad.detach()
-    x_adv = random_point(x, eps, generator).requires_grad_(True)
-    optimizer = torch.optim.Adam([x_adv], lr=lr, eps=1e-9, maximize=True)  # eps as the authors'
-    best_x, best_gap = x_adv.detach().clone(), torch.full_like(clean_loss, -1.0)
-    for step in range(steps + 1):
-        last = step == steps
-        if last and not keep_best:
-            return x_adv.detach(), None
-        with torch.set_grad_enabled(not last):
-            gap = _gap(model, x, y, x_adv, clean_loss, grad)
-        if keep_best:  # g at the current iterate: keep it where it improves
-            improved = gap.detach() > best_gap
-            best_gap = torch.where(improved, gap.detach(), best_gap)
-            best_x[improved] = x_adv.detach()[improved]
-        if last:
-            return best_x, best_gap
-        (x_adv.grad,) = torch.autograd.grad(gap.sum(), x_adv)  # samples independent: ∇ of the sum
-        optimizer.step()
-        with torch.no_grad():
-            x_adv.copy_(project(x_adv, x, eps))
+    x_adv, optimizer = _new_search(x, eps, lr, generator)
+    for _ in range(steps):
+        _ascent_step(optimizer, x_adv, _gap(model, x, y, x_adv, clean_loss, grad), x, eps)
+    return x_adv.detach()
 
 
 def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
@@ -225,8 +221,18 @@ def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
     _check_eps(eps)
     with reuse_clean_batch_statistics(model), torch.enable_grad():
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=False)
-        x_adv, gamma = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=True)
-    return gamma, x_adv - x
+        clean_loss, grad = clean_loss.detach(), grad.detach()
+        x_adv, optimizer = _new_search(x, eps, lr, generator)
+        best_gap, best_x = torch.full_like(clean_loss, -1.0), x_adv.detach().clone()
+        for step in range(steps + 1):  # g at the start and after each step; the last needs no gradient
+            with torch.set_grad_enabled(step < steps):
+                gap = _gap(model, x, y, x_adv, clean_loss, grad)
+            improved = gap.detach() > best_gap
+            best_gap = torch.where(improved, gap.detach(), best_gap)
+            best_x[improved] = x_adv.detach()[improved]
+            if step < steps:
+                _ascent_step(optimizer, x_adv, gap, x, eps)
+    return best_gap, best_x - x
 
 
 # --------------------------------------------------------------------------- the objective
@@ -257,7 +263,7 @@ def llr_loss(model, x, y, eps, lam=4.0, mu=3.0, steps=2, lr=0.1, generator=None)
     _check_eps(eps)
     with reuse_clean_batch_statistics(model, update_running_stats=True):
         logits, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
-        x_adv, _ = _ascend_gap(model, x, y, eps, steps, lr, clean_loss, grad, generator, keep_best=False)
+        x_adv = _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator)
         gamma = _gap(model, x, y, x_adv, clean_loss, grad)
     delta = x_adv - x
     grad_term = _directional(delta, grad).abs()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import llr
-from llr import project, random_point
+from ball import project, random_point
 
 
 @contextlib.contextmanager
@@ -43,6 +43,17 @@ def _input_grad(loss, x_adv, create_graph=False):
     return torch.autograd.grad(loss, x_adv, create_graph=create_graph)[0]
 
 
+def signed_ascent(model, x, x_adv, eps, steps, step_size, objective):
+    """`steps` signed-gradient steps of `step_size` from x_adv up `objective(x_adv)` (a scalar, summed
+    over the batch), each projected onto B(ε) ∩ [0, 1] around x; batch norm in eval mode. The inner
+    maximisation of ADV, TRADES and LFR. Returns x_adv detached."""
+    with _eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            x_adv = project(x_adv.detach() + step_size * _input_grad(objective(x_adv), x_adv).sign(), x, eps)
+    return x_adv.detach()
+
+
 def plain_loss(model, x, y, eps, *, generator=None):
     """Standard training: mean cross-entropy on x (ε is unused)."""
     logits = model(x)
@@ -53,13 +64,8 @@ def plain_loss(model, x, y, eps, *, generator=None):
 def pgd(model, x, y, eps, steps, step_size, generator=None):
     """Madry et al.'s PGD on the cross-entropy: a uniform random start in the ball, then
     `steps` signed-gradient steps of `step_size`, projected onto the ball ∩ [0, 1]."""
-    with _eval_mode(model), torch.enable_grad():
-        x_adv = random_point(x, eps, generator)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            x_adv = project(x_adv.detach() + step_size * _input_grad(loss, x_adv).sign(), x, eps)
-    return x_adv.detach()
+    return signed_ascent(model, x, random_point(x, eps, generator), eps, steps, step_size,
+                         lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"))
 
 
 def adv_loss(model, x, y, eps, *, steps=10, step_size=None, generator=None):
@@ -79,15 +85,11 @@ def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=2 / 255, gene
     with torch.no_grad(), _eval_mode(model):
         p_clean = F.softmax(model(x), 1)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_adv = project(x + 0.001 * noise, x, eps)
-    with _eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum")
-            x_adv = project(x_adv.detach() + step_size * _input_grad(kl, x_adv).sign(), x, eps)
+    x_adv = signed_ascent(model, x, project(x + 0.001 * noise, x, eps), eps, steps, step_size,
+                          lambda x_adv: F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum"))
     logits = model(x)
     natural = F.cross_entropy(logits, y, reduction="none")
-    robust = F.kl_div(F.log_softmax(model(x_adv.detach()), 1), F.softmax(logits, 1),
+    robust = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1),
                       reduction="none").sum(1)
     return (natural + beta * robust).mean(), {"logits": logits.detach(), "clean_loss": natural.detach(),
                                               "kl": robust.detach()}
@@ -122,15 +124,11 @@ def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator
         g = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True)
         return g.flatten(1).abs().sum(1)
 
-    with _eval_mode(model), torch.enable_grad():
-        x_adv = random_point(x, eps, generator)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            x_adv = project(x_adv.detach() + step_size * _input_grad(grad_norm(x_adv).sum(), x_adv).sign(),
-                            x, eps)
+    x_adv = signed_ascent(model, x, random_point(x, eps, generator), eps, steps, step_size,
+                          lambda x_adv: grad_norm(x_adv).sum())
     logits = model(x)
     loss = F.cross_entropy(logits, y, reduction="none")
-    flatness = eps * grad_norm(x_adv.detach().requires_grad_(True))
+    flatness = eps * grad_norm(x_adv.requires_grad_(True))
     return (loss + weight * flatness).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                "flatness": flatness.detach()}
 

@@ -9,14 +9,15 @@
 
 --eps is in units of 1/255. The global batch (--batch-size) is reached on any number of
 devices by gradient accumulation: per-device batch × processes × accumulation steps. The
-loop, the method functions and the checkpoint format are those of train_cifar.py (imported,
-not copied): a run directory with config.json, log.jsonl, last/best.safetensors and
+method functions, the run directory and the checkpoint format are those of train_cifar.py
+(training.py holds what both share): a run directory with config.json, log.jsonl, last/best.safetensors and
 state.pt; --resume continues exactly; SIGTERM stops at the next log step with a checkpoint.
 Batch norm is synchronised across GPUs (nn.SyncBatchNorm; llr.py makes it twice
 differentiable); the data order and each image's augmentation are functions of
 (seed, epoch, index), so a resumed run reads exactly the images an uninterrupted one would.
 """
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -24,8 +25,10 @@ import sys
 import torch
 
 import data
+import methods
 import models
-from train_cifar import STOP_SIGNALS, check_run, finish_args, number, shared_arguments, train
+import training
+from training import STOP_SIGNALS, number
 
 MIX = 1_000_003  # to combine integers into one seed
 
@@ -54,9 +57,9 @@ def get_args(argv=None):
                    help="÷10 after these fractions of training: epochs 35, 70 and 95 of 110 (Xie et al.)")
     g.add_argument("--momentum", type=number, default=0.9)
     g.add_argument("--weight-decay", type=number, default=1e-4, help="on conv and linear weights only (Xie et al.)")
-    shared_arguments(p, "imagenet")
+    training.add_run_arguments(p, "imagenet")
     p.set_defaults(llr_steps=None, save_every=200, log_every=20)
-    args = finish_args(p, argv, "imagenet")
+    args = training.parse_or_resume(p, argv, "imagenet")
     if args.data_dir is None:
         p.error("--data-dir is required (ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
     if args.llr_steps is None:  # the paper: 2 inner steps at ε = 4/255, 10 at 16/255
@@ -134,17 +137,18 @@ def main(argv=None):
 
     args = get_args(argv)
     accelerator = Accelerator()
+    processes = accelerator.num_processes
     try:  # everything that can fail because of the user's input, before any training
         if not 0 <= args.eps <= 255:
             raise ValueError(f"--eps is in units of 1/255 and must lie in [0, 255], got {args.eps:g}")
         eps = args.eps / 255
-        accumulation, rest = divmod(args.batch_size, args.per_device_batch * accelerator.num_processes)
+        accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
         if rest or accumulation < 1:
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --per-device-batch "
-                             f"{args.per_device_batch} x {accelerator.num_processes} processes")
+                             f"{args.per_device_batch} x {processes} processes")
         accelerator.gradient_accumulation_steps = accumulation
         args.lr = args.lr_per_256 * args.batch_size / 256
-        check_run(args, accelerator)
+        training.check_run(args, accelerator)
         train_set = SeededFolder(os.path.join(args.data_dir, "train"), data.imagenet_transform(True, args.image_size))
         held_out = data.load_folder_subset(os.path.join(args.data_dir, "val"), args.eval_n, args.image_size, args.workers)
         gamma_subset = data.load_folder_subset(os.path.join(args.data_dir, "train"), args.gamma_n, args.image_size,
@@ -162,8 +166,39 @@ def main(argv=None):
     device = accelerator.device
     batches = FolderBatches(train_set, args, accelerator, steps_per_epoch, accumulation)
     train(args, accelerator, model, eps, batches, steps_per_epoch,
-          held_out=tuple(t.to(device) for t in held_out), gamma_subset=tuple(t.to(device) for t in gamma_subset),
-          metadata={"dataset": "imagenet", "image_size": args.image_size})
+          held_out=tuple(t.to(device) for t in held_out), gamma_subset=tuple(t.to(device) for t in gamma_subset))
+
+
+def train(args, accelerator, model, eps, batches, steps_per_epoch, held_out, gamma_subset):
+    """The training loop: `batches(step)` gives this process's micro-batches of optimiser step
+    `step`; gradients are accumulated over them. `held_out` and `gamma_subset` are (uint8 images,
+    labels) on the device, evaluated after each epoch and for γ (Fig. 2)."""
+    device = accelerator.device
+    loss_fn, options = methods.METHODS[args.method], training.method_options(args)
+    evaluate = functools.partial(training.evaluate, images=held_out[0], labels=held_out[1], eps=eps, args=args,
+                                 accelerator=accelerator)
+    metadata = {"dataset": "imagenet", "image_size": args.image_size, "method": args.method, "options": options,
+                "eps": eps}
+    run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset)
+    step, model, optimizer = run.prepare(
+        model, training.make_optimizer(model, args),
+        f"{args.method} on {args.arch} ({args.activation}), eps {args.eps:g}/255, {run.total_steps} steps of "
+        f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process")
+    with run.progress(step):
+        while step < run.total_steps:
+            lr, eps_now = run.schedule(step, optimizer)
+            for micro, (x, y) in enumerate(batches(step)):
+                with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch
+                    stream = accelerator.process_index + accelerator.num_processes * micro
+                    generator = training.generator_for(args, step, device, "method", stream)
+                    loss, info = loss_fn(model, x, y, eps_now, generator=generator, **options)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                run.record(loss, info, y)
+            step += 1
+            if run.end_of_step(step, model, optimizer, lr, eps_now):
+                return
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import attacks
+import ball
 
 ALL = [attacks.untargeted, attacks.multi_targeted, attacks.random_targeted, attacks.fgsm_k, attacks.deepfool_linf]
 
@@ -208,10 +209,10 @@ def test_fgsm_cross_entropy_variant(trained_tiny):
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.25", 0.25), ("0", 0.0), ("1", 1.0)])
 def test_parse_eps(text, value):
-    assert attacks.parse_eps(text) == pytest.approx(value)
+    assert ball.parse_eps(text) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("text", ["-1/255", "2", "abc", "1/0", "300/255"])
 def test_parse_eps_rejects_bad_values(text):
     with pytest.raises(ValueError, match="eps"):
-        attacks.parse_eps(text)
+        ball.parse_eps(text)

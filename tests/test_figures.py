@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ball
 import eval as eval_script
 import llr
 import models
@@ -44,7 +45,7 @@ def test_surface_values_equal_the_loss_at_the_grid_points(tiny_net):
     u = torch.autograd.grad(F.cross_entropy(tiny_net(xr), y), xr)[0].sign()
     v = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1).double()
     for i, j in [(0, 0), (3, 3), (6, 1), (2, 5)]:
-        point = llr.project(x + s["a"][i] * u + s["b"][j] * v, x, eps)
+        point = ball.project(x + s["a"][i] * u + s["b"][j] * v, x, eps)
         with torch.no_grad():
             logits = tiny_net(point)
         assert s["loss"][i][j] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-9)

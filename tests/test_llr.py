@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import ball
 import llr
 from conftest import TinyConvNet
 
@@ -90,7 +91,7 @@ def test_gamma_bounds_gap_at_random_points(tiny_net, train_mode):
     torch.testing.assert_close(gamma, llr.linearity_gap(tiny_net, x, y, delta).detach())  # γ is g at the δ it returns
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
-        random_delta = llr.random_point(x, EPS, g) - x
+        random_delta = ball.random_point(x, EPS, g) - x
         assert (gamma >= llr.linearity_gap(tiny_net, x, y, random_delta).detach()).all()
 
 
@@ -104,8 +105,8 @@ def test_gamma_never_decreases_with_more_steps(tiny_net):
     assert (gammas[-1] > gammas[0]).any()
     with llr.reuse_clean_batch_statistics(tiny_net):
         _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=False)
-        last = torch.stack([llr._gap(tiny_net, x, y, llr._ascend_gap(
-            tiny_net, x, y, EPS, k, 0.1, clean_loss, grad, _seeded(3), keep_best=False)[0], clean_loss, grad).detach()
+        last = torch.stack([llr._gap(tiny_net, x, y, llr._search_delta(
+            tiny_net, x, y, EPS, k, 0.1, clean_loss, grad, _seeded(3)), clean_loss, grad).detach()
             for k in range(12)])
     assert (last[1:] < last[:-1]).any()  # so the first assertion has something to catch
 
@@ -256,3 +257,21 @@ def test_bf16_autocast_gives_finite_loss_and_gradients():
     assert loss.dtype == torch.float32 and info["gamma"].dtype == torch.float32
     assert torch.isfinite(loss) and torch.isfinite(gamma).all() and torch.isfinite(info["gamma"]).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_llr_keeps_its_own_copy_of_the_ball_geometry():
+    """llr.py imports torch alone, so that it can be copied into another project; its private
+    projection and random start must equal ball.py's, which the attacks and methods use."""
+    import ast
+
+    tree = ast.parse(open(llr.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"torch", "contextlib", "functools"}, imported
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    x[0], x[1, :, :2] = 0.0, 1.0  # pixels on the box boundary
+    x_adv = x + 0.3 * (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1)
+    assert not torch.equal(ball.project(x_adv, x, 0.1), x_adv)  # the projection has work to do
+    assert torch.equal(llr._project(x_adv, x, 0.1), ball.project(x_adv, x, 0.1))
+    assert torch.equal(llr._random_start(x, 0.1, _seeded(5)), ball.random_point(x, 0.1, _seeded(5)))

@@ -1,0 +1,379 @@
+"""What the two training scripts share, so that each can hold only its own experiment and loop:
+the command-line flags of the methods and of a run, the learning-rate and ε schedules, seeded
+random streams, the run directory (config, log, checkpoints, resume), stop signals, the metrics of
+a log interval, and the evaluation and γ measurement during training.
+
+A run directory holds config.json (arguments, command, versions, device, git commit), log.jsonl
+(one JSON object per log interval, evaluation and γ measurement), last.safetensors and
+best.safetensors (readable by eval.py and `models.load_checkpoint`), and state.pt, from which
+--resume continues. Every random draw is a function of (seed, step, stream, process), so a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+
+import torch
+from tqdm import tqdm
+
+import attacks
+import llr
+import methods
+import models
+
+STATE = "state.pt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption by a scheduler, Ctrl-C
+
+
+# --------------------------------------------------------------------------- command line
+def number(text):
+    """A float from the command line; fractions such as 2/255 are accepted."""
+    return float(Fraction(text))
+
+
+def add_method_options(parser):
+    """--<method>-<option> flags generated from each method's keyword arguments, with the
+    function's own defaults (the one place that holds them)."""
+    for name, fn in methods.METHODS.items():
+        group = parser.add_argument_group(f"--method {name} (defaults from {fn.__module__}.{fn.__name__})")
+        for p in inspect.signature(fn).parameters.values():
+            if p.default is p.empty or p.name == "generator":
+                continue
+            kind = int if isinstance(p.default, int) and not isinstance(p.default, bool) else number
+            group.add_argument(f"--{name}-{p.name.replace('_', '-')}", type=kind, default=p.default,
+                               dest=f"{name}_{p.name}", metavar="N" if kind is int else "X",
+                               help=f"default {p.default}")
+
+
+def method_options(args):
+    """The keyword options of the chosen method, read back from the generated flags."""
+    fn = methods.METHODS[args.method]
+    return {p.name: getattr(args, f"{args.method}_{p.name}") for p in inspect.signature(fn).parameters.values()
+            if p.default is not p.empty and p.name != "generator"}
+
+
+def add_run_arguments(parser, out_prefix):
+    """The flags both training scripts share: methods and their options, the seed, logging,
+    evaluation, checkpoints and --resume."""
+    g = parser.add_argument_group("method")
+    g.add_argument("--method", default="llr", choices=list(methods.METHODS))
+    g = parser.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
+    g.add_argument("--out", help=f"run directory (default runs/{out_prefix}-<method>)")
+    g.add_argument("--log-every", type=int, default=50, metavar="STEPS",
+                   help="log, check for NaN and honour SIGTERM/Ctrl-C every this many steps")
+    g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
+    g.add_argument("--eval-n", type=int, default=1000, help="held-out images for clean and PGD accuracy")
+    g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack used there")
+    g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="also checkpoint every this many steps (0: at the end of each epoch only)")
+    g.add_argument("--log-gamma-every", type=int, default=0, metavar="STEPS",
+                   help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
+    g.add_argument("--gamma-n", type=int, default=128, help="images in that subset")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
+    add_method_options(parser)
+
+
+def parse_or_resume(parser, argv, out_prefix):
+    """Parse; with --resume, the run's saved arguments replace the command line's."""
+    args = parser.parse_args(argv)
+    if args.resume:
+        resume_dir = args.resume
+        try:
+            with open(os.path.join(resume_dir, "config.json")) as f:
+                args = argparse.Namespace(**json.load(f)["args"])
+        except OSError as e:
+            parser.exit(1, f"{parser.prog}: error: cannot resume from {resume_dir}: {e.strerror}\n")
+        args.resume, args.out = resume_dir, resume_dir
+    args.out = args.out or f"runs/{out_prefix}-{args.method}"
+    return args
+
+
+# --------------------------------------------------------------------------- schedules and randomness
+def learning_rate(args, step, steps_per_epoch, total_steps):
+    """Linear warm-up over --lr-warmup epochs, then ÷10 after each fraction of training in --lr-decay-at."""
+    warmup = args.lr_warmup * steps_per_epoch
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * 0.1 ** sum(step >= float(f) * total_steps for f in args.lr_decay_at.split(","))
+
+
+def epsilon(args, eps, step, steps_per_epoch):
+    """Linear warm-up of ε over --eps-warmup epochs, then constant."""
+    warmup = args.eps_warmup * steps_per_epoch
+    return eps * min(1.0, (step + 1) / warmup) if warmup > 0 else eps
+
+
+STREAMS = {"epoch": 0, "augment": 1, "method": 2, "gamma": 3}
+
+
+def generator_for(args, step, device, stream, process=0):
+    """A generator for one step, purpose and process: every random draw is a function of
+    (seed, step, stream, process), so a resumed run draws what an uninterrupted one would.
+    (Python's hash() is salted per process, so the seed is mixed by hand.)"""
+    seed = ((args.seed * 1_000_003 + step) * 16 + STREAMS[stream]) * 4096 + process
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def make_optimizer(model, args):
+    """SGD with momentum; weight decay on conv and linear weights only (not biases or batch norm)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------- the run directory
+def check_run(args, accelerator):
+    """The checks of a run's setting: precision, and --out / --resume."""
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
+    state_path = os.path.join(args.out, STATE)
+    if os.path.exists(state_path) and not args.resume:
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, or choose another --out")
+    if args.resume and not os.path.exists(state_path):
+        raise ValueError(f"nothing to resume: {state_path} does not exist")
+
+
+def provenance(args, accelerator):
+    """What config.json records: arguments, command, git commit, versions, device, processes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    import accelerate
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"args": vars(args), "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
+            "torch": torch.__version__, "accelerate": accelerate.__version__, "device": device,
+            "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+
+
+class Run:
+    """One training process's run: its directory (config.json, log.jsonl, checkpoints, state.pt),
+    its schedules, and the bookkeeping at the end of each step (metrics, the checks for NaN and
+    stop requests, evaluation, the best checkpoint, γ). A script builds one, then writes its loop:
+
+        run = Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset)
+        step, model, optimizer = run.prepare(model, optimizer, "what this run is")
+        with run.progress(step):
+            while step < run.total_steps:
+                lr, eps_now = run.schedule(step, optimizer)
+                ... loss, backward, optimizer step ...
+                run.record(loss, info, y)
+                step += 1
+                if run.end_of_step(step, model, optimizer, lr, eps_now):
+                    return
+
+    `metadata` (the dataset, the method and its options, ε, ...) goes into every checkpoint;
+    `evaluate(model)` returns the metrics of an evaluation; `gamma_subset` is (uint8 images,
+    labels) on which γ is measured every --log-gamma-every steps."""
+
+    def __init__(self, args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset):
+        self.args, self.accelerator, self.eps, self.metadata = args, accelerator, eps, metadata
+        self.evaluate, self.gamma_subset = evaluate, gamma_subset
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
+        self.best = -1.0
+        self.metrics = IntervalMetrics(accelerator.device)
+        if accelerator.is_main_process:
+            os.makedirs(args.out, exist_ok=True)
+            if not args.resume:
+                with open(os.path.join(args.out, "config.json"), "w") as f:
+                    json.dump(provenance(args, accelerator), f, indent=1)
+
+    def prepare(self, model, optimizer, description):
+        """With --resume, load the weights, optimiser state and step of state.pt; then
+        `accelerator.prepare`, and the model in train mode. Returns (step, model, optimizer)."""
+        step = 0
+        if self.args.resume:
+            state = torch.load(os.path.join(self.args.out, STATE), map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, self.best = state["step"], state["best"]
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.print(f"{description}, {self.accelerator.num_processes} process(es) on "
+                               f"{self.accelerator.device}; {'resuming at step ' + str(step) if step else 'starting'}"
+                               f" -> {self.args.out}")
+        return step, model.train(), optimizer
+
+    @contextlib.contextmanager
+    def progress(self, step):
+        """The loop's context: a progress bar from `step`, and SIGTERM/Ctrl-C turned into stop requests."""
+        with StopRequest() as self.stop, tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
+                                              disable=not self.accelerator.is_main_process) as self.bar:
+            self.interval_start = time.time()
+            yield
+
+    def schedule(self, step, optimizer):
+        """The learning rate (set in `optimizer`) and ε of optimiser step `step` (counted from 0)."""
+        lr = learning_rate(self.args, step, self.steps_per_epoch, self.total_steps)
+        set_learning_rate(optimizer, lr)
+        return lr, epsilon(self.args, self.eps, step, self.steps_per_epoch)
+
+    def record(self, loss, info, y):
+        """The loss and the method's `info` of one (micro-)batch, into this log interval's metrics."""
+        self.metrics.add(loss, info, y)
+
+    def log(self, step, entry):
+        """One JSON line in log.jsonl, stamped with the step and epoch (main process only)."""
+        if self.accelerator.is_main_process:
+            with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "epoch": step / self.steps_per_epoch, **entry}) + "\n")
+
+    def checkpoint(self, model, optimizer, step, name="last.safetensors", metrics=None):
+        """The eval-format checkpoint `name` and, for last.safetensors, state.pt; each atomically."""
+        if self.accelerator.is_main_process:
+            metadata = {**self.metadata, "step": step, "epoch": step / self.steps_per_epoch, **(metrics or {})}
+            models.save_checkpoint(model, os.path.join(self.args.out, name), **metadata)
+            if name == "last.safetensors":
+                tmp = os.path.join(self.args.out, STATE + ".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "best": self.best}, tmp)
+                os.replace(tmp, os.path.join(self.args.out, STATE))
+        self.accelerator.wait_for_everyone()
+
+    def end_of_step(self, step, model, optimizer, lr, eps):
+        """After optimiser step `step` (counted from 1): every
+        --log-gamma-every steps, measure γ; every --log-every steps and before every checkpoint,
+        check for a non-finite loss (exit without saving) and for a stop request, and log the
+        interval's metrics; at the end of every --eval-every epochs, evaluate and keep the best
+        checkpoint; at each epoch's end (and every --save-every steps) checkpoint. The same steps
+        on every process. Returns True when the run is done, or must stop now (with a checkpoint)."""
+        args, accelerator = self.args, self.accelerator
+        model = accelerator.unwrap_model(model)
+        self.bar.update(1)
+        if args.log_gamma_every and step % args.log_gamma_every == 0 and accelerator.is_main_process:
+            self.log(step, {"kind": "gamma", "eps": self.eps, **measure_gamma(model, *self.gamma_subset, self.eps,
+                                                                               args, step)})
+        end_of_epoch = step % self.steps_per_epoch == 0
+        save_now = end_of_epoch or step == self.total_steps or (args.save_every and step % args.save_every == 0)
+        if step % args.log_every and not save_now:
+            return False
+        nonfinite, stop_now = self.metrics.flags(accelerator, self.stop)
+        if nonfinite:
+            message = nonfinite_message(args, self.metrics.count, step)
+            sys.exit(f"{os.path.basename(sys.argv[0])}: {message}" if accelerator.is_main_process else 1)
+        images = self.metrics.count * args.batch_size / accelerator.gradient_accumulation_steps  # all processes
+        means = self.metrics.reduce(accelerator)
+        self.log(step, {"kind": "train", "lr": lr, "eps": eps, **means,
+                        "images_per_s": images / (time.time() - self.interval_start)})
+        self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
+        if (end_of_epoch and (step // self.steps_per_epoch) % args.eval_every == 0) or step == self.total_steps:
+            result = self.evaluate(model)
+            self.log(step, {"kind": "eval", "eps": self.eps, **result})
+            accelerator.print(f"step {step}: clean {100 * result['eval_clean_acc']:.2f}%  "
+                              f"PGD-{args.eval_steps} {100 * result['eval_robust_acc']:.2f}%")
+            if result["eval_robust_acc"] > self.best:
+                self.best = result["eval_robust_acc"]
+                self.checkpoint(model, optimizer, step, "best.safetensors", result)
+        if save_now or stop_now:
+            self.checkpoint(model, optimizer, step)
+        if stop_now:
+            accelerator.print(f"stopped at step {step} with a checkpoint; continue with --resume {args.out}")
+        elif step == self.total_steps:
+            accelerator.print(f"done: {os.path.join(args.out, 'best.safetensors')} (PGD accuracy "
+                              f"{100 * self.best:.2f}%), {os.path.join(args.out, 'last.safetensors')}")
+        self.interval_start = time.time()  # evaluation and saving are not training time
+        return stop_now or step == self.total_steps
+
+
+# --------------------------------------------------------------------------- during training
+class StopRequest:
+    """SIGTERM (pre-emption) or Ctrl-C: note it; the loop stops at its next check with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+class IntervalMetrics:
+    """Sums of the loss, accuracy and the method's own terms over the micro-batches of a log
+    interval, kept on the device until `reduce` (no synchronisation per step)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums, self.count, self.nonfinite = {}, 0, torch.zeros((), device=device)
+
+    def add(self, loss, info, y):
+        self.nonfinite += ~torch.isfinite(loss.detach())
+        logits = info.get("logits", info.get("adv_logits"))
+        terms = {"loss": loss.detach(),
+                 "train_acc" if "logits" in info else "adv_acc": (logits.argmax(1) == y).float().mean()}
+        terms.update({k: v.float().mean() for k, v in info.items() if k not in ("logits", "adv_logits", "delta")})
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += 1
+
+    def flags(self, accelerator, stop):
+        """(a loss was not finite, a stop was requested) on any process: the same answer on all."""
+        flags = accelerator.reduce(torch.stack([self.nonfinite, torch.tensor(float(stop.requested),
+                                                                             device=self.device)]), "sum")
+        return flags[0].item() > 0, flags[1].item() > 0
+
+    def reduce(self, accelerator):
+        """The interval's means over micro-batches and processes; starts a new interval."""
+        means = {k: accelerator.reduce(v / self.count, "mean").item() for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def nonfinite_message(args, count, step):
+    return (f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped "
+            f"without saving. The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} "
+            f"(continue with --resume {args.out}, e.g. after lowering lr in its config.json)")
+
+
+def evaluate(model, images, labels, eps, args, accelerator):
+    """Clean and Untargeted-PGD accuracy on the first --eval-n held-out images, split across processes."""
+    model.eval()
+    correct = robust = 0
+    share = torch.arange(min(args.eval_n, len(labels)))[accelerator.process_index::accelerator.num_processes]
+    for chunk in share.split(256):
+        x, y = images[chunk.to(images.device)].float() / 255, labels[chunk.to(labels.device)]
+        with torch.no_grad():
+            correct += (model(x).argmax(1) == y).sum()
+        x_adv = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=1, seed=args.seed)
+        with torch.no_grad():
+            robust += (model(x_adv).argmax(1) == y).sum()
+    counts = accelerator.reduce(torch.stack([torch.as_tensor(correct), torch.as_tensor(robust),
+                                             torch.tensor(len(share))]).to(accelerator.device).float(), "sum")
+    model.train()
+    return {"eval_clean_acc": (counts[0] / counts[2]).item(), "eval_robust_acc": (counts[1] / counts[2]).item(),
+            "eval_n": int(counts[2].item()), "eval_steps": args.eval_steps}
+
+
+def measure_gamma(model, images, labels, eps, args, step):
+    """γ(ε, x) with `llr.local_linearity` (50 Adam steps) on the first --gamma-n training images,
+    without augmentation, model in eval mode (as eval.py --gamma): the paper's Fig. 2."""
+    model.eval()
+    x, y = images[:args.gamma_n].float() / 255, labels[:args.gamma_n]
+    gamma, _ = llr.local_linearity(model, x, y, eps, generator=generator_for(args, step, x.device, "gamma"))
+    model.train()
+    return {"gamma_mean": gamma.mean().item(), "gamma_median": gamma.median().item(),
+            "gamma_max": gamma.max().item(), "gamma_n": len(y)}
