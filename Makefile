@@ -27,18 +27,18 @@ test: install install-extras
 	$(PY) -m pip install -q pytest
 	$(PY) -m pytest -q tests
 
-# train (or resume) RUN with the given flags, then evaluate its best checkpoint
+# train (or resume) RUN with the given flags, then evaluate the checkpoint chosen on held-out training images
 define train_and_eval
 	if [ -f $(1)/state.pt ]; then $(LAUNCH) train_cifar.py --resume $(1); \
 	else $(LAUNCH) train_cifar.py --data-dir $(DATA_DIR) --download --out $(1) $(2); fi
-	$(PY) eval.py $(1)/best.safetensors --eps 8/255 --data-dir $(DATA_DIR) --n $(3)
+	$(PY) eval.py $(1) --eps 8/255 --data-dir $(DATA_DIR) --n $(3)
 endef
 
-cifar: install  ## WRN-28-8 softplus, LLR (λ = 4, μ = 3, 10 inner steps), ε = 8/255, 110 epochs
-	$(call train_and_eval,runs/cifar-llr,--method llr --llr-steps 10,10000)
+cifar: install  ## WRN-28-8 softplus, LLR, ε = 8/255: the authors' config (README table), 128 epochs
+	$(call train_and_eval,runs/cifar-llr,--method llr,10000)
 
 cifar-quick: install  ## PreAct ResNet-18, LLR with 2 inner steps, 10 epochs
-	$(call train_and_eval,runs/cifar-quick,--method llr --arch preact-resnet18 --epochs 10,1000)
+	$(call train_and_eval,runs/cifar-quick,--method llr --llr-steps 2 --arch preact-resnet18 --epochs 10,1000)
 
 eval: install  ## make eval CKPT=runs/x/best.safetensors [EPS=8/255] [N=1000]
 	$(PY) eval.py $(CKPT) --eps $(or $(EPS),8/255) --data-dir $(DATA_DIR) --n $(or $(N),1000)

@@ -3,7 +3,7 @@ the command line writes it. Attacks, training methods and scripts take their geo
 `llr.py` keeps its own copy of the two functions it needs, so that it can be copied alone
 (tests/test_llr.py checks that the copies agree).
 
-    eps = parse_eps("8/255")                 # 0.0314 (pixel units)
+    eps = parse_eps("8/255")                 # 0.0314 (pixel units); "8" means 8/255 too
     x_adv = project(x_adv, x, eps)           # nearest point of B(ε) ∩ [0, 1]
     x0 = random_point(x, eps, generator)     # uniform in B(ε), then into [0, 1]
 """
@@ -11,15 +11,32 @@ from fractions import Fraction
 
 import torch
 
+MAX_EPS = 64 / 255  # larger radii are almost surely a unit mistake (the paper's largest is 16/255)
+MIN_EPS = 0.5 / 255  # smaller non-zero radii are too
+
 
 def parse_eps(text):
-    """ε from the command line, a number or a fraction ("8/255", "0.0314"), in [0, 1] (pixel units)."""
+    """ε in pixel units from the command line, with one meaning in every script: a fraction
+    ("8/255") or a number below 1 ("0.0314") is in pixel units; a number of 1 or more ("8", "4")
+    is in units of 1/255. A value that is almost surely a unit mistake (non-zero below 0.5/255,
+    or above 64/255) is refused with one line that shows both readings, as is anything unreadable."""
+    text = str(text).strip()
+    numerator, fraction, denominator = text.partition("/")
     try:
-        eps = float(Fraction(str(text)))
+        if "/" in denominator:
+            raise ValueError
+        value = Fraction(numerator) / Fraction(denominator) if fraction else Fraction(numerator)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read eps {text!r}: write a number or a fraction such as 8/255") from None
-    if not 0 <= eps <= 1:
-        raise ValueError(f"eps must lie in [0, 1] in pixel units (e.g. 8/255), got {text}")
+        raise ValueError(f"cannot read eps {text!r}: write a fraction such as 8/255, or 8 (meaning 8/255)") from None
+    if value < 0:
+        raise ValueError(f"eps must not be negative, got {text}")
+    eps = float(value if fraction or value < 1 else value / 255)
+    if eps > MAX_EPS or 0 < eps < MIN_EPS:
+        readings = "" if fraction else (f": as pixel units {text} is {255 * float(value):.4g}/255, as units of "
+                                        f"1/255 it is {float(value):.4g}/255, and it is read as {255 * eps:.4g}/255")
+        bound = "more than 64/255" if eps > MAX_EPS else "less than 0.5/255"
+        raise ValueError(f"eps {text} is {bound}, almost surely a unit mistake{readings}; "
+                         f"write the radius as a fraction, e.g. 8/255")
     return eps
 
 

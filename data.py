@@ -80,6 +80,24 @@ def _list_image_folder(folder):
     return files, labels, classes
 
 
+def holdout_split(n, holdout_n):
+    """(training indices, held-out indices) of a training set of n samples: `holdout_n` samples held
+    out for model selection, the same for every run and seed (a fixed permutation, seed 0), in that
+    permutation's order (so the first k are a random mix of classes); the rest, sorted, for training."""
+    if not 0 <= holdout_n < n:
+        raise DataError(f"cannot hold out {holdout_n} of the {n} training images for validation "
+                        f"(--val-n must lie in [0, {n - 1}])")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[holdout_n:].sort().values, order[:holdout_n]
+
+
+def indices_digest(indices):
+    """A short fingerprint (sha256, 16 hex digits) of a list of sample indices, for checkpoint metadata."""
+    import hashlib
+
+    return hashlib.sha256(torch.as_tensor(indices, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 def crop_and_flip(images, padding=4, generator=None):
     """Standard CIFAR augmentation on the device for a batch [B, C, H, W]: reflect-pad by
     `padding` (the authors' `datasets.py`), take a random H x W crop, flip half the batch."""
@@ -128,9 +146,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 def load_folder_subset(folder, n, size=224, workers=8):
     """The first n images of an ImageFolder tree in a fixed random order (seed 0; the tree is sorted
     by class), resized and center-cropped as for evaluation: (uint8 [n, 3, size, size], labels [n])."""
+    count = len(_list_image_folder(folder)[0])
+    return load_folder_images(folder, torch.randperm(count, generator=torch.Generator().manual_seed(0))[:n], size,
+                              workers)
+
+
+def load_folder_images(folder, indices, size=224, workers=8):
+    """The images of an ImageFolder tree at `indices` (of its sorted file list), resized and
+    center-cropped as for evaluation: (uint8 [n, 3, size, size], labels [n])."""
     dataset = ImageFolderDataset(folder, imagenet_transform(train=False, size=size))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=64,
-                                         num_workers=min(workers, os.cpu_count() or 1))
+    if len(indices) == 0:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, torch.as_tensor(indices).tolist()),
+                                         batch_size=64, num_workers=min(workers, os.cpu_count() or 1))
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat(labels)

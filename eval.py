@@ -35,10 +35,12 @@ SUITE = {  # name: (table label, attack); the order is the worst-case order
     "fgsm20": ("FGSM-20 (weak)", attacks.fgsm_k),
     "untargeted": ("Untargeted (strong)", attacks.untargeted),
     "multi-targeted": ("Multi-Targeted (very strong)", attacks.multi_targeted),
+    "square": ("Square (gradient-free)", attacks.square),
     "random-targeted": ("Random-Targeted success", attacks.random_targeted),
     "deepfool": ("DeepFool", attacks.deepfool_linf),
 }
-DEFAULT_SUITE = "fgsm20,untargeted,multi-targeted,random-targeted"
+DEFAULT_SUITE = "fgsm20,untargeted,multi-targeted,square,random-targeted"
+GRADIENT_FREE_MISS_SHARE = 0.01  # flag the model when Square breaks more than 1% of the gradient attacks' survivors
 AUTOATTACK_VERSION = "0.2.0"  # the pyautoattack release this was tested with (requirements-extras.txt)
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than 0.5% of images the suite did not
@@ -46,12 +48,18 @@ AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts")
-    p.add_argument("--eps", required=True, help="ℓ∞ radius in pixel units, e.g. 8/255")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
+                   "directory (its best.safetensors, else its last.safetensors)")
+    p.add_argument("--eps", required=True, help="ℓ∞ radius: 8/255, or 8 meaning 8/255")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["cifar10", "imagenet"], help="default: the checkpoint's")
     g.add_argument("--data-dir", help="default: data/cifar10 for CIFAR-10; required for ImageNet")
-    g.add_argument("--n", type=int, default=1000, help="evaluate the first N test images (default 1000)")
+    g.add_argument("--split", choices=["test", "holdout"], default="test",
+                   help="test: CIFAR-10's test set or ImageNet's val/ (default); holdout: the training images that "
+                        "the training scripts hold out to choose best.safetensors (--val-n there)")
+    g.add_argument("--allow-selection-images", action="store_true",
+                   help="evaluate even on images that chose this checkpoint (its numbers are then biased upwards)")
+    g.add_argument("--n", type=int, default=1000, help="evaluate the first N images of the split (default 1000)")
     g.add_argument("--batch-size", type=int, default=256)
     g = p.add_argument_group("attacks")
     g.add_argument("--attacks", default=DEFAULT_SUITE, help=f"comma-separated, from {', '.join(SUITE)}")
@@ -62,6 +70,9 @@ def get_args(argv=None):
     g.add_argument("--optimizer", choices=["sign", "adam"], default="sign",
                    help="signed-gradient PGD with a cosine step, or Adam lr 0.1 (the authors')")
     g.add_argument("--fgsm-steps", type=int, default=20, help="k of the weak FGSM-k attack (paper: 20)")
+    g.add_argument("--square-queries", type=int, default=1000,
+                   help="queries (forward passes) of the Square attack per restart (default 1000: about a third of "
+                        "the cost of Multi-Targeted's 9 x 100 steps on CIFAR-10)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("AutoAttack cross-check (pyautoattack, Croce & Hein 2020; make install-extras)")
     g.add_argument("--autoattack", action="store_true",
@@ -98,13 +109,48 @@ class Autocast(torch.nn.Module):
             return self.model(x).float()
 
 
-def load_test_images(dataset, data_dir, n, image_size):
-    """The first n test images (uint8 [n, 3, H, W]) and labels [n]: CIFAR-10's test set, or ImageNet's
-    validation set in a fixed random order, resized to 256/224 of `image_size` and center-cropped."""
-    if dataset == "cifar10":
+def load_images(dataset, data_dir, split, n, image_size, holdout_n):
+    """The first n images (uint8 [n, 3, H, W]) and labels [n] of `split`: "test" is CIFAR-10's test
+    set, or ImageNet's val/ in a fixed random order; "holdout" the `holdout_n` training images the
+    training scripts hold out (`data.holdout_split`). ImageNet images are resized to 256/224 of
+    `image_size` and center-cropped."""
+    if split == "test" and dataset == "cifar10":
         images, labels, _ = data.load_cifar10(data_dir, "test")
         return images[:n], labels[:n]
-    return data.load_folder_subset(os.path.join(data_dir, "val"), n, image_size)
+    if split == "test":
+        return data.load_folder_subset(os.path.join(data_dir, "val"), n, image_size)
+    if dataset == "cifar10":
+        images, labels, _ = data.load_cifar10(data_dir, "train")
+        _, holdout = data.holdout_split(len(labels), holdout_n)
+        return images[holdout[:n]], labels[holdout[:n]]
+    folder = os.path.join(data_dir, "train")
+    _, holdout = data.holdout_split(len(data.ImageFolderDataset(folder, None)), holdout_n)
+    return data.load_folder_images(folder, holdout[:n], image_size)
+
+
+def selection_conflict(meta, split, n):
+    """Why evaluating the first n images of `split` would score the checkpoint on images that chose
+    it (a biased number), or None. Checkpoints record their selection (training.selection_record);
+    best.safetensors of older versions were chosen on the first test images, and say so only by
+    their `eval_n`. Hold-out sets are prefixes of one fixed permutation, so any two overlap."""
+    selection = meta.get("selection")
+    if selection is not None and split == "holdout" and selection["holdout_n"] > 0 and n > 0:
+        return (f"this checkpoint was chosen on the {selection['holdout_n']} held-out training images "
+                f"({selection['metric']}), which --split holdout evaluates")
+    if selection is None and "eval_robust_acc" in meta and split == "test" and n > 0:
+        return f"this checkpoint was chosen on the first {meta.get('eval_n')} test images by an older llr version"
+    return None
+
+
+def resolve_checkpoint(path):
+    """A checkpoint path, or a run directory's best.safetensors (else last.safetensors), saying which."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("best.safetensors", "last.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            print(f"evaluating {os.path.join(path, name)}")
+            return os.path.join(path, name)
+    raise ValueError(f"{path} is a directory without best.safetensors or last.safetensors")
 
 
 def batches(images, labels, batch_size, device):
@@ -120,13 +166,18 @@ def parse_suite(text):
     return names
 
 
-def check_adversarial(model, x, x_adv, eps):
-    """Per sample: is x_adv inside the ε-ball around x and inside [0, 1] (in x's dtype), and the
-    prediction of a fresh forward pass on it. Only valid examples may count as breaks."""
+def verify(model, x, x_adv, eps, y, target=None):
+    """Check adversarial examples with a fresh forward pass (eval mode). Per sample [B]: `valid`
+    (x_adv inside the ε-ball around x and [0, 1], in x's dtype), `broken` (valid, and misclassified;
+    for random-targeted, classified as `target`), and `doubtful` (not broken, but invalid or within
+    attacks.MARGIN of a break: where another pass's rounding could decide; eval.py attacks these again)."""
     x_adv = x_adv.to(x.dtype)
     valid = ball.inside(x_adv, x, eps)  # up to float32 rounding of x ± ε; anything further out is not counted
     with torch.no_grad():
-        return valid, model(x_adv).argmax(1)
+        logits = model(x_adv)
+    score = attacks.margin(logits, y) if target is None else -attacks.margin(logits, target)
+    broken = valid & (score > 0)
+    return valid, broken, ~broken & (~valid | (score > -attacks.MARGIN))
 
 
 def attack_options(name, args, num_classes):
@@ -135,6 +186,8 @@ def attack_options(name, args, num_classes):
         return {"steps": args.fgsm_steps}
     if name == "deepfool":
         return {}
+    if name == "square":
+        return {"queries": args.square_queries}
     options = {"optimizer": args.optimizer}
     options.update({k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None})
     if name == "multi-targeted":
@@ -147,27 +200,47 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_attack(model, images, labels, eps, name, options, num_classes, batch_size, device, seed):
-    """One attack over all images. Returns, per sample on the CPU, `robust` [N] (for
-    random-targeted: the attack did *not* reach its target), the number of invalid
-    adversarial examples (counted as robust), and the seconds taken."""
+REATTACKS = 2  # fresh attempts on a sample whose break does not verify, or nearly does
+
+
+def run_attack(model, images, labels, eps, name, options, num_classes, batch_size, device, seed, only=None):
+    """One attack over the images (those where the mask `only` is true; the others count as not
+    robust, e.g. the misclassified clean images), every break verified (`verify`). A sample whose verification is
+    doubtful is attacked again with a new seed, up to REATTACKS times, and is counted robust only if
+    it is then still not broken. Returns, per sample on the CPU, `robust` [N] (for random-targeted:
+    the attack did *not* reach its target), the counts {"invalid": examples outside the ball or box
+    at the first check, "reattacked": samples attacked again, "unverified": samples still doubtful
+    after that, counted robust}, and the seconds taken."""
+    if only is not None:
+        robust = torch.zeros(len(labels), dtype=torch.bool)
+        rows = only.nonzero().squeeze(1)
+        robust[rows], counts, seconds = run_attack(model, images[rows], labels[rows], eps, name, options,
+                                                   num_classes, batch_size, device, seed)
+        return robust, counts, seconds
     fn = SUITE[name][1]
-    robust, invalid = [], 0
+    robust, counts = [], {"invalid": 0, "reattacked": 0, "unverified": 0}
     _sync(device)
     start = time.time()
     for i, x, y in tqdm(batches(images, labels, batch_size, device), total=-(-len(labels) // batch_size),
                         desc=SUITE[name][0], leave=False):
         seed_i = seed + i  # another random stream for each batch
-        if name == "random-targeted":
-            target = attacks.random_targets(y, num_classes, seed_i)
-            valid, pred = check_adversarial(model, x, fn(model, x, y, eps, target=target, seed=seed_i, **options), eps)
-            robust.append(~(valid & (pred == target)))
-        else:
-            valid, pred = check_adversarial(model, x, fn(model, x, y, eps, seed=seed_i, **options), eps)
-            robust.append(~valid | (pred == y))
-        invalid += int((~valid).sum())
+        target = attacks.random_targets(y, num_classes, seed_i) if name == "random-targeted" else None
+        targeted = (lambda rows: {"target": target[rows]}) if target is not None else (lambda rows: {})  # noqa: E731
+        every = torch.arange(len(y), device=y.device)
+        x_adv = fn(model, x, y, eps, seed=seed_i, **targeted(every), **options)
+        valid, broken, doubtful = verify(model, x, x_adv, eps, y, target)
+        counts["invalid"] += int((~valid).sum())
+        counts["reattacked"] += int(doubtful.sum())
+        for attempt in range(1, REATTACKS + 1):
+            rows = doubtful.nonzero().squeeze(1)
+            if len(rows) == 0:
+                break
+            x_adv[rows] = fn(model, x[rows], y[rows], eps, seed=seed_i + attempt * 1_000_003, **targeted(rows), **options)
+            _, broken, doubtful = verify(model, x, x_adv, eps, y, target)
+        counts["unverified"] += int(doubtful.sum())
+        robust.append(~broken)
     _sync(device)
-    return torch.cat(robust).cpu(), invalid, time.time() - start
+    return torch.cat(robust).cpu(), counts, time.time() - start
 
 
 def clean_correct(model, images, labels, batch_size, device):
@@ -194,10 +267,11 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
     when violated: accuracy reaches 0 as ε grows; fewer steps do not beat more; a stronger
     attack is not weaker than a weaker one, in total or per sample."""
     checks = []
+    correct = torch.tensor(results["nominal"]["robust"])
     if not args.no_sanity:
         big = 0.5
         robust, _, _ = run_attack(model, images, labels, big, "untargeted", {"steps": 20, "restarts": 1},
-                                  num_classes, args.batch_size, device, args.seed)
+                                  num_classes, args.batch_size, device, args.seed, only=correct)
         acc = robust.float().mean().item()
         checks.append({"name": "accuracy reaches 0 as eps grows", "ok": acc == 0,
                        "detail": f"Untargeted 20 steps at eps = {big}: {100 * acc:.1f}%"})
@@ -206,11 +280,20 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
             steps = max(1, full["steps"] // 4)
             weak_options = {**attack_options("untargeted", args, num_classes), "steps": steps, "restarts": 1}
             robust, _, _ = run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
-                                      args.batch_size, device, args.seed + 10**6)
+                                      args.batch_size, device, args.seed + 10**6, only=correct)
             weak_acc = robust.float().mean().item()
             checks.append({"name": "more steps never help the model", "ok": weak_acc >= full["accuracy"],
                            "detail": f"Untargeted {steps} steps x 1: {100 * weak_acc:.1f}% vs "
                                      f"{full['steps']} x {full['restarts']}: {100 * full['accuracy']:.1f}%"})
+    gradient = [n for n in ("fgsm20", "untargeted", "multi-targeted", "deepfool") if n in results]
+    if "square" in results and gradient:
+        survivors = [all(results[n]["robust"][i] for n in gradient) for i in range(len(correct))]
+        square_only = sum(s and not q for s, q in zip(survivors, results["square"]["robust"]))
+        checks.append({"name": "the gradient-free attack finds little that the gradient attacks missed",
+                       "ok": square_only <= GRADIENT_FREE_MISS_SHARE * sum(survivors),
+                       "detail": f"Square broke {square_only} of the {sum(survivors)} images that survived "
+                                 f"{', '.join(gradient)} (flag above {100 * GRADIENT_FREE_MISS_SHARE:g}%): "
+                                 f"{'consistent with masked or noisy gradients' if square_only else 'none'}"})
     order = [n for n in ("fgsm20", "untargeted", "multi-targeted") if n in results]
     for weaker, stronger in zip(order, order[1:]):
         w, s = results[weaker], results[stronger]
@@ -230,16 +313,17 @@ def evaluate(model, images, labels, eps, args, num_classes, device):
     worst = correct.clone()
     for name in names:
         options = attack_options(name, args, num_classes)
-        robust, invalid, seconds = run_attack(model, images, labels, eps, name, options, num_classes,
-                                              args.batch_size, device, args.seed)
+        robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes, args.batch_size,
+                                             device, args.seed, only=None if name == "random-targeted" else correct)
         defaults = inspect.signature(SUITE[name][1]).parameters  # the attack holds its defaults
-        steps, restarts = (options.get(k, defaults[k].default) for k in ("steps", "restarts"))
-        entry = {"options": options, "steps": steps, "restarts": restarts, "invalid_examples": invalid,
+        steps, restarts = (options.get(k, defaults[k].default)
+                           for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
+        entry = {"options": options, "steps": steps, "restarts": restarts, "invalid_examples": counts["invalid"],
+                 "reattacked": counts["reattacked"], "unverified": counts["unverified"],
                  "time_s": round(seconds, 2), "robust": robust.tolist()}
         if name == "random-targeted":
             entry["success_rate"] = 1 - robust.float().mean().item()
-        else:
-            robust &= correct  # a misclassified clean image is not robust
+        else:  # a misclassified clean image is not robust (and is not attacked)
             worst &= robust
             entry.update(accuracy=robust.float().mean().item(), worst_case_accuracy=worst.float().mean().item(),
                          robust=robust.tolist())
@@ -374,8 +458,8 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
             y = labels[start:start + args.batch_size].to(device)
             adversary = AutoAttack(model, norm="Linf", eps=eps, seed=args.seed + start, device=device, **options)
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
-            valid, pred = check_adversarial(model, x, x_adv, eps)
-            state["chunks"][str(start)] = {"robust": (~valid | (pred == y)).tolist(), "invalid": int((~valid).sum()),
+            valid, broken, _ = verify(model, x, x_adv, eps, y)
+            state["chunks"][str(start)] = {"robust": (~broken).tolist(), "invalid": int((~valid).sum()),
                                            "time_s": time.time() - begin, "warnings": list(log.messages)}
             write_json(state_path, state)
     finally:
@@ -423,7 +507,7 @@ def write_json(path, obj):
 def print_table(report):
     r = report["results"]
     print(f"\n{report['checkpoint']}  ({report['model']['arch']} {report['model']['activation']})  "
-          f"eps = {report['eps_text']}  {report['n_images']} {report['dataset']} test images  seed {report['seed']}")
+          f"eps = {report['eps_text']}  {report['n_images']} {report['dataset']} {report['split']} images  seed {report['seed']}")
     print(f"{'':32s}{'accuracy':>10s}{'worst case':>12s}{'steps x restarts':>18s}{'time':>9s}")
     print(f"{'Nominal':32s}{100 * r['nominal']['accuracy']:9.2f}%{100 * r['nominal']['accuracy']:11.2f}%")
     for name, (label, _) in SUITE.items():
@@ -445,7 +529,10 @@ def print_table(report):
         print(f"cross-check: AutoAttack broke {c['autoattack_only']} images the suite did not, "
               f"the suite broke {c['suite_only']} that AutoAttack did not, both broke {c['both']}")
     invalid = sum(e.get("invalid_examples", 0) for e in r.values())
-    print(f"{invalid} adversarial examples failed verification (counted as robust)")
+    reattacked = sum(e.get("reattacked", 0) for e in r.values())
+    unverified = sum(e.get("unverified", 0) for e in r.values())
+    print(f"verification: {invalid} adversarial examples outside the ball or box; {reattacked} samples attacked "
+          f"again (a break that did not verify, or nearly broken); {unverified} still doubtful, counted robust")
     if "gamma" in report:
         g = report["gamma"]
         print(f"gamma(eps, x): mean {g['mean']:.4f}  median {g['median']:.4f}  p90 {g['p90']:.4f}  max {g['max']:.4f}")
@@ -467,6 +554,7 @@ def main(argv=None):
         if args.autoattack:
             import_autoattack()
             autoattack_options(args)
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
         meta = models.read_checkpoint_metadata(args.checkpoint)
         config = meta["config"]
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
@@ -475,16 +563,22 @@ def main(argv=None):
             raise ValueError("--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
         n = max(args.surface) + 1 if args.surface else args.n
-        images, labels = load_test_images(dataset, data_dir, n, meta.get("image_size", 224))
+        conflict = selection_conflict(meta, args.split, n)
+        if conflict and not args.allow_selection_images:
+            raise ValueError(f"{conflict}: its numbers there are biased upwards; evaluate on --split test, or pass "
+                             f"--allow-selection-images to do it anyway")
+        holdout_n = meta.get("selection", {}).get("holdout_n") or {"cifar10": 1000, "imagenet": 10000}[dataset]
+        images, labels = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224), holdout_n)
         if args.surface and max(args.surface) >= len(labels):
-            raise ValueError(f"--surface index {max(args.surface)} is beyond the {len(labels)} test images")
+            raise ValueError(f"--surface index {max(args.surface)} is beyond the {len(labels)} images")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
     out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
     start = time.time()
     report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
-              "eps": eps, "eps_text": args.eps, "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
+              "eps": eps, "eps_text": args.eps, "split": args.split, "selection_conflict": conflict,
+              "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "torch": torch.__version__,
               "training": {k: v for k, v in meta.items() if k != "config"}}
     if mode == "surface":

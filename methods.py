@@ -12,12 +12,15 @@ from `generator`, so a run is reproducible and resumable step by step.
     adv      PGD adversarial training, Madry et al. 2018
     trades   TRADES, Zhang et al. 2019
     cure     CURE curvature regularisation, Moosavi-Dezfooli et al. 2019
-    lfr      local flatness: the largest input-gradient norm in the ball (double backprop)
+    lfr      local flatness: the largest input-gradient norm in the ball (double backprop; ours)
 
 Attack passes inside a method (ADV's and TRADES' inner maximisation, LFR's search)
 run with batch norm in eval mode, on running statistics, as TRADES' `trades.py`
 does, so that only the training passes update the statistics; the module is
-returned to train mode before the loss is computed.
+returned to train mode before the loss is computed. CURE's two gradient passes run
+in eval mode too (its official code); LFR's last pass and LLR's passes on x + δ use
+the clean batch's statistics (`llr.reuse_clean_batch_statistics`). Each method's
+docstring names its source and any deliberate difference from it.
 """
 import contextlib
 
@@ -61,27 +64,29 @@ def plain_loss(model, x, y, eps, *, generator=None):
     return loss.mean(), {"logits": logits.detach(), "clean_loss": loss.detach()}
 
 
-def pgd(model, x, y, eps, steps, step_size, generator=None):
-    """Madry et al.'s PGD on the cross-entropy: a uniform random start in the ball, then
-    `steps` signed-gradient steps of `step_size`, projected onto the ball ∩ [0, 1]."""
-    return signed_ascent(model, x, random_point(x, eps, generator), eps, steps, step_size,
-                         lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"))
-
-
-def adv_loss(model, x, y, eps, *, steps=10, step_size=None, generator=None):
-    """PGD adversarial training (Madry et al. 2018): cross-entropy on x_adv from `steps` PGD steps
-    with a random start; step_size defaults to 2.5·ε/steps (Madry et al.). ADV-1 and ADV-2 are
-    the cheap, obfuscating variants of the paper's Table 2 and Fig. 4."""
-    x_adv = pgd(model, x, y, eps, steps, 2.5 * eps / max(steps, 1) if step_size is None else step_size, generator)
+def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, generator=None):
+    """PGD adversarial training (Madry et al. 2018): cross-entropy on x_adv after `steps` signed
+    steps of `step_size` on the cross-entropy, projected onto B(ε) ∩ [0, 1], from a uniform random
+    point of the ball (from x itself with random_start=False). step_size defaults to 2.5·ε/steps,
+    the common rule (ε/4 = 2/255 for 10 steps at 8/255); Madry et al.'s CIFAR-10 configuration is
+    7 steps of 2/255, ours 10 (our choice, as the LLR paper's ADV baseline). One step is FGSM
+    training: from x with step ε (Goodfellow et al. 2015), or with a random start and step 1.25·ε
+    ("fast adversarial training", Wong et al. 2020). ADV-1 and ADV-2 are the cheap variants that
+    the paper (Table 2, Fig. 4) shows to obfuscate gradients."""
+    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    start = random_point(x, eps, generator) if random_start else x
+    x_adv = signed_ascent(model, x, start, eps, steps, step_size,
+                          lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"))
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
     return loss.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach()}
 
 
-def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=2 / 255, generator=None):
+def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=0.007, generator=None):
     """TRADES (Zhang et al. 2019, `trades.py`): CE(f(x), y) + β·KL(p(x) ‖ p(x_adv)), x_adv maximising
-    the KL from x + 0.001·N(0, 1) with `steps` signed steps of `step_size` (TRADES: 10 steps of
-    0.007 at ε = 0.031; β = 6)."""
+    the KL from x + 0.001·N(0, 1) with `steps` signed steps of `step_size`, in eval mode; the two
+    loss passes in train mode, as `trades.py`. Defaults are its CIFAR-10 ones: 10 steps of 0.007
+    (at its ε = 0.031, about 8/255), β = 6."""
     with torch.no_grad(), _eval_mode(model):
         p_clean = F.softmax(model(x), 1)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -95,40 +100,60 @@ def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=2 / 255, gene
                                               "kl": robust.detach()}
 
 
-def cure_loss(model, x, y, eps, *, weight=4.0, h=None, generator=None):
-    """CURE (Moosavi-Dezfooli et al. 2019): CE(x) + weight·‖∇ₓℓ(x + h·z) − ∇ₓℓ(x)‖₂², the finite
-    difference of the input gradient along z = sign(∇ₓℓ(x)), differentiated through both
-    gradients (double backprop). h is the step's ℓ∞ size in pixels, ε by default (CURE's own
-    h = 1.5 is an ℓ2 size in normalised units); weight 4 is CURE's λ."""
-    h = eps if h is None else h
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
+def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None):
+    """CURE (Moosavi-Dezfooli et al. 2019, the official `CURE.py`): CE(x) + weight·‖∇ₓℓ(x + z) − ∇ₓℓ(x)‖₂
+    with z = h·sign(∇ₓℓ(x)) / ‖sign(∇ₓℓ(x))‖₂, so that ‖z‖₂ = h: the norm (not squared) of the
+    finite difference of the input gradient, differentiated through both gradients (double
+    backprop). As the official code, both gradients are taken in eval mode (running batch-norm
+    statistics, the same normalisation for x and x + z, so no batch-statistic shift enters the
+    difference); CE(x) is a train-mode pass; x + z is not clipped to [0, 1]; ε is unused.
+
+    Units: CURE works on inputs normalised by std ≈ 0.2 (its `read_vision_dataset`), where its
+    h = 3 and λ = 4; on [0, 1] pixels the same step is h = 3 × 0.2 = 0.6 (ℓ2) and the same
+    penalty weight = 4 × 0.2 = 0.8, since input gradients scale with the std. Deliberate
+    difference: h is constant; the official example ramps it from 0.1 to 3 over the first 5
+    epochs while fine-tuning a pre-trained network, and here every method trains from scratch
+    on one schedule."""
+    logits = model(x)  # train mode: the clean loss, and the running statistics' update
     loss = F.cross_entropy(logits, y, reduction="none")
-    grad = _input_grad(loss.sum(), x, create_graph=True)
-    x_h = (x + h * grad.detach().sign()).clamp(0, 1).detach().requires_grad_(True)
-    grad_h = _input_grad(F.cross_entropy(model(x_h), y, reduction="sum"), x_h, create_graph=True)
-    curvature = (grad_h - grad).flatten(1).pow(2).sum(1)
+    with _eval_mode(model), torch.enable_grad():
+        x0 = x.detach().requires_grad_(True)
+        grad = _input_grad(F.cross_entropy(model(x0), y, reduction="sum"), x0, create_graph=True)
+        sign = grad.detach().sign()
+        z = h * sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        x_z = (x0 + z).detach().requires_grad_(True)
+        grad_z = _input_grad(F.cross_entropy(model(x_z), y, reduction="sum"), x_z, create_graph=True)
+        curvature = (grad_z - grad).flatten(1).norm(dim=1)
     return (loss + weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                 "curvature": curvature.detach()}
 
 
+def _input_grad_l1(model, x_adv, y):
+    """‖∇ₓℓ(x_adv)‖₁ per sample [B], differentiable with respect to the weights (double backprop)
+    and, when x_adv requires grad, with respect to x_adv (the search's objective)."""
+    if not x_adv.requires_grad:
+        x_adv = x_adv.detach().requires_grad_(True)
+    grad = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True)
+    return grad.flatten(1).abs().sum(1)
+
+
 def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None):
-    """Local flatness: CE(x) + weight·ε·‖∇ₓℓ(x + δ)‖₁ at the δ in B(ε) where the input gradient
-    is largest, found by `steps` signed ascent steps on ‖∇ₓℓ‖₁ from a random start (each step
-    is itself a double backward). ε‖∇ₓℓ‖₁ is the first-order loss increase the ℓ∞ ball allows,
-    so weight 1 penalises the worst first-order loss in the ball; the weight-gradient runs
-    through ∇ₓℓ (double backprop). step_size defaults to 2.5·ε/steps."""
+    """Local flatness regularisation (our choice of a gradient-norm baseline; not one of the
+    paper's): CE(x) + weight·ε·‖∇ₓℓ(x + δ)‖₁ at the δ in B(ε) where the input gradient is largest,
+    found by `steps` signed ascent steps on ‖∇ₓℓ‖₁ from a random start (each a double backward,
+    in eval mode as the other methods' searches). The scale: ε‖∇ₓℓ(x')‖₁ = max over δ in B(ε) of
+    δᵀ∇ₓℓ(x'), the largest first-order loss increase the ball allows at x' (the |δᵀ∇ₓℓ| term of
+    Eq. 7), so weight 1 penalises the worst first-order increase found. The final pass on x + δ
+    is normalised with the clean batch's statistics (`llr.reuse_clean_batch_statistics`, as LLR),
+    so it sees the normalisation of x, and SyncBatchNorm stays twice differentiable.
+    step_size defaults to 2.5·ε/steps."""
     step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-
-    def grad_norm(x_adv):  # ‖∇ₓℓ(x_adv)‖₁ per sample, differentiable (double backprop)
-        g = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True)
-        return g.flatten(1).abs().sum(1)
-
     x_adv = signed_ascent(model, x, random_point(x, eps, generator), eps, steps, step_size,
-                          lambda x_adv: grad_norm(x_adv).sum())
-    logits = model(x)
-    loss = F.cross_entropy(logits, y, reduction="none")
-    flatness = eps * grad_norm(x_adv.requires_grad_(True))
+                          lambda x_adv: _input_grad_l1(model, x_adv, y).sum())
+    with llr.reuse_clean_batch_statistics(model, update_running_stats=True):
+        logits = model(x)  # the clean pass: its statistics normalise the pass on x_adv
+        loss = F.cross_entropy(logits, y, reduction="none")
+        flatness = eps * _input_grad_l1(model, x_adv, y)
     return (loss + weight * flatness).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                "flatness": flatness.detach()}
 

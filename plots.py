@@ -179,8 +179,9 @@ def plot_strength(files, out, pdf):
 def plot_curves(files, out, pdf):
     """Training curves: loss, accuracies, the method's own terms, lr and ε against epoch."""
     panels = [("loss", ["loss"]), ("training accuracy", ["train_acc", "adv_acc"]),
-              ("held-out accuracy (eval)", ["eval_clean_acc", "eval_robust_acc"]),
-              ("method terms", ["gamma", "grad_term", "kl", "curvature", "flatness"]),
+              ("validation accuracy (held-out training images)", ["val_clean_acc", "val_fgsm_acc", "val_pgd_acc"]),
+              ("method terms; γ on validation images", ["gamma", "grad_term", "kl", "curvature", "flatness",
+                                                       "val_gamma_mean"]),
               ("learning rate", ["lr"]), ("eps (pixels)", ["eps"])]
     fig, axes = figure(2, 3)
     for path in files:
@@ -190,7 +191,7 @@ def plot_curves(files, out, pdf):
         name = run_label(config)
         for ax, (title, keys) in zip(axes.flat, panels):
             for key in keys:
-                kind = "eval" if key.startswith("eval_") else "train"
+                kind = "eval" if key.startswith("val_") else "train"
                 points = [e for e in entries if e.get("kind") == kind and key in e]
                 if points:
                     ax.plot([e["epoch"] for e in points], [e[key] for e in points],

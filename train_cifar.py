@@ -1,20 +1,20 @@
 """Train a CIFAR-10 classifier at ε = 8/255 with LLR or a baseline, on one device or many.
 
-    python train_cifar.py --method llr --llr-steps 10                 # the paper's setting: make cifar
-    accelerate launch --num_processes 8 --mixed_precision bf16 train_cifar.py --method llr --llr-steps 10
+    python train_cifar.py --method llr                                # the authors' config: make cifar
+    accelerate launch --num_processes 8 --mixed_precision bf16 train_cifar.py --method llr
     python train_cifar.py --method adv --adv-steps 2 --arch preact-resnet18 --epochs 15 --out runs/adv2
     python train_cifar.py --resume runs/cifar-llr                    # continue a stopped run
-    python eval.py runs/cifar-llr/best.safetensors --eps 8/255
+    python eval.py runs/cifar-llr --eps 8/255                        # its best.safetensors, on the test set
 
 A run directory (--out) holds config.json (arguments, versions, device, git commit),
 log.jsonl (one JSON object per log interval, evaluation and γ measurement),
-last.safetensors and best.safetensors (best robust accuracy on the held-out test
-subset; both readable by eval.py), and state.pt, from which --resume continues.
-Every random draw (data order, augmentation, the methods' random starts) comes
-from generators seeded by (seed, step, process), so a resumed run ends with the
-same weights as an uninterrupted one. SIGTERM or Ctrl-C stops at the next step
-with a checkpoint; a non-finite loss stops the run without overwriting the last
-good checkpoint.
+last.safetensors and best.safetensors (the best Untargeted accuracy on --val-n training
+images held out from training; both readable by eval.py), and state.pt, from which
+--resume continues. The test set is not read. Every random draw (data order,
+augmentation, the methods' random starts) comes from generators seeded by (seed, step,
+process), so a resumed run ends with the same weights as an uninterrupted one. SIGTERM or
+Ctrl-C stops at the next step with a checkpoint; a non-finite loss stops the run without
+overwriting the last good checkpoint.
 """
 import argparse
 import functools
@@ -39,22 +39,26 @@ def get_args(argv=None):
     g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8)")
     g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
                    help="softplus: smooth, needed by double backprop")
-    g.add_argument("--eps", default="8/255", help="ℓ∞ radius in pixel units (paper: 8/255)")
-    g.add_argument("--eps-warmup", type=training.number, default=0.64, metavar="EPOCHS",
-                   help="ε grows linearly from 0 over this many epochs (authors' config: 500 steps at batch 64)")
-    g = p.add_argument_group("optimisation (SGD with momentum; the authors' config.py)")
-    g.add_argument("--epochs", type=int, default=110, help="paper: ~110 epochs")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch, split across processes (paper: 128)")
-    g.add_argument("--lr", type=training.number, default=0.1, help="authors' config: 0.1")
-    g.add_argument("--lr-warmup", type=training.number, default=0.0, metavar="EPOCHS", help="linear warm-up of the lr")
+    g.add_argument("--eps", default="8/255", help="ℓ∞ radius: 8/255, or 8 meaning 8/255 (default 8/255, the paper's)")
+    g.add_argument("--eps-warmup", type=training.number, default=None, metavar="EPOCHS",
+                   help="ε grows linearly from 0 over this many epochs (default: 0.64 for LLR, the authors' "
+                        "500 steps of 64 images; 0 for the other methods, as their own code)")
+    g = p.add_argument_group("optimisation (SGD with momentum; the authors' config.py, see the README's table)")
+    g.add_argument("--epochs", type=int, default=128, help="authors' config: 100k steps of 64 images (default 128)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (default 64)")
+    g.add_argument("--lr", type=training.number, default=0.2,
+                   help="authors' config: 0.1 on their loss, which is twice ours (default 0.2)")
+    g.add_argument("--lr-warmup", type=training.number, default=0.0, metavar="EPOCHS",
+                   help="linear warm-up of the lr (default 0)")
     g.add_argument("--lr-decay-at", default="0.8,0.88,0.96", metavar="FRACTIONS",
                    help="the learning rate is divided by 10 after these fractions of training "
                         "(authors' config: 80k, 88k, 96k of 100k steps)")
     g.add_argument("--momentum", type=training.number, default=0.9, help="authors' config: 0.9")
-    g.add_argument("--weight-decay", type=training.number, default=2e-4,
-                   help="on conv and linear weights only (authors' config: ℓ2 2e-4 on weights)")
-    training.add_run_arguments(p, "cifar")
-    return training.parse_or_resume(p, argv, "cifar")
+    g.add_argument("--weight-decay", type=training.number, default=1e-4,
+                   help="on conv and linear weights only (authors' config: ℓ2 weight 2e-4 on their doubled loss; "
+                        "default 1e-4)")
+    training.add_run_arguments(p, "cifar", val_n=1000)
+    return training.parse_or_resume(p, argv, "cifar", llr_eps_warmup=0.64)
 
 
 def batch_for(images, labels, args, step, steps_per_epoch, accelerator):
@@ -69,17 +73,17 @@ def batch_for(images, labels, args, step, steps_per_epoch, accelerator):
     return x, labels[batch.to(labels.device)]
 
 
-def train(args, accelerator, model, eps, images, labels, held_out):
-    """The training loop: `images`, `labels` (uint8, on the device) are the training set; `held_out`
-    the (images, labels) evaluated after each epoch."""
+def train(args, accelerator, model, eps, images, labels, holdout, selection):
+    """The training loop: `images`, `labels` (uint8, on the device) are the training images; `holdout`
+    the (images, labels) held out from them, evaluated after each epoch to choose best.safetensors."""
     device = accelerator.device
     steps_per_epoch = len(labels) // args.batch_size
     loss_fn, options = methods.METHODS[args.method], training.method_options(args)
-    evaluate = functools.partial(training.evaluate, images=held_out[0], labels=held_out[1], eps=eps, args=args,
-                                 accelerator=accelerator)
+    evaluate = None if args.val_n == 0 else functools.partial(
+        training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     run = training.Run(args, accelerator, steps_per_epoch, eps,
                        {"dataset": "cifar10", "method": args.method, "options": options, "eps": eps},
-                       evaluate, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
+                       evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
                                          f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, "
                                          f"{run.total_steps} steps of {args.batch_size} images")
@@ -109,16 +113,17 @@ def main(argv=None):
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
         training.check_run(args, accelerator)
         images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
-        test_images, test_labels, _ = data.load_cifar10(args.data_dir, "test")
-        if len(labels) < args.batch_size:
-            raise ValueError(f"the training set ({len(labels)} images) is smaller than one batch ({args.batch_size})")
+        train_indices, holdout_indices = data.holdout_split(len(labels), args.val_n)
+        if len(train_indices) < args.batch_size:
+            raise ValueError(f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
         torch.manual_seed(args.seed)
         model = models.build_model(args.arch, num_classes=int(labels.max()) + 1, activation=args.activation)
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"train_cifar.py: error: {e}")
-    device = accelerator.device
-    train(args, accelerator, model, eps, images.to(device), labels.to(device),
-          held_out=(test_images.to(device), test_labels.to(device)))
+    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+    train(args, accelerator, model, eps, images[train_indices], labels[train_indices],
+          holdout=(images[holdout_indices], labels[holdout_indices]),
+          selection=training.selection_record("cifar10", len(labels), holdout_indices, args))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@
     accelerate launch ... train_imagenet.py --resume runs/imagenet-llr                                     # after pre-emption
     python eval.py runs/imagenet-llr/best.safetensors --eps 4/255 --data-dir /data/imagenet --num-targets 20 --bf16
 
---eps is in units of 1/255. The global batch (--batch-size) is reached on any number of
-devices by gradient accumulation: per-device batch × processes × accumulation steps. The
-method functions, the run directory and the checkpoint format are those of train_cifar.py
-(training.py holds what both share): a run directory with config.json, log.jsonl, last/best.safetensors and
-state.pt; --resume continues exactly; SIGTERM stops at the next log step with a checkpoint.
+--eps 4 means 4/255, as in every script here. The global batch (--batch-size) is reached on any
+number of devices by gradient accumulation: per-device batch × processes × accumulation steps.
+The method functions, the run directory and the checkpoint format are those of train_cifar.py
+(training.py holds what both share): config.json, log.jsonl, last/best.safetensors (best is
+chosen on --val-n training images held out from training) and state.pt; --resume continues
+exactly; SIGTERM stops at the next log step with a checkpoint.
 Batch norm is synchronised across GPUs (nn.SyncBatchNorm; llr.py makes it twice
 differentiable); the data order and each image's augmentation are functions of
 (seed, epoch, index), so a resumed run reads exactly the images an uninterrupted one would.
@@ -24,6 +25,7 @@ import sys
 
 import torch
 
+import ball
 import data
 import methods
 import models
@@ -42,9 +44,10 @@ def get_args(argv=None):
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="resnet152", help=f"one of {models.ARCHITECTURES} (paper: resnet152)")
     g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS))
-    g.add_argument("--eps", type=number, default=4, help="ℓ∞ radius in units of 1/255: 4 or 16 in the paper")
-    g.add_argument("--eps-warmup", type=number, default=6.0, metavar="EPOCHS",
-                   help="ε grows linearly from 0 over this many epochs (our choice: the lr warm-up's length)")
+    g.add_argument("--eps", default="4", help="ℓ∞ radius: 4 means 4/255, as does 4/255 (paper: 4 or 16)")
+    g.add_argument("--eps-warmup", type=number, default=None, metavar="EPOCHS",
+                   help="ε grows linearly from 0 over this many epochs (default: 6 for LLR, our choice, the lr "
+                        "warm-up's length; 0 for the other methods)")
     g.add_argument("--no-sync-bn", action="store_true", help="keep batch norm per device on multiple GPUs")
     g = p.add_argument_group("optimisation (SGD with momentum; the ImageNet adversarial-training recipe of "
                              "Xie et al. 2019, 110 epochs as the paper)")
@@ -57,13 +60,16 @@ def get_args(argv=None):
                    help="÷10 after these fractions of training: epochs 35, 70 and 95 of 110 (Xie et al.)")
     g.add_argument("--momentum", type=number, default=0.9)
     g.add_argument("--weight-decay", type=number, default=1e-4, help="on conv and linear weights only (Xie et al.)")
-    training.add_run_arguments(p, "imagenet")
+    training.add_run_arguments(p, "imagenet", val_n=10000)
     p.set_defaults(llr_steps=None, save_every=200, log_every=20)
-    args = training.parse_or_resume(p, argv, "imagenet")
+    args = training.parse_or_resume(p, argv, "imagenet", llr_eps_warmup=6.0)
     if args.data_dir is None:
         p.error("--data-dir is required (ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
     if args.llr_steps is None:  # the paper: 2 inner steps at ε = 4/255, 10 at 16/255
-        args.llr_steps = 10 if args.eps > 4 else 2
+        try:
+            args.llr_steps = 10 if ball.parse_eps(args.eps) > 4 / 255 else 2
+        except ValueError:
+            pass  # main() reports a bad --eps in one line
     return args
 
 
@@ -96,12 +102,13 @@ def _ignore_stop_signals(worker_id):
 
 class FolderBatches:
     """The micro-batches of optimiser step `step` for this process. Each epoch is a permutation
-    of the training set seeded by (seed, epoch), cut into global batches; each global batch is
-    split across processes, then into micro-batches. A new DataLoader starts at the step asked
-    for, so a resumed run continues mid-epoch with the same images and augmentations."""
+    of the training images (`indices` of the dataset) seeded by (seed, epoch), cut into global
+    batches; each global batch is split across processes, then into micro-batches. A new
+    DataLoader starts at the step asked for, so a resumed run continues mid-epoch with the same
+    images and augmentations."""
 
-    def __init__(self, dataset, args, accelerator, steps_per_epoch, accumulation):
-        self.dataset, self.args, self.accelerator = dataset, args, accelerator
+    def __init__(self, dataset, indices, args, accelerator, steps_per_epoch, accumulation):
+        self.dataset, self.indices, self.args, self.accelerator = dataset, indices, args, accelerator
         self.steps_per_epoch, self.accumulation = steps_per_epoch, accumulation
         self.iterator, self.next_step = None, None
 
@@ -109,7 +116,7 @@ class FolderBatches:
         args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
         epoch, first = divmod(step, self.steps_per_epoch)
         epoch_seed = args.seed * MIX + epoch
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(epoch_seed))
+        order = self.indices[torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(epoch_seed))]
         keys = []
         for b in range(first, self.steps_per_epoch):
             for i in order[b * args.batch_size:(b + 1) * args.batch_size][rank::world].tolist():
@@ -139,9 +146,7 @@ def main(argv=None):
     accelerator = Accelerator()
     processes = accelerator.num_processes
     try:  # everything that can fail because of the user's input, before any training
-        if not 0 <= args.eps <= 255:
-            raise ValueError(f"--eps is in units of 1/255 and must lie in [0, 255], got {args.eps:g}")
-        eps = args.eps / 255
+        eps = ball.parse_eps(args.eps)
         accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
         if rest or accumulation < 1:
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --per-device-batch "
@@ -149,13 +154,15 @@ def main(argv=None):
         accelerator.gradient_accumulation_steps = accumulation
         args.lr = args.lr_per_256 * args.batch_size / 256
         training.check_run(args, accelerator)
-        train_set = SeededFolder(os.path.join(args.data_dir, "train"), data.imagenet_transform(True, args.image_size))
-        held_out = data.load_folder_subset(os.path.join(args.data_dir, "val"), args.eval_n, args.image_size, args.workers)
-        gamma_subset = data.load_folder_subset(os.path.join(args.data_dir, "train"), args.gamma_n, args.image_size,
-                                               args.workers)
-        steps_per_epoch = len(train_set) // args.batch_size
+        train_folder = os.path.join(args.data_dir, "train")
+        train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
+        train_indices, holdout_indices = data.holdout_split(len(train_set), args.val_n)
+        holdout = data.load_folder_images(train_folder, holdout_indices, args.image_size, args.workers)
+        spread = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(0))[:args.gamma_n]
+        gamma_subset = data.load_folder_images(train_folder, train_indices[spread], args.image_size, args.workers)
+        steps_per_epoch = len(train_indices) // args.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
+            raise ValueError(f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
         torch.manual_seed(args.seed)
         model = models.build_model(args.arch, num_classes=len(train_set.folder.classes), activation=args.activation,
                                    normalization="imagenet")
@@ -164,25 +171,27 @@ def main(argv=None):
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
     device = accelerator.device
-    batches = FolderBatches(train_set, args, accelerator, steps_per_epoch, accumulation)
-    train(args, accelerator, model, eps, batches, steps_per_epoch,
-          held_out=tuple(t.to(device) for t in held_out), gamma_subset=tuple(t.to(device) for t in gamma_subset))
+    batches = FolderBatches(train_set, train_indices, args, accelerator, steps_per_epoch, accumulation)
+    train(args, accelerator, model, eps, batches, steps_per_epoch, holdout=tuple(t.to(device) for t in holdout),
+          selection=training.selection_record("imagenet", len(train_set), holdout_indices, args),
+          gamma_subset=tuple(t.to(device) for t in gamma_subset))
 
 
-def train(args, accelerator, model, eps, batches, steps_per_epoch, held_out, gamma_subset):
+def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, selection, gamma_subset):
     """The training loop: `batches(step)` gives this process's micro-batches of optimiser step
-    `step`; gradients are accumulated over them. `held_out` and `gamma_subset` are (uint8 images,
-    labels) on the device, evaluated after each epoch and for γ (Fig. 2)."""
+    `step`; gradients are accumulated over them. `holdout` (the training images held out, evaluated
+    after each epoch to choose best.safetensors) and `gamma_subset` (for γ, Fig. 2) are (uint8
+    images, labels) on the device."""
     device = accelerator.device
     loss_fn, options = methods.METHODS[args.method], training.method_options(args)
-    evaluate = functools.partial(training.evaluate, images=held_out[0], labels=held_out[1], eps=eps, args=args,
-                                 accelerator=accelerator)
+    evaluate = None if args.val_n == 0 else functools.partial(
+        training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     metadata = {"dataset": "imagenet", "image_size": args.image_size, "method": args.method, "options": options,
                 "eps": eps}
-    run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset)
+    run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
-        f"{args.method} on {args.arch} ({args.activation}), eps {args.eps:g}/255, {run.total_steps} steps of "
+        f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, {run.total_steps} steps of "
         f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process")
     with run.progress(step):
         while step < run.total_steps:

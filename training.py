@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import attacks
+import data
 import llr
 import methods
 import models
@@ -59,31 +60,41 @@ def method_options(args):
             if p.default is not p.empty and p.name != "generator"}
 
 
-def add_run_arguments(parser, out_prefix):
-    """The flags both training scripts share: methods and their options, the seed, logging,
-    evaluation, checkpoints and --resume."""
+def add_run_arguments(parser, out_prefix, val_n):
+    """The flags both training scripts share: methods and their options, the seed, the held-out
+    validation images, logging, evaluation, checkpoints and --resume."""
     g = parser.add_argument_group("method")
     g.add_argument("--method", default="llr", choices=list(methods.METHODS))
-    g = parser.add_argument_group("logging, evaluation, checkpoints")
+    g = parser.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
     g.add_argument("--out", help=f"run directory (default runs/{out_prefix}-<method>)")
+    g.add_argument("--val-n", type=int, default=val_n, metavar="N",
+                   help=f"training images held out (never trained on) for the evaluation after each epoch and the "
+                        f"choice of best.safetensors; the same N images for every run (0: no evaluation, keep "
+                        f"last.safetensors only; default {val_n})")
+    g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
+    g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack there (default 20)")
+    g.add_argument("--eval-restarts", type=int, default=1, help="its random restarts (default 1)")
+    g.add_argument("--gamma-n", type=int, default=128,
+                   help="images on which γ(ε, x) is measured: the first N held-out ones at each evaluation, and a "
+                        "fixed training subset with --log-gamma-every (default 128)")
     g.add_argument("--log-every", type=int, default=50, metavar="STEPS",
                    help="log, check for NaN and honour SIGTERM/Ctrl-C every this many steps")
-    g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
-    g.add_argument("--eval-n", type=int, default=1000, help="held-out images for clean and PGD accuracy")
-    g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack used there")
     g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every this many steps (0: at the end of each epoch only)")
     g.add_argument("--log-gamma-every", type=int, default=0, metavar="STEPS",
                    help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
-    g.add_argument("--gamma-n", type=int, default=128, help="images in that subset")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
     add_method_options(parser)
 
 
-def parse_or_resume(parser, argv, out_prefix):
-    """Parse; with --resume, the run's saved arguments replace the command line's."""
+def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
+    """Parse; with --resume, the run's saved arguments replace the command line's. ε is warmed up
+    (--eps-warmup) for LLR only by default, as in the authors' code; ADV, TRADES, CURE and LFR
+    start at full ε, as their papers' code."""
     args = parser.parse_args(argv)
+    if args.eps_warmup is None:
+        args.eps_warmup = llr_eps_warmup if args.method == "llr" else 0.0
     if args.resume:
         resume_dir = args.resume
         try:
@@ -147,6 +158,15 @@ def check_run(args, accelerator):
         raise ValueError(f"nothing to resume: {state_path} does not exist")
 
 
+def selection_record(dataset, dataset_size, holdout_indices, args):
+    """What best.safetensors records of its choice: which training images were held out for it
+    (their count and a fingerprint of their indices) and by which metric, so that eval.py can
+    refuse to report a number on the images that chose the checkpoint."""
+    return {"split": "train", "dataset": dataset, "dataset_size": dataset_size, "holdout_n": len(holdout_indices),
+            "indices_sha256": data.indices_digest(holdout_indices),
+            "metric": f"untargeted {args.eval_steps}x{args.eval_restarts} accuracy"}
+
+
 def provenance(args, accelerator):
     """What config.json records: arguments, command, git commit, versions, device, processes."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -170,7 +190,7 @@ class Run:
     its schedules, and the bookkeeping at the end of each step (metrics, the checks for NaN and
     stop requests, evaluation, the best checkpoint, γ). A script builds one, then writes its loop:
 
-        run = Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset)
+        run = Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
         step, model, optimizer = run.prepare(model, optimizer, "what this run is")
         with run.progress(step):
             while step < run.total_steps:
@@ -182,12 +202,14 @@ class Run:
                     return
 
     `metadata` (the dataset, the method and its options, ε, ...) goes into every checkpoint;
-    `evaluate(model)` returns the metrics of an evaluation; `gamma_subset` is (uint8 images,
-    labels) on which γ is measured every --log-gamma-every steps."""
+    `evaluate(model, step)` returns the metrics of an evaluation on held-out training images, or is
+    None (no evaluation, no best.safetensors); `selection` says which images those are, and goes
+    into best.safetensors; `gamma_subset` is (uint8 images, labels) on which γ is measured every
+    --log-gamma-every steps."""
 
-    def __init__(self, args, accelerator, steps_per_epoch, eps, metadata, evaluate, gamma_subset):
+    def __init__(self, args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset):
         self.args, self.accelerator, self.eps, self.metadata = args, accelerator, eps, metadata
-        self.evaluate, self.gamma_subset = evaluate, gamma_subset
+        self.evaluate, self.selection, self.gamma_subset = evaluate, selection, gamma_subset
         self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
         self.best = -1.0
         self.metrics = IntervalMetrics(accelerator.device)
@@ -274,21 +296,24 @@ class Run:
         self.log(step, {"kind": "train", "lr": lr, "eps": eps, **means,
                         "images_per_s": images / (time.time() - self.interval_start)})
         self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
-        if (end_of_epoch and (step // self.steps_per_epoch) % args.eval_every == 0) or step == self.total_steps:
-            result = self.evaluate(model)
+        evaluation_due = (end_of_epoch and (step // self.steps_per_epoch) % args.eval_every == 0) or step == self.total_steps
+        if self.evaluate is not None and evaluation_due:
+            result = self.evaluate(model, step=step)
             self.log(step, {"kind": "eval", "eps": self.eps, **result})
-            accelerator.print(f"step {step}: clean {100 * result['eval_clean_acc']:.2f}%  "
-                              f"PGD-{args.eval_steps} {100 * result['eval_robust_acc']:.2f}%")
-            if result["eval_robust_acc"] > self.best:
-                self.best = result["eval_robust_acc"]
-                self.checkpoint(model, optimizer, step, "best.safetensors", result)
+            accelerator.print(f"step {step}, {result['val_n']} validation images: clean "
+                              f"{100 * result['val_clean_acc']:.2f}%, FGSM {100 * result['val_fgsm_acc']:.2f}%, "
+                              f"{result['pgd']} {100 * result['val_pgd_acc']:.2f}%, γ {result['val_gamma_mean']:.4f}")
+            if result["val_pgd_acc"] > self.best:
+                self.best = result["val_pgd_acc"]
+                self.checkpoint(model, optimizer, step, "best.safetensors", {**result, "selection": self.selection})
         if save_now or stop_now:
             self.checkpoint(model, optimizer, step)
         if stop_now:
             accelerator.print(f"stopped at step {step} with a checkpoint; continue with --resume {args.out}")
         elif step == self.total_steps:
-            accelerator.print(f"done: {os.path.join(args.out, 'best.safetensors')} (PGD accuracy "
-                              f"{100 * self.best:.2f}%), {os.path.join(args.out, 'last.safetensors')}")
+            best = (f"{os.path.join(args.out, 'best.safetensors')} (validation {self.selection['metric']} "
+                    f"{100 * self.best:.2f}%), " if self.evaluate is not None else "")
+            accelerator.print(f"done: {best}{os.path.join(args.out, 'last.safetensors')}")
         self.interval_start = time.time()  # evaluation and saving are not training time
         return stop_now or step == self.total_steps
 
@@ -349,23 +374,32 @@ def nonfinite_message(args, count, step):
             f"(continue with --resume {args.out}, e.g. after lowering lr in its config.json)")
 
 
-def evaluate(model, images, labels, eps, args, accelerator):
-    """Clean and Untargeted-PGD accuracy on the first --eval-n held-out images, split across processes."""
+def evaluate(model, images, labels, eps, args, accelerator, step):
+    """The evaluation after an epoch, on the held-out validation images (uint8, on the device),
+    split across processes: clean accuracy; accuracy under FGSM (one signed step of ε on the
+    cross-entropy from x: the weak attack a model that obfuscates its gradients learns to resist)
+    and under the Untargeted margin attack (--eval-steps x --eval-restarts: the strong one, and the
+    metric that chooses best.safetensors); and γ(ε, x) (50 Adam steps) on the first --gamma-n."""
     model.eval()
-    correct = robust = 0
-    share = torch.arange(min(args.eval_n, len(labels)))[accelerator.process_index::accelerator.num_processes]
+    share = torch.arange(len(labels))[accelerator.process_index::accelerator.num_processes]
+    counts = torch.zeros(6, device=accelerator.device)  # clean, fgsm, pgd, images, γ sum, γ images
     for chunk in share.split(256):
         x, y = images[chunk.to(images.device)].float() / 255, labels[chunk.to(labels.device)]
+        x_fgsm = attacks.fgsm_k(model, x, y, eps, steps=1, step_size=eps, loss="ce")
+        x_pgd = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=args.eval_restarts, seed=args.seed)
         with torch.no_grad():
-            correct += (model(x).argmax(1) == y).sum()
-        x_adv = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=1, seed=args.seed)
-        with torch.no_grad():
-            robust += (model(x_adv).argmax(1) == y).sum()
-    counts = accelerator.reduce(torch.stack([torch.as_tensor(correct), torch.as_tensor(robust),
-                                             torch.tensor(len(share))]).to(accelerator.device).float(), "sum")
+            counts[:4] += torch.stack([(model(v).argmax(1) == y).sum() for v in (x, x_fgsm, x_pgd)] + [torch.tensor(len(y))])
+        first = chunk < args.gamma_n
+        if first.any():
+            gamma, _ = llr.local_linearity(model, x[first], y[first], eps,
+                                           generator=generator_for(args, step, x.device, "gamma", 1))
+            counts[4:] += torch.stack([gamma.sum(), torch.tensor(float(len(gamma)), device=gamma.device)])
+    counts = accelerator.reduce(counts, "sum")
     model.train()
-    return {"eval_clean_acc": (counts[0] / counts[2]).item(), "eval_robust_acc": (counts[1] / counts[2]).item(),
-            "eval_n": int(counts[2].item()), "eval_steps": args.eval_steps}
+    n = counts[3].item()
+    return {"val_clean_acc": counts[0].item() / n, "val_fgsm_acc": counts[1].item() / n,
+            "val_pgd_acc": counts[2].item() / n, "val_gamma_mean": counts[4].item() / max(counts[5].item(), 1),
+            "val_n": int(n), "val_gamma_n": int(counts[5].item()), "pgd": f"untargeted {args.eval_steps}x{args.eval_restarts}"}
 
 
 def measure_gamma(model, images, labels, eps, args, step):

@@ -110,7 +110,7 @@ def checkpoint(tmp_path_factory):
     data_dir = make_image_folder(str(root / "data"), classes=10, per_class=4, size=16)
     AcceleratorState._reset_state(reset_partial_state=True)
     train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--arch", "wrn-10-1", "--epochs", "3",
-                      "--batch-size", "8", "--eval-n", "8", "--eval-steps", "2", "--out", str(root / "run")])
+                      "--batch-size", "8", "--val-n", "8", "--eval-steps", "2", "--out", str(root / "run")])
     AcceleratorState._reset_state(reset_partial_state=True)
     return str(root / "run" / "last.safetensors"), data_dir
 

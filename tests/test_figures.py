@@ -83,11 +83,11 @@ def outputs(tmp_path_factory):
     from accelerate.state import AcceleratorState
 
     root = tmp_path_factory.mktemp("figures")
-    data_dir = make_image_folder(str(root / "data"), classes=3, per_class=8, size=16)
+    data_dir = make_image_folder(str(root / "data"), classes=3, per_class=10, size=16)
     AcceleratorState._reset_state(reset_partial_state=True)
     run = str(root / "run")
     train_cifar.main(["--method", "adv", "--adv-steps", "1", "--data-dir", data_dir, "--arch", "wrn-10-1",
-                      "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--eval-n", "6", "--eval-steps", "2",
+                      "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
                       "--log-gamma-every", "2", "--gamma-n", "4", "--out", run])
     AcceleratorState._reset_state(reset_partial_state=True)
     ckpt = os.path.join(run, "last.safetensors")

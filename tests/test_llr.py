@@ -160,23 +160,16 @@ def test_weight_gradient_matches_finite_differences(tiny_net, train_mode):
                 numeric.append((plus - minus) / (2 * h))
     numeric = torch.stack(numeric)
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
-    # the second-order part matters: dropping it (a detached ∇ₓℓ) gives another gradient
-    assert (analytic - numeric).abs().max() < 1e-3 * analytic.abs().max()
-
-
-def test_second_order_terms_are_present(tiny_net):
-    """Without create_graph the gradient differs: guards against a silently detached ∇ₓℓ."""
-    x, y = _data(5)
-    params = list(tiny_net.parameters())
-    loss, info = llr.llr_loss(tiny_net, x, y, EPS, steps=0, generator=_seeded(7))
-    full = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    # the second-order part matters: with ∇ₓℓ detached (first-order terms only) the gradient is
+    # far from the finite differences, so the agreement above is the double backprop's
+    delta = llr.llr_loss(tiny_net, x, y, EPS, steps=0, generator=_seeded(7))[1]["delta"]
     with llr.reuse_clean_batch_statistics(tiny_net):
         _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=True)
-        grad = grad.detach()  # ∇ₓℓ as a constant: first-order terms only
-        gamma = llr._gap(tiny_net, x, y, x + info["delta"], clean_loss, grad)
-    first_order_only = (clean_loss + 4.0 * gamma + 3.0 * llr._directional(info["delta"], grad).abs()).mean()
+        grad = grad.detach()
+        gamma = llr._gap(tiny_net, x, y, x + delta, clean_loss, grad)
+    first_order_only = (clean_loss + 4.0 * gamma + 3.0 * llr._directional(delta, grad).abs()).mean()
     partial = torch.cat([g.flatten() for g in torch.autograd.grad(first_order_only, params)])
-    assert (full - partial).abs().max() > 1e-3 * full.abs().max()
+    assert (partial - numeric).abs().max() > 1e3 * (analytic - numeric).abs().max()
 
 
 @pytest.mark.parametrize("batchnorm", [False, True])
@@ -244,19 +237,47 @@ def test_perturbed_pass_uses_clean_batch_statistics(tiny_net):
 
 
 # --------------------------------------------------------------------------- precision
-def test_bf16_autocast_gives_finite_loss_and_gradients():
+def test_bf16_autocast_agrees_with_float32():
+    """Under bf16 autocast the loss, γ and |δᵀ∇ℓ| are float32 and close to a float32 run on the same
+    model, data and random start: the loss within 1%; the batch means of γ and |δᵀ∇ℓ| within 10%
+    (γ is a difference of nearly equal losses, and bf16 keeps 8 bits: about 0.4% of a loss of
+    2.3, a third of a typical γ, per sample); the weight gradients are finite."""
     import models
 
     torch.manual_seed(0)
     model = models.build_model("wrn-10-1")
-    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, info = llr.llr_loss(model, x, y, 8 / 255)
-        gamma, _ = llr.local_linearity(model, x, y, 8 / 255, steps=3)
-    loss.backward()
-    assert loss.dtype == torch.float32 and info["gamma"].dtype == torch.float32
-    assert torch.isfinite(loss) and torch.isfinite(gamma).all() and torch.isfinite(info["gamma"]).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    results = {}
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, info = llr.llr_loss(model, x, y, 8 / 255, steps=2, generator=_seeded())
+            gamma, _ = llr.local_linearity(model, x, y, 8 / 255, steps=5, generator=_seeded())
+        model.zero_grad()
+        loss.backward()
+        assert loss.dtype == torch.float32 and info["gamma"].dtype == torch.float32
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        results[bf16] = torch.stack([loss, info["gamma"].mean(), info["grad_term"].mean(), gamma.mean()]).detach()
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(results[True][1:], results[False][1:], rtol=0.1, atol=0)
+
+
+def test_batch_norm_of_perturbed_passes_is_computed_in_float32():
+    """Under autocast a batch-norm layer gets bf16 activations: the clean batch's statistics are
+    applied in float32 and the result is cast to bf16 once."""
+    layer = nn.BatchNorm2d(4).train()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    g = torch.Generator().manual_seed(0)
+    clean = (3 + 5 * torch.randn(8, 4, 5, 5, generator=g)).bfloat16()
+    perturbed = clean + (0.05 * torch.randn(8, 4, 5, 5, generator=g)).bfloat16()
+    with llr.reuse_clean_batch_statistics(layer):
+        layer(clean)
+        out = layer(perturbed)
+    var, mean = torch.var_mean(clean.float(), dim=(0, 2, 3), correction=0)
+    scale = layer.weight / torch.sqrt(var + layer.eps)
+    expected = (perturbed.float() * scale.view(1, -1, 1, 1) + (layer.bias - mean * scale).view(1, -1, 1, 1)).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
 def test_llr_keeps_its_own_copy_of_the_ball_geometry():

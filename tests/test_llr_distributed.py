@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import llr
+import methods
 
 
 def _net():
@@ -50,10 +51,43 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_sync_batchnorm_statistics_are_global_and_differentiable():
     """Two processes with half a batch each get exactly the gradients and running statistics
     of one process with the whole batch (float64)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port()), nprocs=2)
+
+
+def _lfr_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(8, 3, 5, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        mine = slice(4 * rank, 4 * rank + 4)
+        synced, whole = nn.SyncBatchNorm.convert_sync_batchnorm(_net()), _net()
+        start = torch.Generator().manual_seed(2)
+        if rank == 1:  # this process's random starts are those the whole batch draws for its half
+            torch.rand(4, 3, 5, 5, generator=start, dtype=torch.float64)
+        loss, _ = methods.lfr_loss(synced, x[mine], y[mine], 0.1, steps=1, generator=start)
+        loss.backward()
+        reference, _ = methods.lfr_loss(whole, x, y, 0.1, steps=1, generator=torch.Generator().manual_seed(2))
+        reference.backward()
+        for p, q in zip(synced.parameters(), whole.parameters()):
+            mean = p.grad.clone()
+            dist.all_reduce(mean)
+            torch.testing.assert_close(mean / world, q.grad, rtol=1e-8, atol=1e-10)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lfr_under_sync_batchnorm_equals_the_whole_batch():
+    """LFR's last pass (normalised with the clean batch's statistics) under 2-process SyncBatchNorm:
+    the processes' mean gradient is the whole batch's (float64)."""
+    mp.spawn(_lfr_worker, args=(2, _free_port()), nprocs=2)

@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 import eval as eval_script
 import methods
+import models
 import train_cifar
 from conftest import ROOT, make_image_folder, read_log
 
-TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--eval-n", "6", "--eval-steps", "2",
+TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
         "--eps-warmup", "0.5"]  # 3 steps per epoch: ε reaches its value at step 2
 
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=8, size=16)
+    return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=10, size=16)
 
 
 @pytest.mark.parametrize("method", list(methods.METHODS))
@@ -112,7 +113,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eps", "300/255"], "eps must lie in [0, 1]"),
+    (["--eps", "300/255"], "more than 64/255, almost surely a unit mistake"),
     (["--eps", "x"], "cannot read eps"),
     (["--arch", "vgg"], "unknown architecture"),
 ])
@@ -153,7 +154,7 @@ def test_two_process_llr_run(data_dir, tmp_path):
     assert config["processes"] == 2
     log = read_log(run)
     assert [e["step"] for e in log if e["kind"] == "train"] == list(range(1, 7))
-    assert [e["eval_n"] for e in log if e["kind"] == "eval"] == [6, 6]  # both shards counted
+    assert [e["val_n"] for e in log if e["kind"] == "eval"] == [6, 6]  # both shards counted
     weights = load_file(os.path.join(run, "last.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
 
@@ -174,3 +175,60 @@ def test_bf16_mixed_precision_through_accelerate(data_dir, tmp_path, monkeypatch
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(SystemExit, match="use bf16"):
         train_cifar.main(["--method", "llr", "--data-dir", data_dir, "--epochs", "1", "--out", str(tmp_path / "f"), *TINY])
+
+
+def test_selection_uses_held_out_training_images_only(tmp_path):
+    """The evaluation after each epoch and the choice of best.safetensors use --val-n training
+    images that are never trained on; the test set is not even read (training works without it),
+    and best.safetensors records where it was chosen."""
+    import data
+
+    data_dir = make_image_folder(str(tmp_path / "data"), splits=("train",), classes=3, per_class=10, size=16)
+    run = str(tmp_path / "run")
+    seen = []
+    original = methods.METHODS["plain"]
+
+    @functools.wraps(original)
+    def recording(model, x, y, eps, **kwargs):
+        seen.append(len(y))
+        return original(model, x, y, eps, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(methods.METHODS, "plain", recording)
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "2", "--out", run, *TINY])
+    train_indices, holdout = data.holdout_split(30, 6)
+    assert len(set(train_indices.tolist()) | set(holdout.tolist())) == 30 and len(train_indices) == 24
+    assert sum(seen) == 2 * 24  # 3 steps of 8 per epoch: the 24 training images, not the 6 held out
+    meta = models.read_checkpoint_metadata(os.path.join(run, "best.safetensors"))
+    assert meta["selection"] == {"split": "train", "dataset": "cifar10", "dataset_size": 30, "holdout_n": 6,
+                                 "indices_sha256": data.indices_digest(holdout), "metric": "untargeted 2x1 accuracy"}
+    evals = [e for e in read_log(run) if e["kind"] == "eval"]
+    assert [e["val_n"] for e in evals] == [6, 6]
+    assert {"val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_gamma_mean"} <= set(evals[0])
+
+
+def test_no_holdout_keeps_only_last(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY, "--val-n", "0"])
+    assert not os.path.exists(os.path.join(run, "best.safetensors"))
+    assert os.path.exists(os.path.join(run, "last.safetensors"))
+    assert not [e for e in read_log(run) if e["kind"] == "eval"]
+
+
+def test_eval_refuses_the_images_that_chose_the_checkpoint(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    best = os.path.join(run, "best.safetensors")
+    common = ["--eps", "8/255", "--data-dir", data_dir, "--n", "4", "--attacks", "fgsm20", "--no-sanity",
+              "--out", str(tmp_path / "e.json")]
+    with pytest.raises(SystemExit) as e:
+        eval_script.main([best, *common, "--split", "holdout"])
+    assert "chosen on the 6 held-out training images" in str(e.value.code) and "\n" not in str(e.value.code)
+    report = eval_script.main([best, *common, "--split", "holdout", "--allow-selection-images"])
+    assert report["selection_conflict"] and report["split"] == "holdout"
+    assert eval_script.main([run, *common])["checkpoint"] == best  # a run directory: its best checkpoint
+    # an older best.safetensors, chosen on the first test images, is refused on them
+    legacy = str(tmp_path / "legacy.safetensors")
+    models.save_checkpoint(models.load_checkpoint(best), legacy, eval_robust_acc=0.5, eval_n=1000)
+    with pytest.raises(SystemExit, match="first 1000 test images"):
+        eval_script.main([legacy, *common])

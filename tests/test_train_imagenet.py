@@ -18,7 +18,7 @@ from conftest import ROOT, make_image_folder, read_log
 
 # 3 classes x 8 images, 32 px crops, global batch 8 = 2 micro-batches of 4: 3 steps per epoch
 TINY = ["--arch", "wrn-10-1", "--image-size", "32", "--batch-size", "8", "--per-device-batch", "4", "--workers", "0",
-        "--log-every", "1", "--eval-n", "6", "--eval-steps", "2", "--gamma-n", "4", "--lr-warmup", "0.5",
+        "--log-every", "1", "--val-n", "6", "--eval-steps", "2", "--gamma-n", "4", "--lr-warmup", "0.5",
         "--eps-warmup", "0.5"]
 
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("imagenet")), splits=("train", "val"), classes=3,
-                             per_class=8, size=40)
+                             per_class=10, size=40)
 
 
 @pytest.mark.parametrize("method, flags", [("llr", []), ("adv", ["--adv-steps", "2"]), ("plain", [])])
@@ -82,7 +82,7 @@ def test_resume_continues_exactly_with_workers_and_accumulation(imagenet, tmp_pa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eps", "300"], "units of 1/255"),
+    (["--eps", "300"], "more than 64/255"),
     (["--per-device-batch", "3"], "not a multiple of --per-device-batch"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, imagenet, tmp_path):

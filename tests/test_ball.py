@@ -1,0 +1,82 @@
+"""ball.py: one spelling of ε for every script, with unit mistakes refused; the projection."""
+import pytest
+import torch
+
+import ball
+import eval as eval_script
+import train_cifar
+import train_imagenet
+from conftest import make_image_folder
+
+
+@pytest.mark.parametrize("text, value", [
+    ("8/255", 8 / 255), ("8", 8 / 255), ("4", 4 / 255), ("16", 16 / 255), ("0.0314", 0.0314), ("0", 0.0),
+    ("1", 1 / 255), ("64/255", 64 / 255), ("0.5/255", 0.5 / 255), (" 2/255 ", 2 / 255), ("8.0", 8 / 255),
+])
+def test_spellings(text, value):
+    assert ball.parse_eps(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.3", "as pixel units 0.3 is 76.5/255, as units of 1/255 it is 0.3/255"),  # both readings
+    ("300", "more than 64/255"), ("300/255", "more than 64/255"), ("65", "more than 64/255"),
+    ("0.001", "less than 0.5/255"), ("0.1/255", "less than 0.5/255"),
+    ("-1/255", "must not be negative"), ("abc", "cannot read eps"), ("1/0", "cannot read eps"),
+    ("8/2/3", "cannot read eps"), ("", "cannot read eps"),
+])
+def test_unit_mistakes_are_refused_in_one_line(text, message):
+    with pytest.raises(ValueError) as e:
+        ball.parse_eps(text)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eps")
+    return (make_image_folder(str(root / "cifar"), classes=3, per_class=4, size=8),
+            make_image_folder(str(root / "imagenet"), splits=("train", "val"), classes=3, per_class=4, size=40))
+
+
+@pytest.mark.parametrize("text", ["4/255", "4", "0.01568627450980392"])
+def test_every_script_reads_the_same_spelling_the_same_way(text, folders, tmp_path, monkeypatch):
+    """train_cifar.py, train_imagenet.py and eval.py all train at or evaluate 4/255 for each
+    spelling (train_imagenet.py once read 4/255 as 4/255 of 1/255)."""
+    from accelerate.state import AcceleratorState
+
+    cifar, imagenet = folders
+    seen = []
+
+    def record_eps_and_stop(self, args, accelerator, steps_per_epoch, eps, *rest, **kwargs):
+        seen.append(eps)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr("training.Run.__init__", record_eps_and_stop)
+    for script, argv in ((train_cifar, ["--data-dir", cifar, "--arch", "wrn-10-1", "--batch-size", "4", "--val-n", "2"]),
+                         (train_imagenet, ["--data-dir", imagenet, "--arch", "wrn-10-1", "--image-size", "32",
+                                           "--batch-size", "4", "--per-device-batch", "4", "--val-n", "2",
+                                           "--workers", "0"])):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(SystemExit, match="stop"):
+            script.main([*argv, "--eps", text, "--out", str(tmp_path / script.__name__)])
+    assert seen == [pytest.approx(4 / 255)] * 2
+    assert train_imagenet.get_args(["--data-dir", "x", "--eps", text]).llr_steps == 2  # 4/255: the paper's 2 steps
+
+
+def test_eval_reads_the_spelling_with_ball(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(ball, "parse_eps", lambda text: seen.append(text) or 4 / 255)
+    with pytest.raises(SystemExit):
+        eval_script.main([str(tmp_path / "none.safetensors"), "--eps", "4"])
+    assert seen == ["4"]
+
+
+def test_project_is_the_nearest_point_of_ball_and_box():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    x[0] = 0.0
+    target = x + 0.5 * (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1)
+    p = ball.project(target, x, 0.1)
+    assert ball.inside(p, x, 0.1).all() and not ball.inside(target, x, 0.1).all()
+    # coordinate-wise: the interval [max(x−ε, 0), min(x+ε, 1)] is convex, so clipping is the nearest point
+    lo, hi = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    torch.testing.assert_close(p, torch.minimum(torch.maximum(target, lo), hi))

@@ -1,0 +1,152 @@
+"""Each training objective in methods.py against an independent reference on a tiny float64
+model: the formula of its paper or official code, written out here without methods.py's helpers."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ball
+import methods
+from conftest import TinyConvNet
+
+EPS = 0.1
+
+
+def _data(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _weight_grads(loss, model):
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+def _assert_same_loss_and_gradients(loss, model, reference, reference_model):
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
+    for a, b in zip(_weight_grads(loss, model), _weight_grads(reference, reference_model)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def _pair():
+    """Two identical tiny models with batch norm, in train mode, whose running statistics are not
+    the initial ones (so that eval and train modes normalise differently)."""
+    torch.manual_seed(0)
+    model = TinyConvNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.train(), copy.deepcopy(model).train()
+
+
+def test_plain_is_mean_cross_entropy():
+    model, reference_model = _pair()
+    x, y = _data()
+    loss, _ = methods.plain_loss(model, x, y, EPS)
+    _assert_same_loss_and_gradients(loss, model, F.cross_entropy(reference_model(x), y), reference_model)
+
+
+@pytest.mark.parametrize("steps, step_size, random_start", [(3, 0.04, True), (1, EPS, False), (1, 1.25 * EPS, True)])
+def test_adv_is_pgd_then_cross_entropy(steps, step_size, random_start):
+    """Madry et al.: signed steps on the cross-entropy from a random point of the ball (or from x),
+    each clipped to the ball and [0, 1], with batch norm on running statistics; then CE on x_adv."""
+    model, reference_model = _pair()
+    x, y = _data()
+    loss, _ = methods.adv_loss(model, x, y, EPS, steps=steps, step_size=step_size, random_start=random_start,
+                               generator=_seeded(1))
+    noise = torch.rand(x.shape, generator=_seeded(1), dtype=x.dtype)
+    x_adv = (x + (2 * noise - 1) * EPS).clamp(0, 1) if random_start else x.clone()
+    reference_model.eval()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(reference_model(x_adv), y, reduction="sum"), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * g.sign(), x - EPS), x + EPS).clamp(0, 1)
+    reference_model.train()
+    _assert_same_loss_and_gradients(loss, model, F.cross_entropy(reference_model(x_adv), y), reference_model)
+    assert model.bn.num_batches_tracked == 1  # only the training pass updates the running statistics
+
+
+def test_trades_follows_trades_py():
+    """TRADES' `trades.py`: x_adv from x + 0.001·N(0, 1) by signed steps on KL(p(x) ‖ p(x_adv)) in
+    eval mode; loss = CE(f(x), y) + β/B·KL summed, in train mode."""
+    model, reference_model = _pair()
+    x, y = _data()
+    loss, _ = methods.trades_loss(model, x, y, EPS, beta=6.0, steps=3, step_size=0.03, generator=_seeded(2))
+    reference_model.eval()
+    with torch.no_grad():
+        p_natural = F.softmax(reference_model(x), 1)
+    x_adv = x + 0.001 * torch.randn(x.shape, generator=_seeded(2), dtype=x.dtype)
+    for _ in range(3):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(reference_model(x_adv), 1), p_natural, reduction="sum")
+        (g,) = torch.autograd.grad(kl, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + 0.03 * g.sign(), x - EPS), x + EPS).clamp(0, 1)
+    reference_model.train()
+    logits = reference_model(x)
+    robust = F.kl_div(F.log_softmax(reference_model(x_adv), 1), F.softmax(logits, 1), reduction="sum") / len(y)
+    _assert_same_loss_and_gradients(loss, model, F.cross_entropy(logits, y) + 6.0 * robust, reference_model)
+
+
+def test_cure_follows_the_official_code():
+    """`CURE.py`: z = h·(sign(∇) + 1e-7)/(‖sign(∇)‖₂ + 1e-7) from an eval-mode gradient; the
+    regulariser λ·‖∇ₓ(ℓ(x + z) − ℓ(x))‖₂ (one gradient of the difference, eval mode, not squared),
+    averaged over the batch; CE on x in train mode, computed first (its running-statistics update is
+    seen by the eval-mode passes). The loss and its weight gradients agree."""
+    model, reference_model = _pair()
+    x, y = _data()
+    loss, info = methods.cure_loss(model, x, y, EPS, weight=0.8, h=0.6)
+    natural = F.cross_entropy(reference_model.train()(x), y)
+    inputs = x.clone().requires_grad_(True)
+    reference_model.eval()
+    (g,) = torch.autograd.grad(F.cross_entropy(reference_model(inputs), y, reduction="sum"), inputs)
+    z = torch.sign(g)
+    z = 0.6 * (z + 1e-7) / (z.reshape(len(y), -1).norm(dim=1)[:, None, None, None] + 1e-7)
+    loss_pos = F.cross_entropy(reference_model(inputs + z), y, reduction="none")
+    loss_orig = F.cross_entropy(reference_model(inputs), y, reduction="none")
+    (grad_diff,) = torch.autograd.grad(loss_pos - loss_orig, inputs, grad_outputs=torch.ones(len(y), dtype=x.dtype),
+                                       create_graph=True)
+    regulariser = 0.8 * grad_diff.reshape(len(y), -1).norm(dim=1)
+    reference_model.train()
+    reference = natural + regulariser.mean()
+    torch.testing.assert_close(info["curvature"], regulariser.detach() / 0.8, rtol=1e-6, atol=1e-10)  # the 1e-7s
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-10)
+    for a, b in zip(_weight_grads(loss, model), _weight_grads(reference, reference_model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def _forward_with_statistics(model, x, mean, var):
+    """TinyConvNet's forward with its batch norm using the given per-channel statistics."""
+    h = model.conv1(x)
+    h = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + model.bn.eps)
+    h = F.softplus(h * model.bn.weight[None, :, None, None] + model.bn.bias[None, :, None, None])
+    h = F.softplus(model.conv2(h))
+    return model.fc(h.mean((2, 3)))
+
+
+def test_lfr_final_pass_uses_the_clean_batch_statistics():
+    """LFR with no search steps: CE(x) + w·ε·‖∇ₓℓ(x + δ)‖₁ at the random start, the pass on x + δ
+    normalised with the statistics of the clean batch (a reference forward written out here)."""
+    model, reference_model = _pair()
+    x, y = _data()
+    loss, _ = methods.lfr_loss(model, x, y, EPS, weight=2.0, steps=0, generator=_seeded(3))
+    x_adv = ball.random_point(x, EPS, _seeded(3)).requires_grad_(True)
+    h = reference_model.conv1(x)
+    var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+    clean = F.cross_entropy(_forward_with_statistics(reference_model, x, mean, var), y, reduction="none")
+    (g,) = torch.autograd.grad(F.cross_entropy(_forward_with_statistics(reference_model, x_adv, mean, var), y,
+                                               reduction="sum"), x_adv, create_graph=True)
+    reference = (clean + 2.0 * EPS * g.flatten(1).abs().sum(1)).mean()
+    _assert_same_loss_and_gradients(loss, model, reference, reference_model)
+
+
+def test_lfr_search_climbs_the_gradient_norm():
+    """The search's objective must reach x_adv: more steps find a larger ‖∇ₓℓ‖₁ than the start."""
+    model, _ = _pair()
+    x, y = _data()
+    flatness = [methods.lfr_loss(model, x, y, EPS, steps=k, generator=_seeded(4))[1]["flatness"].sum()
+                for k in (0, 3)]
+    assert flatness[1] > flatness[0]
