@@ -17,16 +17,21 @@ def _net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
 
 
-def _worker(rank, world, port):
+def _join(rank, world, port):
+    """Join the gloo group; the batch (x, y) of 8, this process's half of it, and the same model
+    twice: with SyncBatchNorm (this process's half) and with BatchNorm (the whole batch)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return g, x, y, slice(4 * rank, 4 * rank + 4), nn.SyncBatchNorm.convert_sync_batchnorm(_net()), _net()
+
+
+def _worker(rank, world, port):
+    g, x, y, mine, synced, whole = _join(rank, world, port)
     try:
-        g = torch.Generator().manual_seed(1)
-        x = torch.rand(8, 3, 5, 5, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (8,), generator=g)
         delta = (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.1
-        mine = slice(4 * rank, 4 * rank + 4)  # each process holds half of the batch
-        synced, whole = nn.SyncBatchNorm.convert_sync_batchnorm(_net()), _net()
         # losses on x and x + δ normalised with the statistics of the whole clean batch
         with llr.reuse_clean_batch_statistics(synced, update_running_stats=True):
             loss = (nn.functional.cross_entropy(synced(x[mine]), y[mine], reduction="sum")
@@ -64,14 +69,8 @@ def test_sync_batchnorm_statistics_are_global_and_differentiable():
 
 
 def _lfr_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _, x, y, mine, synced, whole = _join(rank, world, port)
     try:
-        g = torch.Generator().manual_seed(1)
-        x = torch.rand(8, 3, 5, 5, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (8,), generator=g)
-        mine = slice(4 * rank, 4 * rank + 4)
-        synced, whole = nn.SyncBatchNorm.convert_sync_batchnorm(_net()), _net()
         start = torch.Generator().manual_seed(2)
         if rank == 1:  # this process's random starts are those the whole batch draws for its half
             torch.rand(4, 3, 5, 5, generator=start, dtype=torch.float64)
