@@ -1,15 +1,17 @@
 # make install: a virtual environment with the requirements; make test: install (with the extras), then test.
-# make cifar: the paper's CIFAR-10 LLR run, then eval.py on it (resumes if stopped). make cifar-quick: minutes.
-# Variables: DATA_DIR (CIFAR-10: torchvision's, downloaded there if missing, or an ImageFolder tree),
-# GPUS (processes for accelerate launch), PRECISION (no or bf16), BENCH_FLAGS (e.g. --bf16 --channels-last).
+# make cifar: the paper's CIFAR-10 LLR run (a GPU job), then eval.py on it (resumes if stopped). make cifar-quick:
+# minutes on a GPU. Variables: DATA_DIR (CIFAR-10: torchvision's, downloaded there if missing, or an ImageFolder
+# tree; a resumed run and its evaluation use the directory the run recorded), GPUS (processes), PRECISION (no or
+# bf16), ARGS (more flags for train_cifar.py, e.g. ARGS="--epochs 5"), BENCH_FLAGS (e.g. --bf16 --channels-last).
 PYTHON    ?= python3
 VENV      ?= .venv
 PY         = $(VENV)/bin/python
-DATA_DIR  ?= data/cifar10
+DATA_DIR  ?=
 GPUS      ?= 1
 PRECISION ?= no
-LAUNCH     = $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter-out 1,$(GPUS)),--multi_gpu) \
-             --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no
+# one process: python itself, so that Ctrl-C reaches the trainer; several: accelerate launch
+LAUNCH     = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/accelerate launch --num_processes $(GPUS) --multi_gpu \
+             --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no,ACCELERATE_MIXED_PRECISION=$(PRECISION) $(PY))
 
 .PHONY: install install-extras test cifar cifar-quick eval bench
 install: $(VENV)/.installed
@@ -29,9 +31,9 @@ test: install install-extras
 
 # train (or resume) RUN with the given flags, then evaluate the checkpoint chosen on held-out training images
 define train_and_eval
-	if [ -f $(1)/state.pt ]; then $(LAUNCH) train_cifar.py --resume $(1); \
-	else $(LAUNCH) train_cifar.py --data-dir $(DATA_DIR) --download --out $(1) $(2); fi
-	$(PY) eval.py $(1) --eps 8/255 --data-dir $(DATA_DIR) --n $(3)
+	@if [ -f $(1)/state.pt ]; then echo "resuming $(1)"; $(LAUNCH) train_cifar.py --resume $(1) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS); \
+	else $(LAUNCH) train_cifar.py --data-dir $(or $(DATA_DIR),data/cifar10) --download --out $(1) $(2) $(ARGS); fi
+	$(PY) eval.py $(1) --eps 8/255 $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --n $(3)
 endef
 
 cifar: install  ## WRN-28-8 softplus, LLR, ε = 8/255: the authors' config (README table), 128 epochs
@@ -40,8 +42,8 @@ cifar: install  ## WRN-28-8 softplus, LLR, ε = 8/255: the authors' config (READ
 cifar-quick: install  ## PreAct ResNet-18, LLR with 2 inner steps, 10 epochs
 	$(call train_and_eval,runs/cifar-quick,--method llr --llr-steps 2 --arch preact-resnet18 --epochs 10,1000)
 
-eval: install  ## make eval CKPT=runs/x/best.safetensors [EPS=8/255] [N=1000]
-	$(PY) eval.py $(CKPT) --eps $(or $(EPS),8/255) --data-dir $(DATA_DIR) --n $(or $(N),1000)
+eval: install  ## make eval CKPT=runs/x (or a .safetensors) [EPS=8/255] [N=1000]
+	$(PY) eval.py $(CKPT) --eps $(or $(EPS),8/255) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --n $(or $(N),1000)
 
-bench: install  ## each method's step time as a ratio to plain, on this machine's device: bench.json
+bench: install  ## each method's step time as a ratio to plain, on this machine's device: runs/bench.json
 	$(PY) bench.py $(BENCH_FLAGS)

@@ -12,14 +12,15 @@ each time is taken after device synchronisation, after warm-up steps. Reports th
 median and quartiles of the milliseconds per step, images/s, the ratio of the
 median to plain's, and (on CUDA) peak memory, as a table and as JSON.
 """
-import argparse
 import json
+import os
 import random
 import statistics
 import time
 
 import torch
 
+import cli
 import methods
 import models
 
@@ -37,19 +38,19 @@ VARIANTS = {
 
 def get_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="preact-resnet18" if cuda else "wrn-10-2")
-    p.add_argument("--batch-size", type=int, default=128 if cuda else 32)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
+    p = cli.ArgumentParser(__doc__, __file__)
+    p.add_argument("--arch", default="preact-resnet18" if cuda else "wrn-10-2", help="the model (models.py)")
+    p.add_argument("--batch-size", type=int, default=128 if cuda else 32, help="images per step")
+    p.add_argument("--image-size", type=int, default=32, help="side of the random square images")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the model")
     p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps of each method first")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPU for a check)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="where to run")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data and the methods")
+    p.add_argument("--out", default="runs/bench.json", help="the JSON report (its directory is created)")
     return p.parse_args(argv)
 
 
@@ -83,12 +84,18 @@ def make_step(args, device):
     return step
 
 
+BUSY_SPREAD = 1.5  # a method whose slowest timed step took this many times its fastest ran on a busy machine
+
+
 def run(args):
     device = torch.device(args.device)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench.py: error: unknown method {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    for flag in ("batch_size", "image_size", "num_classes", "rounds"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"bench.py: error: --{flag.replace('_', '-')} must be at least 1")
     if "plain" not in names:
         names.insert(0, "plain")  # the reference of every ratio
     step = make_step(args, device)
@@ -109,13 +116,14 @@ def run(args):
             times[name].append(1000 * (time.perf_counter() - start))
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
-    plain_ms = statistics.median(times["plain"])
+    plain_ms, plain_min = statistics.median(times["plain"]), min(times["plain"])
     results = {}
     for name in names:
         t = sorted(times[name])
         q1, median, q3 = (statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3)
-        results[name] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "ms_all": times[name],
+        results[name] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "ms_min": t[0], "ms_all": times[name],
                          "images_per_s": args.batch_size / (median / 1000), "ratio_to_plain": median / plain_ms,
+                         "ratio_of_minima": t[0] / plain_min, "spread": t[-1] / t[0],
                          "peak_memory_gib": peak[name] / 2**30 if name in peak else None}
         if name in peak and "plain" in peak:
             results[name]["memory_ratio_to_plain"] = peak[name] / peak["plain"]
@@ -126,11 +134,18 @@ def run(args):
     print(f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
           f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}; "
           f"median of {args.rounds} interleaved steps")
-    print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'images/s':>11s}{'x plain':>9s}{'peak GiB':>10s}")
+    print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
+          f"{'(minima)':>10s}{'peak GiB':>10s}")
     for name, r in results.items():
         memory = f"{r['peak_memory_gib']:10.2f}" if r["peak_memory_gib"] is not None else f"{'-':>10s}"
-        print(f"{name:12s}{r['ms_median']:10.1f}{r['ms_q1']:8.1f}-{r['ms_q3']:<8.1f}{r['images_per_s']:11.1f}"
-              f"{r['ratio_to_plain']:9.2f}{memory}")
+        print(f"{name:12s}{r['ms_median']:10.1f}{r['ms_q1']:8.1f}-{r['ms_q3']:<8.1f}{r['ms_min']:9.1f}"
+              f"{r['images_per_s']:11.1f}{r['ratio_to_plain']:9.2f}{r['ratio_of_minima']:10.2f}{memory}")
+    busy = [name for name, r in results.items() if r["spread"] > BUSY_SPREAD]
+    report["busy_machine"] = bool(busy)
+    if busy:
+        print(f"warning: the steps of {', '.join(busy)} varied more than {BUSY_SPREAD}x between rounds: the machine "
+              f"was busy, so the medians are unreliable; compare the minima, or measure again on an idle machine")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")

@@ -21,14 +21,19 @@ class DataError(Exception):
     """A missing or malformed dataset; the message says how to get it right."""
 
 
-CIFAR10_HELP = ("download it with `python train_cifar.py --download --data-dir DIR` (needs the network), "
-                "or point --data-dir to an ImageFolder tree with train/ and test/ "
+CIFAR10_HELP = ("download it with `python train_cifar.py --download --data-dir DIR` (needs the network), or point "
+                "--data-dir (make: DATA_DIR=...) to an ImageFolder tree with train/ and test/ "
                 "(e.g. the JPEG copy: mkdir -p data/cifar10-jpeg && tar xzf cifar10-jpeg.tar.gz -C data/cifar10-jpeg)")
 
 
 def load_cifar10(data_dir, split, download=False):
     """CIFAR-10's `split` ("train" or "test") as (uint8 images [N, 3, 32, 32], int64 labels [N], class names)."""
     if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):
+        folders = [os.path.join(data_dir, s) for s in ("train", "test") if os.path.isdir(os.path.join(data_dir, s))]
+        class_lists = {f: sorted(d for d in os.listdir(f) if os.path.isdir(os.path.join(f, d))) for f in folders}
+        if len({tuple(c) for c in class_lists.values()}) > 1:
+            raise DataError(f"train/ and test/ in {data_dir} hold different class folders "
+                            f"({' vs '.join(str(c) for c in class_lists.values())}): labels would not match")
         return load_image_folder(os.path.join(data_dir, split))
     import torchvision
 
@@ -89,6 +94,20 @@ def holdout_split(n, holdout_n):
                         f"(--val-n must lie in [0, {n - 1}])")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return order[holdout_n:].sort().values, order[:holdout_n]
+
+
+def balanced_subset(labels, indices, n):
+    """The first n // K of each of the K classes among `indices` (in their order): a fixed,
+    class-balanced subset of n training images."""
+    classes = labels.unique()
+    if n % len(classes) or n > len(indices):
+        raise DataError(f"--train-n {n} must be a multiple of the {len(classes)} classes and at most the "
+                        f"{len(indices)} training images")
+    per_class = n // len(classes)
+    chosen = [indices[labels[indices] == c][:per_class] for c in classes]
+    if any(len(c) < per_class for c in chosen):
+        raise DataError(f"--train-n {n}: some class has fewer than {per_class} training images")
+    return torch.cat(chosen).sort().values
 
 
 def indices_digest(indices):

@@ -13,7 +13,6 @@ The obfuscation report lists the drop from the weak attack to the worst case
 and the sanity checks of Athalye et al. (2018) and Carlini et al. (2019), each
 flagged when violated.
 """
-import argparse
 import inspect
 import json
 import logging
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 import attacks
 import ball
+import cli
 import data
 import llr
 import models
@@ -47,37 +47,39 @@ AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
                    "directory (its best.safetensors, else its last.safetensors)")
     p.add_argument("--eps", required=True, help="ℓ∞ radius: 8/255, or 8 meaning 8/255")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["cifar10", "imagenet"], help="default: the checkpoint's")
-    g.add_argument("--data-dir", help="default: data/cifar10 for CIFAR-10; required for ImageNet")
+    g.add_argument("--dataset", choices=["cifar10", "imagenet"], help="unset: the checkpoint's")
+    g.add_argument("--data-dir", help="unset: the directory the checkpoint was trained from, as recorded in it, "
+                                      "else data/cifar10 (ImageNet: required)")
     g.add_argument("--split", choices=["test", "holdout"], default="test",
                    help="test: CIFAR-10's test set or ImageNet's val/ (default); holdout: the training images that "
                         "the training scripts hold out to choose best.safetensors (--val-n there)")
     g.add_argument("--allow-selection-images", action="store_true",
                    help="evaluate even on images that chose this checkpoint (its numbers are then biased upwards)")
-    g.add_argument("--n", type=int, default=1000, help="evaluate the first N images of the split (default 1000)")
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--n", type=int, default=1000, help="evaluate the first N images of the split")
+    g.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     g = p.add_argument_group("attacks")
     g.add_argument("--attacks", default=DEFAULT_SUITE, help=f"comma-separated, from {', '.join(SUITE)}")
-    g.add_argument("--steps", type=int, help="steps of the strong attacks (default: each attack's, 100)")
-    g.add_argument("--restarts", type=int, help="restarts of the strong attacks (default: untargeted and "
+    g.add_argument("--steps", type=int, help="steps of the strong attacks (unset: each attack's, 100)")
+    g.add_argument("--restarts", type=int, help="restarts of the strong attacks (unset: untargeted and "
                    "random-targeted 5, multi-targeted 1 per target)")
-    g.add_argument("--num-targets", type=int, help="multi-targeted: top-k target classes (default: all, at most 20)")
+    g.add_argument("--num-targets", type=int, help="multi-targeted: top-k target classes (unset: all, at most 20)")
     g.add_argument("--optimizer", choices=["sign", "adam"], default="sign",
                    help="signed-gradient PGD with a cosine step, or Adam lr 0.1 (the authors')")
     g.add_argument("--fgsm-steps", type=int, default=20, help="k of the weak FGSM-k attack (paper: 20)")
     g.add_argument("--square-queries", type=int, default=1000,
-                   help="queries (forward passes) of the Square attack per restart (default 1000: about a third of "
+                   help="queries (forward passes) of the Square attack per restart (about a third of "
                         "the cost of Multi-Targeted's 9 x 100 steps on CIFAR-10)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds every attack's own random generator")
     g = p.add_argument_group("AutoAttack cross-check (pyautoattack, Croce & Hein 2020; make install-extras)")
     g.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack on the same images; resumable (state in OUT.autoattack-state.json)")
-    g.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand", "custom"])
+    g.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand", "custom"],
+                   help="AutoAttack's attack set")
     g.add_argument("--aa-attacks", help="with --aa-version custom: comma-separated, from " + ", ".join(AA_ATTACKS))
     g = p.add_argument_group("extra measurements")
     g.add_argument("--gamma", action="store_true", help="γ(ε, x) with 50 Adam steps, lr 0.1 (Fig. F3)")
@@ -86,15 +88,28 @@ def get_args(argv=None):
     g.add_argument("--surface", type=int, nargs="+", metavar="INDEX",
                    help="loss surfaces around these test images (Fig. 1, 4; the paper's panel: 126)")
     g.add_argument("--surface-grid", type=int, default=41, help="grid points per axis")
-    g.add_argument("--surface-radius", help="half-width of the grid in pixel units (default: eps)")
+    g.add_argument("--surface-radius", help="half-width of the grid (unset: eps)")
     g.add_argument("--strength", action="store_true",
                    help="Untargeted and Multi-Targeted accuracy against attack strength (Fig. 3)")
     g.add_argument("--strengths", default="20x1,50x1,100x5,200x10", help="steps x restarts, weakest first")
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--out", help="JSON path (default: CHECKPOINT with .eval.json, .surface.json or .strength.json)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
+    g.add_argument("--out", help="JSON path (unset: CHECKPOINT with .eval.json, .surface.json or .strength.json); "
+                                 "each finished attack column is kept in OUT.partial.json until the end, and a run "
+                                 "with the same settings continues from it")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """The range of every numeric flag, and the device (ValueError)."""
+    for flag, least in (("n", 1), ("batch_size", 1), ("steps", 1), ("restarts", 1), ("num_targets", 1),
+                        ("fgsm_steps", 1), ("square_queries", 1), ("surface_grid", 2)):
+        value = getattr(args, flag)
+        cli.require(value is None or value >= least, f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    cli.require(not args.surface or min(args.surface) >= 0, f"--surface indices must not be negative: {args.surface}")
+    cli.require(not str(args.device).startswith("cuda") or torch.cuda.is_available(),
+                f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
 
 
 class Autocast(torch.nn.Module):
@@ -110,22 +125,20 @@ class Autocast(torch.nn.Module):
 
 
 def load_images(dataset, data_dir, split, n, image_size, holdout_n):
-    """The first n images (uint8 [n, 3, H, W]) and labels [n] of `split`: "test" is CIFAR-10's test
-    set, or ImageNet's val/ in a fixed random order; "holdout" the `holdout_n` training images the
-    training scripts hold out (`data.holdout_split`). ImageNet images are resized to 256/224 of
-    `image_size` and center-cropped."""
-    if split == "test" and dataset == "cifar10":
-        images, labels, _ = data.load_cifar10(data_dir, "test")
-        return images[:n], labels[:n]
-    if split == "test":
-        return data.load_folder_subset(os.path.join(data_dir, "val"), n, image_size)
+    """The first n images (uint8 [n, 3, H, W]), labels [n] and the class names of `split`: "test" is
+    CIFAR-10's test set, or ImageNet's val/ in a fixed random order; "holdout" the `holdout_n`
+    training images the training scripts hold out (`data.holdout_split`). ImageNet images are
+    resized to 256/224 of `image_size` and center-cropped."""
     if dataset == "cifar10":
-        images, labels, _ = data.load_cifar10(data_dir, "train")
-        _, holdout = data.holdout_split(len(labels), holdout_n)
-        return images[holdout[:n]], labels[holdout[:n]]
-    folder = os.path.join(data_dir, "train")
-    _, holdout = data.holdout_split(len(data.ImageFolderDataset(folder, None)), holdout_n)
-    return data.load_folder_images(folder, holdout[:n], image_size)
+        images, labels, classes = data.load_cifar10(data_dir, "test" if split == "test" else "train")
+        rows = torch.arange(min(n, len(labels))) if split == "test" else data.holdout_split(len(labels), holdout_n)[1][:n]
+        return images[rows], labels[rows], classes
+    folder = os.path.join(data_dir, "val" if split == "test" else "train")
+    listing = data.ImageFolderDataset(folder, None)
+    if split == "test":
+        return (*data.load_folder_subset(folder, n, image_size), listing.classes)
+    _, holdout = data.holdout_split(len(listing), holdout_n)
+    return (*data.load_folder_images(folder, holdout[:n], image_size), listing.classes)
 
 
 def selection_conflict(meta, split, n):
@@ -148,7 +161,7 @@ def resolve_checkpoint(path):
         return path
     for name in ("best.safetensors", "last.safetensors"):
         if os.path.isfile(os.path.join(path, name)):
-            print(f"evaluating {os.path.join(path, name)}")
+            tqdm.write(f"evaluating {os.path.join(path, name)}")
             return os.path.join(path, name)
     raise ValueError(f"{path} is a directory without best.safetensors or last.safetensors")
 
@@ -203,7 +216,8 @@ def _sync(device):
 REATTACKS = 2  # fresh attempts on a sample whose break does not verify, or nearly does
 
 
-def run_attack(model, images, labels, eps, name, options, num_classes, batch_size, device, seed, only=None):
+def run_attack(model, images, labels, eps, name, options, num_classes, batch_size, device, seed, only=None,
+               desc=None):
     """One attack over the images (those where the mask `only` is true; the others count as not
     robust, e.g. the misclassified clean images), every break verified (`verify`). A sample whose verification is
     doubtful is attacked again with a new seed, up to REATTACKS times, and is counted robust only if
@@ -215,14 +229,14 @@ def run_attack(model, images, labels, eps, name, options, num_classes, batch_siz
         robust = torch.zeros(len(labels), dtype=torch.bool)
         rows = only.nonzero().squeeze(1)
         robust[rows], counts, seconds = run_attack(model, images[rows], labels[rows], eps, name, options,
-                                                   num_classes, batch_size, device, seed)
+                                                   num_classes, batch_size, device, seed, desc=desc)
         return robust, counts, seconds
     fn = SUITE[name][1]
     robust, counts = [], {"invalid": 0, "reattacked": 0, "unverified": 0}
     _sync(device)
     start = time.time()
-    for i, x, y in tqdm(batches(images, labels, batch_size, device), total=-(-len(labels) // batch_size),
-                        desc=SUITE[name][0], leave=False):
+    bar = tqdm(total=len(labels), desc=desc or SUITE[name][0], unit="img", leave=False)
+    for i, x, y in batches(images, labels, batch_size, device):
         seed_i = seed + i  # another random stream for each batch
         target = attacks.random_targets(y, num_classes, seed_i) if name == "random-targeted" else None
         targeted = (lambda rows: {"target": target[rows]}) if target is not None else (lambda rows: {})  # noqa: E731
@@ -239,6 +253,8 @@ def run_attack(model, images, labels, eps, name, options, num_classes, batch_siz
             _, broken, doubtful = verify(model, x, x_adv, eps, y, target)
         counts["unverified"] += int(doubtful.sum())
         robust.append(~broken)
+        bar.update(len(y))
+    bar.close()
     _sync(device)
     return torch.cat(robust).cpu(), counts, time.time() - start
 
@@ -251,10 +267,12 @@ def clean_correct(model, images, labels, batch_size, device):
 def measure_gamma(model, images, labels, eps, batch_size, device, seed):
     """γ(ε, x) per image with `llr.local_linearity` (50 Adam steps, lr 0.1), as the paper's Fig. F3."""
     values = []
-    for i, x, y in tqdm(batches(images, labels, batch_size, device), total=-(-len(labels) // batch_size),
-                        desc="gamma", leave=False):
+    bar = tqdm(total=len(labels), desc="γ(ε, x), 50 steps", unit="img", leave=False)
+    for i, x, y in batches(images, labels, batch_size, device):
         generator = torch.Generator(device=x.device).manual_seed(seed + i)
         values.append(llr.local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=generator)[0].cpu())
+        bar.update(len(y))
+    bar.close()
     values = torch.cat(values).double()
     q = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=values.dtype)
     p10, p50, p90, p99 = values.quantile(q).tolist()
@@ -271,7 +289,8 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
     if not args.no_sanity:
         big = 0.5
         robust, _, _ = run_attack(model, images, labels, big, "untargeted", {"steps": 20, "restarts": 1},
-                                  num_classes, args.batch_size, device, args.seed, only=correct)
+                                  num_classes, args.batch_size, device, args.seed, only=correct,
+                                  desc=f"sanity check: Untargeted at eps = {big}")
         acc = robust.float().mean().item()
         checks.append({"name": "accuracy reaches 0 as eps grows", "ok": acc == 0,
                        "detail": f"Untargeted 20 steps at eps = {big}: {100 * acc:.1f}%"})
@@ -280,7 +299,8 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
             steps = max(1, full["steps"] // 4)
             weak_options = {**attack_options("untargeted", args, num_classes), "steps": steps, "restarts": 1}
             robust, _, _ = run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
-                                      args.batch_size, device, args.seed + 10**6, only=correct)
+                                      args.batch_size, device, args.seed + 10**6, only=correct,
+                                      desc=f"sanity check: Untargeted, {steps} steps")
             weak_acc = robust.float().mean().item()
             checks.append({"name": "more steps never help the model", "ok": weak_acc >= full["accuracy"],
                            "detail": f"Untargeted {steps} steps x 1: {100 * weak_acc:.1f}% vs "
@@ -305,31 +325,52 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
     return checks
 
 
-def evaluate(model, images, labels, eps, args, num_classes, device):
-    """The suite on (images, labels): the results dict written as JSON."""
+def evaluate(model, images, labels, eps, args, num_classes, device, partial=None):
+    """The suite on (images, labels): the results dict written as JSON. With `partial` = (path,
+    settings), each finished column is saved at once in `path`, and the columns a previous call
+    with the same settings finished are taken from there instead of being attacked again."""
     names = parse_suite(args.attacks)
     correct = clean_correct(model, images, labels, args.batch_size, device)
     results = {"nominal": {"accuracy": correct.float().mean().item(), "robust": correct.tolist()}}
+    finished = read_partial(*partial) if partial else {}
     worst = correct.clone()
     for name in names:
-        options = attack_options(name, args, num_classes)
-        robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes, args.batch_size,
-                                             device, args.seed, only=None if name == "random-targeted" else correct)
-        defaults = inspect.signature(SUITE[name][1]).parameters  # the attack holds its defaults
-        steps, restarts = (options.get(k, defaults[k].default)
-                           for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
-        entry = {"options": options, "steps": steps, "restarts": restarts, "invalid_examples": counts["invalid"],
-                 "reattacked": counts["reattacked"], "unverified": counts["unverified"],
-                 "time_s": round(seconds, 2), "robust": robust.tolist()}
+        if name not in finished:
+            options = attack_options(name, args, num_classes)
+            robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes,
+                                                 args.batch_size, device, args.seed,
+                                                 only=None if name == "random-targeted" else correct)
+            defaults = inspect.signature(SUITE[name][1]).parameters  # the attack holds its defaults
+            steps, restarts = (options.get(k, defaults[k].default)
+                               for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
+            finished[name] = {"options": options, "steps": steps, "restarts": restarts,
+                              "invalid_examples": counts["invalid"], "reattacked": counts["reattacked"],
+                              "unverified": counts["unverified"], "time_s": round(seconds, 2), "robust": robust.tolist()}
+            if partial:
+                write_json(partial[0], {"settings": partial[1], "columns": finished})
+        entry = dict(finished[name])
+        robust = torch.tensor(entry["robust"], dtype=torch.bool)
         if name == "random-targeted":
             entry["success_rate"] = 1 - robust.float().mean().item()
         else:  # a misclassified clean image is not robust (and is not attacked)
             worst &= robust
-            entry.update(accuracy=robust.float().mean().item(), worst_case_accuracy=worst.float().mean().item(),
-                         robust=robust.tolist())
+            entry.update(accuracy=robust.float().mean().item(), worst_case_accuracy=worst.float().mean().item())
         results[name] = entry
     results["worst_case"] = {"accuracy": worst.float().mean().item(), "robust": worst.tolist()}
     return results
+
+
+def read_partial(path, settings):
+    """The columns an interrupted evaluation with the same settings finished (empty if none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != settings:
+        tqdm.write(f"{path} belongs to an evaluation with other settings: starting afresh")
+        return {}
+    tqdm.write(f"continuing the evaluation saved in {path}: {', '.join(saved['columns'])} done")
+    return saved["columns"]
 
 
 def loss_surface(model, x, y, eps, radius, grid, seed, batch_size):
@@ -385,7 +426,8 @@ def strength_sweep(model, images, labels, eps, args, num_classes, device):
             seconds = 0.0
             if len(rows):
                 still, _, seconds = run_attack(model, images[rows], labels[rows], eps, name, options, num_classes,
-                                               args.batch_size, device, args.seed + 1000 * k)
+                                               args.batch_size, device, args.seed + 1000 * k,
+                                               desc=f"strength {steps}x{restarts}: {name}")
                 robust[rows] = still
             targets = options.get("num_targets", 1)
             points.append({"steps": steps, "restarts": restarts, "gradient_evaluations": steps * restarts * targets,
@@ -446,7 +488,7 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
         if saved["config"] != config:
             raise ValueError(f"{state_path} belongs to another evaluation ({saved['config']}); delete it or use --out")
         state = saved
-        print(f"AutoAttack: continuing from {state_path} ({len(state['chunks'])} chunks done)")
+        tqdm.write(f"AutoAttack: continuing from {state_path} ({len(state['chunks'])} chunks done)")
     log = _Warnings()
     logging.getLogger("auto-attack").addHandler(log)
     try:
@@ -547,6 +589,7 @@ def main(argv=None):
     args = get_args(argv)
     mode = "surface" if args.surface else "strength" if args.strength else "eval"
     try:  # set-up errors are the user's to fix: one line, non-zero exit
+        check_args(args)
         eps = ball.parse_eps(args.eps)
         radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks)
@@ -558,23 +601,29 @@ def main(argv=None):
         meta = models.read_checkpoint_metadata(args.checkpoint)
         config = meta["config"]
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
-        data_dir = args.data_dir or ("data/cifar10" if dataset == "cifar10" else None)
-        if data_dir is None:
-            raise ValueError("--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
+        recorded = meta.get("data_dir") if meta.get("data_dir") and os.path.isdir(meta["data_dir"]) else None
+        data_dir = args.data_dir or recorded or ("data/cifar10" if dataset == "cifar10" else None)
+        cli.require(data_dir is not None, "--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
         n = max(args.surface) + 1 if args.surface else args.n
         conflict = selection_conflict(meta, args.split, n)
-        if conflict and not args.allow_selection_images:
-            raise ValueError(f"{conflict}: its numbers there are biased upwards; evaluate on --split test, or pass "
-                             f"--allow-selection-images to do it anyway")
+        cli.require(not conflict or args.allow_selection_images,
+                    f"{conflict}: its numbers there are biased upwards; evaluate on --split test, or pass "
+                    f"--allow-selection-images to do it anyway")
         holdout_n = meta.get("selection", {}).get("holdout_n") or {"cifar10": 1000, "imagenet": 10000}[dataset]
-        images, labels = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224), holdout_n)
-        if args.surface and max(args.surface) >= len(labels):
-            raise ValueError(f"--surface index {max(args.surface)} is beyond the {len(labels)} images")
+        images, labels, classes = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224), holdout_n)
+        cli.require(meta.get("classes") in (None, classes),
+                    f"the classes in {data_dir} ({', '.join(classes[:4])}, ...) are not those the checkpoint was "
+                    f"trained on ({', '.join(meta.get('classes', [])[:4])}, ...): labels would not match")
+        cli.require(not args.surface or max(args.surface) < len(labels),
+                    f"--surface index {max(args.surface or [0])} is beyond the {len(labels)} images")
+        out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
+        out_dir = os.path.dirname(os.path.abspath(out))
+        cli.require(os.path.isdir(out_dir) and os.access(out_dir, os.W_OK),
+                    f"cannot write {out}: {out_dir} is not a writable directory")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
-    out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
     start = time.time()
     report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
               "eps": eps, "eps_text": args.eps, "split": args.split, "selection_conflict": conflict,
@@ -596,7 +645,11 @@ def main(argv=None):
                                                 for p in points))
     else:
         report["labels"] = labels.tolist()
-        results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device)
+        settings = {k: report[k] for k in ("checkpoint", "eps", "split", "n_images", "seed", "bf16", "device")}
+        settings.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
+                        options={name: attack_options(name, args, config["num_classes"]) for name in SUITE})
+        results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device,
+                           partial=(out + ".partial.json", settings))
         report["results"] = results
         if args.gamma:
             report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed)
@@ -614,8 +667,9 @@ def main(argv=None):
         print_table(report)
     report["time_s"] = round(time.time() - start, 2)
     write_json(out, report)
-    if args.autoattack:
-        os.remove(out + ".autoattack-state.json")  # its results are in the report now
+    for leftover in (out + ".autoattack-state.json", out + ".partial.json"):  # their results are in the report now
+        if os.path.exists(leftover):
+            os.remove(leftover)
     print(f"wrote {out}")
     return report
 

@@ -178,5 +178,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} does not match {config['arch']}: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped tensors "
                          f"(e.g. {(missing + unexpected + mismatched)[0]})")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{path} holds NaN or inf weights ({len(broken)} tensors, e.g. {broken[0]}): it is not a "
+                         f"trained model's checkpoint")
     model.load_state_dict(state)
     return model.to(map_location).eval()

@@ -16,13 +16,14 @@ process), so a resumed run ends with the same weights as an uninterrupted one. S
 Ctrl-C stops at the next step with a checkpoint; a non-finite loss stops the run without
 overwriting the last good checkpoint.
 """
-import argparse
 import functools
+import os
 import sys
 
 import torch
 
 import ball
+import cli
 import data
 import methods
 import models
@@ -30,33 +31,35 @@ import training
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__, __file__)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data/cifar10", help="torchvision's CIFAR-10, or an ImageFolder tree "
-                   "with train/ and test/ (default data/cifar10)")
+                   "with train/ and test/")
     g.add_argument("--download", action="store_true", help="download torchvision's CIFAR-10 into --data-dir if missing")
+    g.add_argument("--train-n", type=int, default=0, metavar="N",
+                   help="train on a fixed, class-balanced subset of N training images (0: all of them but the "
+                        "held-out ones)")
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8)")
     g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
                    help="softplus: smooth, needed by double backprop")
-    g.add_argument("--eps", default="8/255", help="ℓ∞ radius: 8/255, or 8 meaning 8/255 (default 8/255, the paper's)")
-    g.add_argument("--eps-warmup", type=training.number, default=None, metavar="EPOCHS",
+    g.add_argument("--eps", default="8/255", help="ℓ∞ radius: 8/255, or 8 meaning 8/255 (the paper's)")
+    g.add_argument("--eps-warmup", type=cli.number, default=None, metavar="EPOCHS",
                    help="ε grows linearly from 0 over this many epochs (default: 0.64 for LLR, the authors' "
                         "500 steps of 64 images; 0 for the other methods, as their own code)")
     g = p.add_argument_group("optimisation (SGD with momentum; the authors' config.py, see the README's table)")
-    g.add_argument("--epochs", type=int, default=128, help="authors' config: 100k steps of 64 images (default 128)")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (default 64)")
-    g.add_argument("--lr", type=training.number, default=0.2,
-                   help="authors' config: 0.1 on their loss, which is twice ours (default 0.2)")
-    g.add_argument("--lr-warmup", type=training.number, default=0.0, metavar="EPOCHS",
-                   help="linear warm-up of the lr (default 0)")
+    g.add_argument("--epochs", type=int, default=128, help="authors' config: 100k steps of 64 images")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes (authors' config)")
+    g.add_argument("--lr", type=cli.number, default=0.2,
+                   help="authors' config: 0.1 on their loss, which is twice ours")
+    g.add_argument("--lr-warmup", type=cli.number, default=0.0, metavar="EPOCHS",
+                   help="linear warm-up of the lr")
     g.add_argument("--lr-decay-at", default="0.8,0.88,0.96", metavar="FRACTIONS",
                    help="the learning rate is divided by 10 after these fractions of training "
                         "(authors' config: 80k, 88k, 96k of 100k steps)")
-    g.add_argument("--momentum", type=training.number, default=0.9, help="authors' config: 0.9")
-    g.add_argument("--weight-decay", type=training.number, default=1e-4,
-                   help="on conv and linear weights only (authors' config: ℓ2 weight 2e-4 on their doubled loss; "
-                        "default 1e-4)")
+    g.add_argument("--momentum", type=cli.number, default=0.9, help="authors' config: 0.9")
+    g.add_argument("--weight-decay", type=cli.number, default=1e-4,
+                   help="on conv and linear weights only (authors' config: ℓ2 weight 2e-4 on their doubled loss)")
     training.add_run_arguments(p, "cifar", val_n=1000)
     return training.parse_or_resume(p, argv, "cifar", llr_eps_warmup=0.64)
 
@@ -73,7 +76,7 @@ def batch_for(images, labels, args, step, steps_per_epoch, accelerator):
     return x, labels[batch.to(labels.device)]
 
 
-def train(args, accelerator, model, eps, images, labels, holdout, selection):
+def train(args, accelerator, model, eps, images, labels, holdout, selection, classes):
     """The training loop: `images`, `labels` (uint8, on the device) are the training images; `holdout`
     the (images, labels) held out from them, evaluated after each epoch to choose best.safetensors."""
     device = accelerator.device
@@ -82,7 +85,8 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection):
     evaluate = None if args.val_n == 0 else functools.partial(
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     run = training.Run(args, accelerator, steps_per_epoch, eps,
-                       {"dataset": "cifar10", "method": args.method, "options": options, "eps": eps},
+                       {"dataset": "cifar10", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                        "method": args.method, "options": options, "eps": eps},
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
                                          f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, "
@@ -109,21 +113,27 @@ def main(argv=None):
     accelerator = Accelerator()
     try:  # everything that can fail because of the user's input, before any training
         eps = ball.parse_eps(args.eps)
-        if args.batch_size % accelerator.num_processes:
-            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
-        training.check_run(args, accelerator)
-        images, labels, _ = data.load_cifar10(args.data_dir, "train", download=args.download)
+        training.check_run_args(args)
+        cli.require(args.train_n >= 0, f"--train-n must not be negative, got {args.train_n}")
+        cli.require(args.batch_size % accelerator.num_processes == 0,
+                    f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
+        models.build_model(args.arch)  # an unknown architecture fails here, before the data is read
+        training.claim_run_dir(args, accelerator)
+        images, labels, classes = data.load_cifar10(args.data_dir, "train", download=args.download)
         train_indices, holdout_indices = data.holdout_split(len(labels), args.val_n)
-        if len(train_indices) < args.batch_size:
-            raise ValueError(f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
+        if args.train_n:
+            train_indices = data.balanced_subset(labels, train_indices, args.train_n)
+        cli.require(len(train_indices) >= args.batch_size,
+                    f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
         torch.manual_seed(args.seed)
-        model = models.build_model(args.arch, num_classes=int(labels.max()) + 1, activation=args.activation)
+        model = models.build_model(args.arch, num_classes=len(classes), activation=args.activation)
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"train_cifar.py: error: {e}")
+    training.warn_if_cpu_is_too_slow(model, accelerator, "make cpu-repro (the paper's claim at CPU scale)")
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
     train(args, accelerator, model, eps, images[train_indices], labels[train_indices],
           holdout=(images[holdout_indices], labels[holdout_indices]),
-          selection=training.selection_record("cifar10", len(labels), holdout_indices, args))
+          selection=training.selection_record("cifar10", len(labels), holdout_indices, args), classes=classes)
 
 
 if __name__ == "__main__":

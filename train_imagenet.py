@@ -17,7 +17,6 @@ Batch norm is synchronised across GPUs (nn.SyncBatchNorm; llr.py makes it twice
 differentiable); the data order and each image's augmentation are functions of
 (seed, epoch, index), so a resumed run reads exactly the images an uninterrupted one would.
 """
-import argparse
 import functools
 import os
 import signal
@@ -26,24 +25,27 @@ import sys
 import torch
 
 import ball
+import cli
 import data
 import methods
 import models
 import training
-from training import STOP_SIGNALS, number
+from cli import number
+from training import STOP_SIGNALS
 
 MIX = 1_000_003  # to combine integers into one seed
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__, __file__)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (required)")
-    g.add_argument("--image-size", type=int, default=224, help="training crop and evaluation size (standard: 224)")
+    g.add_argument("--image-size", type=int, default=224, help="training crop and evaluation size (standard)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="resnet152", help=f"one of {models.ARCHITECTURES} (paper: resnet152)")
-    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS))
+    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
+                   help="softplus: smooth, needed by double backprop")
     g.add_argument("--eps", default="4", help="ℓ∞ radius: 4 means 4/255, as does 4/255 (paper: 4 or 16)")
     g.add_argument("--eps-warmup", type=number, default=None, metavar="EPOCHS",
                    help="ε grows linearly from 0 over this many epochs (default: 6 for LLR, our choice, the lr "
@@ -51,14 +53,15 @@ def get_args(argv=None):
     g.add_argument("--no-sync-bn", action="store_true", help="keep batch norm per device on multiple GPUs")
     g = p.add_argument_group("optimisation (SGD with momentum; the ImageNet adversarial-training recipe of "
                              "Xie et al. 2019, 110 epochs as the paper)")
-    g.add_argument("--epochs", type=int, default=110, help="paper: 110")
-    g.add_argument("--batch-size", type=int, default=4096, help="global batch (Xie et al.: 4096)")
-    g.add_argument("--per-device-batch", type=int, default=32, help="images per device per micro-batch")
+    g.add_argument("--epochs", type=int, default=110, help="the paper, as the first release read it")
+    g.add_argument("--batch-size", type=int, default=4096, help="global batch (Xie et al.)")
+    g.add_argument("--per-device-batch", type=int, default=32,
+                   help="images per device per micro-batch; gradients accumulate to --batch-size")
     g.add_argument("--lr-per-256", type=number, default=0.1, help="the lr is this × global batch / 256 (Goyal et al.)")
-    g.add_argument("--lr-warmup", type=number, default=6.0, metavar="EPOCHS", help="linear lr warm-up (Xie et al.: 6)")
+    g.add_argument("--lr-warmup", type=number, default=6.0, metavar="EPOCHS", help="linear lr warm-up (Xie et al.)")
     g.add_argument("--lr-decay-at", default="0.318,0.636,0.864", metavar="FRACTIONS",
                    help="÷10 after these fractions of training: epochs 35, 70 and 95 of 110 (Xie et al.)")
-    g.add_argument("--momentum", type=number, default=0.9)
+    g.add_argument("--momentum", type=number, default=0.9, help="Xie et al.")
     g.add_argument("--weight-decay", type=number, default=1e-4, help="on conv and linear weights only (Xie et al.)")
     training.add_run_arguments(p, "imagenet", val_n=10000)
     p.set_defaults(llr_steps=None, save_every=200, log_every=20)
@@ -147,13 +150,17 @@ def main(argv=None):
     processes = accelerator.num_processes
     try:  # everything that can fail because of the user's input, before any training
         eps = ball.parse_eps(args.eps)
-        accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
-        if rest or accumulation < 1:
-            raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --per-device-batch "
-                             f"{args.per_device_batch} x {processes} processes")
-        accelerator.gradient_accumulation_steps = accumulation
         args.lr = args.lr_per_256 * args.batch_size / 256
-        training.check_run(args, accelerator)
+        training.check_run_args(args)
+        for flag in ("per_device_batch", "image_size"):
+            cli.require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
+        cli.require(args.workers >= 0, f"--workers must not be negative, got {args.workers}")
+        accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
+        cli.require(rest == 0 and accumulation >= 1, f"--batch-size {args.batch_size} is not a multiple of "
+                                                     f"--per-device-batch {args.per_device_batch} x {processes} processes")
+        accelerator.gradient_accumulation_steps = accumulation
+        models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
+        training.claim_run_dir(args, accelerator)
         train_folder = os.path.join(args.data_dir, "train")
         train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
         train_indices, holdout_indices = data.holdout_split(len(train_set), args.val_n)
@@ -161,23 +168,24 @@ def main(argv=None):
         spread = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(0))[:args.gamma_n]
         gamma_subset = data.load_folder_images(train_folder, train_indices[spread], args.image_size, args.workers)
         steps_per_epoch = len(train_indices) // args.batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
+        cli.require(steps_per_epoch > 0,
+                    f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
         torch.manual_seed(args.seed)
         model = models.build_model(args.arch, num_classes=len(train_set.folder.classes), activation=args.activation,
                                    normalization="imagenet")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"train_imagenet.py: error: {e}")
+    training.warn_if_cpu_is_too_slow(model, accelerator, "train_cifar.py with a small model (make cpu-repro)")
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
     device = accelerator.device
     batches = FolderBatches(train_set, train_indices, args, accelerator, steps_per_epoch, accumulation)
     train(args, accelerator, model, eps, batches, steps_per_epoch, holdout=tuple(t.to(device) for t in holdout),
           selection=training.selection_record("imagenet", len(train_set), holdout_indices, args),
-          gamma_subset=tuple(t.to(device) for t in gamma_subset))
+          gamma_subset=tuple(t.to(device) for t in gamma_subset), classes=train_set.folder.classes)
 
 
-def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, selection, gamma_subset):
+def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, selection, gamma_subset, classes):
     """The training loop: `batches(step)` gives this process's micro-batches of optimiser step
     `step`; gradients are accumulated over them. `holdout` (the training images held out, evaluated
     after each epoch to choose best.safetensors) and `gamma_subset` (for γ, Fig. 2) are (uint8
@@ -186,8 +194,8 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     loss_fn, options = methods.METHODS[args.method], training.method_options(args)
     evaluate = None if args.val_n == 0 else functools.partial(
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
-    metadata = {"dataset": "imagenet", "image_size": args.image_size, "method": args.method, "options": options,
-                "eps": eps}
+    metadata = {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                "image_size": args.image_size, "method": args.method, "options": options, "eps": eps}
     run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),

@@ -11,6 +11,7 @@ resumed run ends with the same weights as an uninterrupted one.
 """
 import argparse
 import contextlib
+import fcntl
 import inspect
 import json
 import os
@@ -18,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -28,16 +28,17 @@ import data
 import llr
 import methods
 import models
+from cli import boolean, fractions_of_training, number, require
 
 STATE = "state.pt"
+LOCK = "lock"  # held by the training process that writes the run directory
+RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", STATE)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption by a scheduler, Ctrl-C
+# flags that may change when a run is resumed (the rest are the run's setting, fixed in config.json)
+RESUMABLE = ("data_dir", "download", "workers", "log_every", "save_every", "save_minutes", "lr", "lr_per_256")
 
 
 # --------------------------------------------------------------------------- command line
-def number(text):
-    """A float from the command line; fractions such as 2/255 are accepted."""
-    return float(Fraction(text))
-
 
 def add_method_options(parser):
     """--<method>-<option> flags generated from each method's keyword arguments, with the
@@ -47,10 +48,10 @@ def add_method_options(parser):
         for p in inspect.signature(fn).parameters.values():
             if p.default is p.empty or p.name == "generator":
                 continue
-            kind = int if isinstance(p.default, int) and not isinstance(p.default, bool) else number
+            kind = (boolean if isinstance(p.default, bool) else int if isinstance(p.default, int) else number)
             group.add_argument(f"--{name}-{p.name.replace('_', '-')}", type=kind, default=p.default,
-                               dest=f"{name}_{p.name}", metavar="N" if kind is int else "X",
-                               help=f"default {p.default}")
+                               dest=f"{name}_{p.name}", metavar={boolean: "BOOL", int: "N"}.get(kind, "X"),
+                               help=f"{p.name} of {fn.__name__}" + (" (unset: its own rule)" if p.default is None else ""))
 
 
 def method_options(args):
@@ -64,47 +65,88 @@ def add_run_arguments(parser, out_prefix, val_n):
     """The flags both training scripts share: methods and their options, the seed, the held-out
     validation images, logging, evaluation, checkpoints and --resume."""
     g = parser.add_argument_group("method")
-    g.add_argument("--method", default="llr", choices=list(methods.METHODS))
+    g.add_argument("--method", default="llr", choices=list(methods.METHODS), help="the training objective (methods.py)")
     g = parser.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
-    g.add_argument("--out", help=f"run directory (default runs/{out_prefix}-<method>)")
+    g.add_argument("--out", help=f"run directory (unset: runs/{out_prefix}-<method>)")
     g.add_argument("--val-n", type=int, default=val_n, metavar="N",
                    help=f"training images held out (never trained on) for the evaluation after each epoch and the "
                         f"choice of best.safetensors; the same N images for every run (0: no evaluation, keep "
-                        f"last.safetensors only; default {val_n})")
-    g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
-    g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack there (default 20)")
-    g.add_argument("--eval-restarts", type=int, default=1, help="its random restarts (default 1)")
+                        f"last.safetensors only)")
+    g.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS", help="evaluate every this many epochs")
+    g.add_argument("--eval-steps", type=int, default=20, help="steps of the Untargeted attack there")
+    g.add_argument("--eval-restarts", type=int, default=1, help="its random restarts")
     g.add_argument("--gamma-n", type=int, default=128,
                    help="images on which γ(ε, x) is measured: the first N held-out ones at each evaluation, and a "
-                        "fixed training subset with --log-gamma-every (default 128)")
+                        "fixed training subset with --log-gamma-every")
     g.add_argument("--log-every", type=int, default=50, metavar="STEPS",
-                   help="log, check for NaN and honour SIGTERM/Ctrl-C every this many steps")
+                   help="log and check for NaN every this many steps (a stop request is honoured after any step)")
     g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every this many steps (0: at the end of each epoch only)")
+                   help="also checkpoint every this many steps (0: by epoch and by the clock only)")
+    g.add_argument("--save-minutes", type=number, default=10, metavar="MINUTES",
+                   help="also checkpoint when this much wall time has passed since the last checkpoint (0: never)")
     g.add_argument("--log-gamma-every", type=int, default=0, metavar="STEPS",
                    help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with its saved settings; of the other flags only those of "
+                        "the data's location, logging, checkpoint cadence and the learning rate may be given too")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds files of an earlier run, deleting them")
     add_method_options(parser)
 
 
 def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
-    """Parse; with --resume, the run's saved arguments replace the command line's. ε is warmed up
-    (--eps-warmup) for LLR only by default, as in the authors' code; ADV, TRADES, CURE and LFR
+    """Parse; with --resume, the run's saved arguments replace the command line's, except the
+    RESUMABLE flags given with it (recorded in config.json when the run starts again). ε is warmed
+    up (--eps-warmup) for LLR only by default, as in the authors' code; ADV, TRADES, CURE and LFR
     start at full ε, as their papers' code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.eps_warmup is None:
         args.eps_warmup = llr_eps_warmup if args.method == "llr" else 0.0
     if args.resume:
-        resume_dir = args.resume
+        options = {option: action.dest for action in parser._actions for option in action.option_strings}
+        given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume"}
+        fixed = sorted(given - set(RESUMABLE))
+        if fixed:
+            can = [o for o in options if o.startswith("--") and options[o] in RESUMABLE]
+            parser.error(f"--{fixed[0].replace('_', '-')} cannot change when a run is resumed (it is part of the "
+                         f"run's setting, saved in {os.path.join(args.resume, 'config.json')}); only "
+                         f"{', '.join(can)} can")
         try:
-            with open(os.path.join(resume_dir, "config.json")) as f:
-                args = argparse.Namespace(**json.load(f)["args"])
+            with open(os.path.join(args.resume, "config.json")) as f:
+                saved = json.load(f)["args"]
         except OSError as e:
-            parser.exit(1, f"{parser.prog}: error: cannot resume from {resume_dir}: {e.strerror}\n")
-        args.resume, args.out = resume_dir, resume_dir
+            parser.error(f"cannot resume from {args.resume}: {e.strerror}")
+        except (ValueError, KeyError, TypeError):
+            parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
+        changed = {k: getattr(args, k) for k in sorted(given)}
+        args = argparse.Namespace(**{**saved, **changed, "resume": args.resume, "out": args.resume,
+                                     "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
+
+
+def check_run_args(args):
+    """The range of every flag both training scripts share, and of the methods' options (ValueError)."""
+    for flag, least in (("epochs", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 1), ("eval_steps", 1),
+                        ("eval_restarts", 1), ("val_n", 0), ("gamma_n", 0), ("save_every", 0), ("log_gamma_every", 0)):
+        require(getattr(args, flag) >= least, f"--{flag.replace('_', '-')} must be at least {least}, "
+                                              f"got {getattr(args, flag)}")
+    for flag in ("lr_warmup", "eps_warmup", "weight_decay", "save_minutes"):
+        require(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+    require(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    require(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
+    try:
+        fractions_of_training(args.lr_decay_at)
+    except ValueError as e:
+        raise ValueError(f"--lr-decay-at: {e}") from None
+    for name, value in method_options(args).items():
+        flag = f"--{args.method}-{name.replace('_', '-')}"
+        if isinstance(value, bool) or value is None:
+            continue
+        require(value > 0 if name in ("lr", "step_size", "h") else value >= 0,
+                f"{flag} must be {'positive' if name in ('lr', 'step_size', 'h') else 'at least 0'}, got {value}")
 
 
 # --------------------------------------------------------------------------- schedules and randomness
@@ -113,7 +155,7 @@ def learning_rate(args, step, steps_per_epoch, total_steps):
     warmup = args.lr_warmup * steps_per_epoch
     if step < warmup:
         return args.lr * (step + 1) / warmup
-    return args.lr * 0.1 ** sum(step >= float(f) * total_steps for f in args.lr_decay_at.split(","))
+    return args.lr * 0.1 ** sum(step >= f * total_steps for f in fractions_of_training(args.lr_decay_at))
 
 
 def epsilon(args, eps, step, steps_per_epoch):
@@ -147,15 +189,68 @@ def set_learning_rate(optimizer, lr):
 
 
 # --------------------------------------------------------------------------- the run directory
-def check_run(args, accelerator):
-    """The checks of a run's setting: precision, and --out / --resume."""
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError("use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
-    state_path = os.path.join(args.out, STATE)
-    if os.path.exists(state_path) and not args.resume:
-        raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out}, or choose another --out")
-    if args.resume and not os.path.exists(state_path):
-        raise ValueError(f"nothing to resume: {state_path} does not exist")
+def claim_run_dir(args, accelerator):
+    """Before any work: check the precision, and take the run directory for this run. The main
+    process locks RUN/lock for its lifetime (a second training process on the same directory gets
+    a one-line error naming the holder's PID); a new run needs an empty directory (or --overwrite,
+    which deletes the earlier run's files); --resume needs a saved state. All processes raise the
+    same ValueError, so that none waits for another that has stopped."""
+    require(accelerator.mixed_precision != "fp16",
+            "use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
+    problem = [None]
+    if accelerator.is_main_process:
+        try:
+            _lock_and_check(args)
+        except (ValueError, OSError) as e:
+            problem[0] = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    require(problem[0] is None, problem[0])
+
+
+_held_locks = {}  # run directory -> its open lock file: a lock lasts as long as the process
+
+
+def _lock_and_check(args):
+    os.makedirs(args.out, exist_ok=True)
+    key = os.path.realpath(args.out)
+    if key not in _held_locks:  # (a process that trained here before, e.g. the tests, holds it already)
+        lock = open(os.path.join(args.out, LOCK), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise ValueError(f"{args.out} is being written by another training process (PID {holder}); "
+                             f"wait for it to finish or stop it, or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _held_locks[key] = lock
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if args.resume:
+        require(STATE in present, f"nothing to resume in {args.out}: it holds no {STATE} "
+                                  f"({'only ' + ', '.join(present) if present else 'no run files'}; a run that "
+                                  f"stopped before its first checkpoint must start again, with --overwrite)")
+    elif present and args.overwrite:
+        for f in present:
+            os.remove(os.path.join(args.out, f))
+    else:
+        require(not present, f"{args.out} holds an earlier run ({', '.join(present)}): continue it with --resume "
+                             f"{args.out}{'' if STATE in present else ' (no checkpoint was saved: use --overwrite)'}, "
+                             f"start afresh there with --overwrite, or choose another --out")
+
+
+def warn_if_cpu_is_too_slow(model, accelerator, alternative):
+    """A CPU trains models of millions of parameters for weeks: say so before starting."""
+    params = sum(p.numel() for p in model.parameters())
+    if accelerator.device.type == "cpu" and params > 2_000_000:
+        accelerator.print(f"note: {params / 1e6:.1f}M parameters on a CPU; this is a GPU job and will take weeks "
+                          f"here (watch the progress bar's estimate). On a CPU, try {alternative}.")
 
 
 def selection_record(dataset, dataset_size, holdout_indices, args):
@@ -188,7 +283,8 @@ def provenance(args, accelerator):
 class Run:
     """One training process's run: its directory (config.json, log.jsonl, checkpoints, state.pt),
     its schedules, and the bookkeeping at the end of each step (metrics, the checks for NaN and
-    stop requests, evaluation, the best checkpoint, γ). A script builds one, then writes its loop:
+    stop requests, evaluation, the best checkpoint, γ, checkpoints by epoch and by the clock).
+    `claim_run_dir` has checked and locked the directory. A script builds one, then writes its loop:
 
         run = Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
         step, model, optimizer = run.prepare(model, optimizer, "what this run is")
@@ -211,39 +307,62 @@ class Run:
         self.args, self.accelerator, self.eps, self.metadata = args, accelerator, eps, metadata
         self.evaluate, self.selection, self.gamma_subset = evaluate, selection, gamma_subset
         self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
-        self.best = -1.0
+        self.best, self.saved_step = -1.0, None
         self.metrics = IntervalMetrics(accelerator.device)
-        if accelerator.is_main_process:
-            os.makedirs(args.out, exist_ok=True)
-            if not args.resume:
-                with open(os.path.join(args.out, "config.json"), "w") as f:
-                    json.dump(provenance(args, accelerator), f, indent=1)
+        if accelerator.is_main_process and not args.resume:
+            write_json(os.path.join(args.out, "config.json"), provenance(args, accelerator))
 
     def prepare(self, model, optimizer, description):
-        """With --resume, load the weights, optimiser state and step of state.pt; then
-        `accelerator.prepare`, and the model in train mode. Returns (step, model, optimizer)."""
+        """With --resume: load the weights, optimiser state and step of state.pt, drop the log's
+        entries after that step (a run killed between checkpoints logged steps it will redo), and
+        record the resume and its changed flags in config.json. Then `accelerator.prepare`, and the
+        model in train mode. Returns (step, model, optimizer)."""
         step = 0
         if self.args.resume:
-            state = torch.load(os.path.join(self.args.out, STATE), map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, self.best = state["step"], state["best"]
+            path = os.path.join(self.args.out, STATE)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
+                sys.exit(f"{os.path.basename(sys.argv[0])}: error: cannot resume from {path}: it is damaged "
+                         f"or not this run's ({str(e).splitlines()[0][:120]})")
+            step, self.best, self.saved_step = state["step"], state["best"], state["step"]
+            if self.accelerator.is_main_process:
+                self._forget_log_after(step)
+                config_path = os.path.join(self.args.out, "config.json")
+                with open(config_path) as f:
+                    config = json.load(f)
+                config.setdefault("resumes", []).append({"step": step, "command": sys.argv,
+                                                         "changed": self.args.resume_changes})
+                write_json(config_path, config)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.print(f"{description}, {self.accelerator.num_processes} process(es) on "
                                f"{self.accelerator.device}; {'resuming at step ' + str(step) if step else 'starting'}"
                                f" -> {self.args.out}")
         return step, model.train(), optimizer
 
+    def _forget_log_after(self, step):
+        path = os.path.join(self.args.out, "log.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+
     @contextlib.contextmanager
     def progress(self, step):
         """The loop's context: a progress bar from `step`, and SIGTERM/Ctrl-C turned into stop requests."""
-        with StopRequest() as self.stop, tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
-                                              disable=not self.accelerator.is_main_process) as self.bar:
-            self.interval_start = time.time()
+        main = self.accelerator.is_main_process
+        with StopRequest(announce=main) as self.stop, tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
+                                                           disable=not main) as self.bar:
+            self.interval_start = self.last_save = time.time()
             yield
 
     def schedule(self, step, optimizer):
         """The learning rate (set in `optimizer`) and ε of optimiser step `step` (counted from 0)."""
+        self.stop.step = step + 1  # the step a stop request would finish
         lr = learning_rate(self.args, step, self.steps_per_epoch, self.total_steps)
         set_learning_rate(optimizer, lr)
         return lr, epsilon(self.args, self.eps, step, self.steps_per_epoch)
@@ -268,28 +387,42 @@ class Run:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                             "best": self.best}, tmp)
                 os.replace(tmp, os.path.join(self.args.out, STATE))
+        if name == "last.safetensors":
+            self.saved_step, self.last_save = step, time.time()
         self.accelerator.wait_for_everyone()
 
+    def _stop_and_clock(self):
+        """(a stop was requested, --save-minutes have passed since the last checkpoint), agreed by
+        all processes (one small all-reduce per step when there are several)."""
+        flags = [self.stop.requested, self.args.save_minutes > 0 and
+                 time.time() - self.last_save >= 60 * self.args.save_minutes]
+        if self.accelerator.num_processes > 1:
+            flags = (self.accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=self.accelerator.device),
+                                             "sum") > 0).tolist()
+        return flags
+
     def end_of_step(self, step, model, optimizer, lr, eps):
-        """After optimiser step `step` (counted from 1): every
-        --log-gamma-every steps, measure γ; every --log-every steps and before every checkpoint,
-        check for a non-finite loss (exit without saving) and for a stop request, and log the
-        interval's metrics; at the end of every --eval-every epochs, evaluate and keep the best
-        checkpoint; at each epoch's end (and every --save-every steps) checkpoint. The same steps
-        on every process. Returns True when the run is done, or must stop now (with a checkpoint)."""
+        """After optimiser step `step` (counted from 1): every --log-gamma-every steps, measure γ;
+        at every step, honour a stop request (SIGTERM, Ctrl-C); every --log-every steps and before
+        every checkpoint, check for a non-finite loss (exit without saving) and log the interval's
+        metrics; at the end of every --eval-every epochs, evaluate and keep the best checkpoint; at
+        each epoch's end, every --save-every steps and every --save-minutes, checkpoint. The same
+        steps on every process. Returns True when the run is done, or must stop now (with a
+        checkpoint)."""
         args, accelerator = self.args, self.accelerator
         model = accelerator.unwrap_model(model)
         self.bar.update(1)
         if args.log_gamma_every and step % args.log_gamma_every == 0 and accelerator.is_main_process:
             self.log(step, {"kind": "gamma", "eps": self.eps, **measure_gamma(model, *self.gamma_subset, self.eps,
                                                                                args, step)})
+        stop_now, clock = self._stop_and_clock()
         end_of_epoch = step % self.steps_per_epoch == 0
-        save_now = end_of_epoch or step == self.total_steps or (args.save_every and step % args.save_every == 0)
+        save_now = (end_of_epoch or step == self.total_steps or clock or stop_now
+                    or (args.save_every and step % args.save_every == 0))
         if step % args.log_every and not save_now:
             return False
-        nonfinite, stop_now = self.metrics.flags(accelerator, self.stop)
-        if nonfinite:
-            message = nonfinite_message(args, self.metrics.count, step)
+        if self.metrics.nonfinite(accelerator):
+            message = nonfinite_message(args, self.metrics.count, step, self.saved_step)
             sys.exit(f"{os.path.basename(sys.argv[0])}: {message}" if accelerator.is_main_process else 1)
         images = self.metrics.count * args.batch_size / accelerator.gradient_accumulation_steps  # all processes
         means = self.metrics.reduce(accelerator)
@@ -297,33 +430,35 @@ class Run:
                         "images_per_s": images / (time.time() - self.interval_start)})
         self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
         evaluation_due = (end_of_epoch and (step // self.steps_per_epoch) % args.eval_every == 0) or step == self.total_steps
-        if self.evaluate is not None and evaluation_due:
+        if self.evaluate is not None and evaluation_due and not stop_now:
             result = self.evaluate(model, step=step)
             self.log(step, {"kind": "eval", "eps": self.eps, **result})
-            accelerator.print(f"step {step}, {result['val_n']} validation images: clean "
-                              f"{100 * result['val_clean_acc']:.2f}%, FGSM {100 * result['val_fgsm_acc']:.2f}%, "
-                              f"{result['pgd']} {100 * result['val_pgd_acc']:.2f}%, γ {result['val_gamma_mean']:.4f}")
+            self.bar.write(f"step {step}, {result['val_n']} validation images: clean "
+                           f"{100 * result['val_clean_acc']:.2f}%, FGSM {100 * result['val_fgsm_acc']:.2f}%, "
+                           f"{result['pgd']} {100 * result['val_pgd_acc']:.2f}%, γ {result['val_gamma_mean']:.4f}")
             if result["val_pgd_acc"] > self.best:
                 self.best = result["val_pgd_acc"]
                 self.checkpoint(model, optimizer, step, "best.safetensors", {**result, "selection": self.selection})
-        if save_now or stop_now:
+        if save_now:
             self.checkpoint(model, optimizer, step)
         if stop_now:
-            accelerator.print(f"stopped at step {step} with a checkpoint; continue with --resume {args.out}")
+            self.bar.write(f"stopped at step {step} with a checkpoint; continue with --resume {args.out}")
         elif step == self.total_steps:
             best = (f"{os.path.join(args.out, 'best.safetensors')} (validation {self.selection['metric']} "
                     f"{100 * self.best:.2f}%), " if self.evaluate is not None else "")
-            accelerator.print(f"done: {best}{os.path.join(args.out, 'last.safetensors')}")
+            self.bar.write(f"done: {best}{os.path.join(args.out, 'last.safetensors')}")
         self.interval_start = time.time()  # evaluation and saving are not training time
         return stop_now or step == self.total_steps
 
 
 # --------------------------------------------------------------------------- during training
 class StopRequest:
-    """SIGTERM (pre-emption) or Ctrl-C: note it; the loop stops at its next check with a checkpoint."""
+    """SIGTERM (pre-emption) or Ctrl-C: the first is noted, acknowledged, and the loop stops after
+    the current step with a checkpoint; a second stops the process at once (the checkpoints on
+    disk are whole: they are written atomically)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, announce=True):
+        self.requested, self.announce, self.step = False, announce, 0
 
     def __enter__(self):
         self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
@@ -334,7 +469,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
+        if self.requested:
+            raise SystemExit(f"{os.path.basename(sys.argv[0])}: stopped at once by a second "
+                             f"{signal.Signals(signum).name}; the last checkpoint on disk is intact")
         self.requested = True
+        if self.announce:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after step {self.step}, saving a checkpoint "
+                       f"(again to stop at once)", file=sys.stderr)
 
 
 class IntervalMetrics:
@@ -343,10 +484,10 @@ class IntervalMetrics:
 
     def __init__(self, device):
         self.device = device
-        self.sums, self.count, self.nonfinite = {}, 0, torch.zeros((), device=device)
+        self.sums, self.count, self.nonfinite_count = {}, 0, torch.zeros((), device=device)
 
     def add(self, loss, info, y):
-        self.nonfinite += ~torch.isfinite(loss.detach())
+        self.nonfinite_count += ~torch.isfinite(loss.detach())
         logits = info.get("logits", info.get("adv_logits"))
         terms = {"loss": loss.detach(),
                  "train_acc" if "logits" in info else "adv_acc": (logits.argmax(1) == y).float().mean()}
@@ -355,11 +496,9 @@ class IntervalMetrics:
             self.sums[k] = self.sums.get(k, 0) + v
         self.count += 1
 
-    def flags(self, accelerator, stop):
-        """(a loss was not finite, a stop was requested) on any process: the same answer on all."""
-        flags = accelerator.reduce(torch.stack([self.nonfinite, torch.tensor(float(stop.requested),
-                                                                             device=self.device)]), "sum")
-        return flags[0].item() > 0, flags[1].item() > 0
+    def nonfinite(self, accelerator):
+        """Whether a loss of this interval was NaN or inf on any process: the same answer on all."""
+        return accelerator.reduce(self.nonfinite_count.clone(), "sum").item() > 0
 
     def reduce(self, accelerator):
         """The interval's means over micro-batches and processes; starts a new interval."""
@@ -368,10 +507,22 @@ class IntervalMetrics:
         return means
 
 
-def nonfinite_message(args, count, step):
-    return (f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped "
-            f"without saving. The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} "
-            f"(continue with --resume {args.out}, e.g. after lowering lr in its config.json)")
+def nonfinite_message(args, count, step, saved_step):
+    """What happened and, from what is on disk, what to do."""
+    happened = f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped without saving."
+    if saved_step is None:
+        return (f"{happened} No checkpoint was saved yet: start again with --overwrite (in {args.out}) and a smaller "
+                f"learning rate")
+    flag, value = ("--lr-per-256", args.lr_per_256) if hasattr(args, "lr_per_256") else ("--lr", args.lr)
+    return (f"{happened} The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} (step {saved_step}): "
+            f"continue from it with --resume {args.out} {flag} SMALLER (it was {value:g})")
+
+
+def write_json(path, obj):
+    """`obj` as indented JSON at `path`, atomically (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def evaluate(model, images, labels, eps, args, accelerator, step):

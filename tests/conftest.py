@@ -65,3 +65,45 @@ def make_image_folder(root, splits=("train", "test"), classes=3, per_class=4, si
                 pixels = rng.integers(0, 80, (size, size, 3)) + 80 * (np.arange(3) == c % 3)
                 Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=95)
     return root
+
+
+def hooked(original, hook):
+    """A method function that calls `original`, then `hook(n, loss, info)` with the call's number
+    n (from 1); a hook that returns (loss, info) replaces the result. It keeps the signature, from
+    which the training scripts generate their flags."""
+    import functools
+
+    calls = [0]
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        loss, info = original(*args, **kwargs)
+        return hook(calls[0], loss, info) or (loss, info)
+    return wrapped
+
+
+def signal_at(call, *signals):
+    """A hook that sends these signals to this process during the given call."""
+    import signal as signal_module
+
+    def hook(n, loss, info):
+        if n == call:
+            for sig in signals or (signal_module.SIGTERM,):
+                os.kill(os.getpid(), sig)
+    return hook
+
+
+def crash_at(call):
+    """A hook that raises RuntimeError (a crash, or kill -9 as far as the disk can tell) at the given call."""
+    def hook(n, loss, info):
+        if n == call:
+            raise RuntimeError("simulated crash")
+    return hook
+
+
+def nan_from(call):
+    """A hook that makes the loss NaN from the given call on."""
+    def hook(n, loss, info):
+        return (loss * float("nan"), info) if n >= call else None
+    return hook

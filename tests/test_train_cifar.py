@@ -1,9 +1,7 @@
 """train_cifar.py end to end on a tiny ImageFolder: every method, resume, NaN stop, 2 processes, errors."""
-import functools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,7 +13,7 @@ import eval as eval_script
 import methods
 import models
 import train_cifar
-from conftest import ROOT, make_image_folder, read_log
+from conftest import ROOT, hooked, make_image_folder, nan_from, read_log, signal_at
 
 TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
         "--eps-warmup", "0.5"]  # 3 steps per epoch: ε reaches its value at step 2
@@ -53,20 +51,6 @@ def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
     assert report["training"]["method"] == method and report["model"]["arch"] == "wrn-10-1"
 
 
-def _stop_at(step_to_stop, method="llr"):
-    """The method, sending SIGTERM to this very process during step `step_to_stop` (1-based)."""
-    calls = {"n": 0}
-    original = methods.METHODS[method]
-
-    @functools.wraps(original)  # keeps the signature the flags are generated from
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step_to_stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-    return wrapped
-
-
 def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
     """Stop after 4 of 9 steps (SIGTERM, in the middle of an epoch), resume: the final weights
     equal those of an uninterrupted run, bit for bit."""
@@ -75,7 +59,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
     train_cifar.main([*common, "--out", whole])
     parts = str(tmp_path / "parts")
     with monkeypatch.context() as m:
-        m.setitem(methods.METHODS, "llr", _stop_at(4))
+        m.setitem(methods.METHODS, "llr", hooked(methods.METHODS["llr"], signal_at(4)))
         train_cifar.main([*common, "--out", parts])
     assert "stopped at step 4" in capsys.readouterr().out
     assert torch.load(os.path.join(parts, "state.pt"), weights_only=True)["step"] == 4
@@ -92,16 +76,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     run = str(tmp_path / "nan")
-    original = methods.METHODS["plain"]
-    calls = {"n": 0}
-
-    @functools.wraps(original)
-    def nan_after_four(*args, **kwargs):
-        calls["n"] += 1
-        loss, info = original(*args, **kwargs)
-        return (loss * float("nan") if calls["n"] >= 5 else loss), info
-
-    monkeypatch.setitem(methods.METHODS, "plain", nan_after_four)
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], nan_from(5)))
     with pytest.raises(SystemExit) as e:
         train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY])
     assert "NaN or inf" in str(e.value.code) and "before step 5" in str(e.value.code)
@@ -136,7 +111,7 @@ def test_missing_data_gives_one_line_and_nonzero_exit(tmp_path):
 def test_existing_run_is_not_overwritten(data_dir, tmp_path):
     run = str(tmp_path / "run")
     train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="holds an earlier run"):
         train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
 
 
@@ -186,13 +161,7 @@ def test_selection_uses_held_out_training_images_only(tmp_path):
     data_dir = make_image_folder(str(tmp_path / "data"), splits=("train",), classes=3, per_class=10, size=16)
     run = str(tmp_path / "run")
     seen = []
-    original = methods.METHODS["plain"]
-
-    @functools.wraps(original)
-    def recording(model, x, y, eps, **kwargs):
-        seen.append(len(y))
-        return original(model, x, y, eps, **kwargs)
-
+    recording = hooked(methods.METHODS["plain"], lambda n, loss, info: seen.append(len(info["logits"])))
     with pytest.MonkeyPatch.context() as m:
         m.setitem(methods.METHODS, "plain", recording)
         train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "2", "--out", run, *TINY])

@@ -1,6 +1,5 @@
 """train_imagenet.py on a tiny generated ImageFolder: LLR and ADV end to end with gradient
 accumulation, exact resume through DataLoader workers, 2 processes, errors; eval.py on ImageNet."""
-import functools
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import eval as eval_script
 import methods
 import train_imagenet
-from conftest import ROOT, make_image_folder, read_log
+from conftest import ROOT, hooked, make_image_folder, read_log, signal_at
 
 # 3 classes x 8 images, 32 px crops, global batch 8 = 2 micro-batches of 4: 3 steps per epoch
 TINY = ["--arch", "wrn-10-1", "--image-size", "32", "--batch-size", "8", "--per-device-batch", "4", "--workers", "0",
@@ -63,17 +62,8 @@ def test_resume_continues_exactly_with_workers_and_accumulation(imagenet, tmp_pa
     whole = str(tmp_path / "whole")
     train_imagenet.main([*common, "--out", whole])
     parts = str(tmp_path / "parts")
-    original, calls = methods.METHODS["llr"], {"n": 0}
-
-    @functools.wraps(original)
-    def stop_during_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:  # the first micro-batch of step 5
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as m:
-        m.setitem(methods.METHODS, "llr", stop_during_step_5)
+        m.setitem(methods.METHODS, "llr", hooked(methods.METHODS["llr"], signal_at(9)))  # step 5's first micro-batch
         train_imagenet.main([*common, "--out", parts])
     assert "stopped at step 5" in capsys.readouterr().out
     train_imagenet.main(["--resume", parts])

@@ -1,0 +1,305 @@
+"""What a user meets when something goes wrong: bad input (one line, non-zero exit, before any work),
+stopping, locking, checkpoint cadence, resuming, recovery advice, and interrupted evaluations."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import eval as eval_script
+import methods
+import models
+import plots
+import train_cifar
+import train_imagenet
+from conftest import ROOT, crash_at, hooked, make_image_folder, nan_from, read_log, signal_at
+
+TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
+        "--gamma-n", "4"]  # 30 images: 6 held out, 3 steps of 8 per epoch
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=10, size=16)
+
+
+def _one_line_error(fn, argv, script):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    message = str(e.value.code)
+    assert message.startswith(f"{script}: error:") and "\n" not in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-5"], "--batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--lr-decay-at", "abc"], "--lr-decay-at: cannot read 'abc'"),
+    (["--lr-decay-at", "0.9,0.5"], "must increase"),
+    (["--llr-steps", "-1"], "--llr-steps must be at least 0"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--momentum", "1"], "--momentum must lie in [0, 1)"),
+    (["--val-n", "-1"], "--val-n must be at least 0"),
+    (["--train-n", "7"], "multiple of the 3 classes"),
+    (["--adv-random-start", "maybe"], "not true or false"),
+    (["--epochs", "x"], "invalid int value"),
+])
+def test_train_cifar_bad_input(flags, message, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    text = _one_line_error(train_cifar.main, ["--data-dir", data_dir, "--out", out, *TINY, *flags], "train_cifar.py")
+    assert message in text
+    if "multiple of" not in message:  # checked once the data is read; everything else before any work
+        assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per-device-batch", "0"], "--per-device-batch must be at least 1"),
+    (["--workers", "-1"], "--workers must not be negative"),
+    (["--eps", "4/255/2"], "cannot read eps"),
+])
+def test_train_imagenet_bad_input(flags, message, tmp_path):
+    text = _one_line_error(train_imagenet.main, ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                                                 "--batch-size", "8", *flags], "train_imagenet.py")
+    assert message in text
+
+
+def test_eval_bad_input(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    ckpt = os.path.join(run, "last.safetensors")
+    common = [ckpt, "--eps", "8/255", "--data-dir", data_dir]
+    for flags, message in ((["--n", "0"], "--n must be at least 1"), (["--n", "-5"], "--n must be at least 1"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--out", str(tmp_path / "missing" / "e.json")], "is not a writable directory")):
+        assert message in _one_line_error(eval_script.main, [*common, *flags], "eval.py")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _one_line_error(eval_script.main, [*common, "--device", "cuda"], "eval.py")
+    nan = str(tmp_path / "nan.safetensors")
+    model = models.load_checkpoint(ckpt)
+    with torch.no_grad():
+        model.net.fc.weight[0, 0] = float("nan")
+    models.save_checkpoint(model, nan)
+    assert "NaN or inf weights" in _one_line_error(eval_script.main, [nan, *common[1:]], "eval.py")
+    # a test folder that lacks a class would shift every label
+    broken = make_image_folder(str(tmp_path / "broken"), classes=3, per_class=2, size=16)
+    os.rename(os.path.join(broken, "test", "class1"), os.path.join(tmp_path, "class1-moved"))
+    text = _one_line_error(eval_script.main, [ckpt, "--eps", "8/255", "--data-dir", broken], "eval.py")
+    assert "different class folders" in text
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    parsers = {"train_cifar": train_cifar.get_args, "eval": eval_script.get_args, "bench": bench.get_args}
+    for name, get_args in parsers.items():
+        captured = {}
+
+        def grab(self, args=None, namespace=None, captured=captured):
+            captured["parser"] = self
+            raise SystemExit(0)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("argparse.ArgumentParser.parse_args", grab)
+            with pytest.raises(SystemExit):
+                get_args(["x", "--eps", "1"] if name == "eval" else [])
+        text = captured["parser"].format_help()
+        for action in captured["parser"]._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                assert action.help, f"{name}: {action.option_strings[0]} has no help"
+        assert "(default: " in text and "(default: None)" not in text
+
+
+# --------------------------------------------------------------------------- stopping and the run directory
+def test_a_stop_is_acknowledged_and_honoured_after_the_current_step(data_dir, tmp_path, monkeypatch, capsys):
+    """--log-every 50 no longer delays a stop: SIGTERM during step 2 stops after step 2."""
+    run = str(tmp_path / "run")
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], signal_at(2)))
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY,
+                      "--log-every", "50"])
+    captured = capsys.readouterr()
+    assert "SIGTERM: stopping after step 2, saving a checkpoint" in captured.err
+    assert "stopped at step 2 with a checkpoint" in captured.out + captured.err
+    assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["step"] == 2
+
+
+def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], signal_at(5, signal.SIGINT, signal.SIGINT)))
+    with pytest.raises(SystemExit, match="stopped at once by a second SIGINT"):
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY])
+    assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["step"] == 3  # the epoch's, intact
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"f = open({str(run / 'lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        text = _one_line_error(train_cifar.main, ["--data-dir", data_dir, "--out", str(run), *TINY], "train_cifar.py")
+        assert f"another training process (PID {holder.pid})" in text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_checkpoints_by_the_clock(data_dir, tmp_path, monkeypatch):
+    """With --save-minutes a crash in the first epoch still leaves a checkpoint to resume."""
+    run = str(tmp_path / "run")
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], crash_at(3)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "2", "--out", run, *TINY,
+                          "--save-minutes", "1e-6"])
+    assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["step"] == 2
+
+
+def test_a_crash_between_checkpoints_leaves_no_step_twice_in_the_log(data_dir, tmp_path, monkeypatch):
+    """Killed after logging steps 4 and 5 but with the checkpoint of step 3: the resumed run logs
+    steps 4 and 5 again, so the log keeps each step once; the resume is recorded in config.json."""
+    run = str(tmp_path / "run")
+    common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "3", *TINY]
+    with monkeypatch.context() as m:
+        m.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], crash_at(6)))
+        with pytest.raises(RuntimeError):
+            train_cifar.main([*common, "--out", run])
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3, 4, 5]
+    train_cifar.main(["--resume", run, "--log-every", "2"])
+    steps = [e["step"] for e in read_log(run) if e["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3] and steps[-1] == 9
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["resumes"] == [{"step": 3, "command": config["resumes"][0]["command"],
+                                  "changed": {"log_every": 2}}]
+
+
+def test_a_fresh_start_into_a_used_directory_needs_overwrite(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY]
+    train_cifar.main(common)
+    assert "--overwrite" in _one_line_error(train_cifar.main, common, "train_cifar.py")
+    train_cifar.main([*common, "--overwrite"])
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("state", "cannot resume from"), ("config", "its config.json is not a run's configuration"),
+    ("flag", "--epochs cannot change when a run is resumed"), ("nothing", "nothing to resume"),
+])
+def test_resume_errors(damage, message, data_dir, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    argv = ["--resume", run]
+    if damage == "state":
+        with open(os.path.join(run, "state.pt"), "r+b") as f:
+            f.truncate(100)
+    elif damage == "config":
+        with open(os.path.join(run, "config.json"), "w") as f:
+            f.write("{not json")
+    elif damage == "flag":
+        argv += ["--epochs", "5"]
+    else:
+        os.remove(os.path.join(run, "state.pt"))
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(argv)
+    text = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    assert message in text and "\n" not in text.strip()
+
+
+@pytest.mark.parametrize("nan_from_call, advice", [(2, "No checkpoint was saved yet: start again with --overwrite"),
+                                                   (5, "(step 3): continue from it with --resume")])
+def test_nan_advice_matches_what_is_on_disk(nan_from_call, advice, data_dir, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], nan_from(nan_from_call)))
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY,
+                          "--save-minutes", "0"])
+    assert advice in str(e.value.code)
+
+
+def test_evaluation_uses_the_data_directory_the_run_recorded(data_dir, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    monkeypatch.chdir(tmp_path)  # data/cifar10 does not exist here
+    report = eval_script.main([run, "--eps", "8/255", "--n", "4", "--attacks", "fgsm20", "--no-sanity"])
+    assert report["data_dir"] == os.path.abspath(data_dir)
+
+
+def test_an_interrupted_evaluation_continues_with_the_next_column(data_dir, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    out = str(tmp_path / "e.json")
+    argv = [run, "--eps", "8/255", "--data-dir", data_dir, "--n", "6", "--attacks", "fgsm20,untargeted",
+            "--steps", "2", "--restarts", "1", "--no-sanity", "--out", out]
+    original, attacked = eval_script.run_attack, []
+
+    def interrupted(*args, **kwargs):
+        attacked.append(args[4])
+        if args[4] == "untargeted":
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(eval_script, "run_attack", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            eval_script.main(argv)
+    assert json.load(open(out + ".partial.json"))["columns"].keys() == {"fgsm20"}
+    attacked.clear()
+    monkeypatch.setattr(eval_script, "run_attack", lambda *a, **k: attacked.append(a[4]) or original(*a, **k))
+    report = eval_script.main(argv)
+    assert set(attacked) == {"untargeted"} and set(report["results"]) >= {"fgsm20", "untargeted"}
+    assert not os.path.exists(out + ".partial.json")
+
+
+# --------------------------------------------------------------------------- the other scripts
+def test_plots_input_errors(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    report = str(tmp_path / "e.json")
+    eval_script.main([run, "--eps", "8/255", "--data-dir", data_dir, "--n", "4", "--attacks", "fgsm20", "--no-sanity",
+                      "--out", report])
+    assert "is not a training log" in _one_line_error(plots.main, ["curves", report, "--out", str(tmp_path / "c.png")],
+                                                      "plots.py")
+    assert "does not exist" in _one_line_error(
+        plots.main, ["curves", os.path.join(run, "log.jsonl"), "--out", str(tmp_path / "no" / "c.png")], "plots.py")
+
+
+def test_bench_reports_minima_and_writes_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "2",
+                                       "--warmup", "0", "--methods", "plain,adv-1", "--device", "cpu"]))
+    assert os.path.exists(tmp_path / "runs" / "bench.json")
+    r = report["results"]["adv-1"]
+    assert r["ms_min"] == min(r["ms_all"]) and r["spread"] >= 1 and "busy_machine" in report
+
+
+def test_make_runs_one_process_without_the_launcher():
+    """So that Ctrl-C reaches the trainer (accelerate launch orphaned it)."""
+    dry = subprocess.run(["make", "-n", "cifar", "GPUS=1"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "train_cifar.py" in dry and "accelerate launch" not in dry
+    dry = subprocess.run(["make", "-n", "cifar", "GPUS=2"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "accelerate launch --num_processes 2" in dry
+
+
+def test_a_subset_of_training_images_is_class_balanced(data_dir, tmp_path, monkeypatch):
+    import data
+
+    labels = torch.tensor([0, 1, 2] * 10)
+    subset = data.balanced_subset(labels, torch.arange(30), 9)
+    assert torch.bincount(labels[subset]).tolist() == [3, 3, 3]
+    seen = []
+    monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"],
+                                                         lambda n, loss, info: seen.append(info["logits"].shape[0])))
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY,
+                      "--train-n", "18", "--batch-size", "6"])
+    assert seen == [6, 6, 6]  # 18 images in batches of 6
+    assert json.load(open(os.path.join(run, "config.json")))["args"]["train_n"] == 18
