@@ -13,7 +13,9 @@ PRECISION ?= no
 LAUNCH     = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/accelerate launch --num_processes $(GPUS) --multi_gpu \
              --num_machines 1 --mixed_precision $(PRECISION) --dynamo_backend no,ACCELERATE_MIXED_PRECISION=$(PRECISION) $(PY))
 
-.PHONY: install install-extras test cifar cifar-quick eval bench
+CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.gz
+
+.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro gpu-report
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +49,12 @@ eval: install  ## make eval CKPT=runs/x (or a .safetensors) [EPS=8/255] [N=1000]
 
 bench: install  ## each method's step time as a ratio to plain, on this machine's device: runs/bench.json
 	$(PY) bench.py $(BENCH_FLAGS)
+
+data/cifar10-jpeg/train:  ## the JPEG copy of CIFAR-10, unpacked from CIFAR_TAR
+	mkdir -p data/cifar10-jpeg && tar xzf $(CIFAR_TAR) -C data/cifar10-jpeg
+
+cpu-repro: install install-extras data/cifar10-jpeg/train  ## the paper's central claim on a CPU: hours, resumable
+	$(PY) cpu_repro.py
+
+gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU)
+	$(PY) gpu_report.py $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))

@@ -36,6 +36,9 @@ VARIANTS = {
 }
 
 
+COMPILABLE = ("plain", "adv", "trades")  # no double backward: torch.compile applies
+
+
 def get_args(argv=None):
     cuda = torch.cuda.is_available()
     p = cli.ArgumentParser(__doc__, __file__)
@@ -48,6 +51,11 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps of each method first")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPU for a check)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
+    p.add_argument("--fused-optimizer", action="store_true", help="SGD's fused implementation (one kernel)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for the methods without a double backward (plain, ADV, TRADES); "
+                        "the others run it eager (torch.compile does not support double backward)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick check)")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="where to run")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data and the methods")
     p.add_argument("--out", default="runs/bench.json", help="the JSON report (its directory is created)")
@@ -66,7 +74,8 @@ def make_step(args, device):
                                normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    compiled = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=args.fused_optimizer or None)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     x = x.to(device).contiguous(memory_format=memory_format)
@@ -75,8 +84,9 @@ def make_step(args, device):
 
     def step(name):
         method, options = VARIANTS[name]
+        net = compiled if method in COMPILABLE else model
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = methods.METHODS[method](model, x, y, 8 / 255, generator=generator, **options)
+            loss, _ = methods.METHODS[method](net, x, y, 8 / 255, generator=generator, **options)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -129,10 +139,12 @@ def run(args):
             results[name]["memory_ratio_to_plain"] = peak[name] / peak["plain"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
-              "bf16": args.bf16, "channels_last": args.channels_last, "rounds": args.rounds, "warmup": args.warmup,
+              "bf16": args.bf16, "channels_last": args.channels_last, "fused_optimizer": args.fused_optimizer,
+              "compile": args.compile and args.compile_backend, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     print(f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
-          f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}; "
+          f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
+          f"{', fused SGD' if args.fused_optimizer else ''}{', compiled' if args.compile else ''}; "
           f"median of {args.rounds} interleaved steps")
     print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
           f"{'(minima)':>10s}{'peak GiB':>10s}")

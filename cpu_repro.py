@@ -1,0 +1,259 @@
+"""The paper's central claim where anyone can check it, on 2 CPU cores: adversarial training
+against a cheap attack can learn to hide its gradients (weak attacks fail, strong ones still
+break it), while LLR with the same few inner steps keeps the loss locally linear, so that weak
+and strong attacks agree. `make cpu-repro` runs this file.
+
+    python cpu_repro.py                  # every step not done yet: train, evaluate, draw, write the results
+    python cpu_repro.py --only train     # just one stage (train, evaluate, surfaces, report)
+    python cpu_repro.py --smoke          # the whole pipeline on generated images in about a minute (the tests)
+
+Every run trains with train_cifar.py into runs/cpu-repro/NAME (interrupted runs resume), is
+evaluated with eval.py on the test set, and lands in docs/cpu-repro/: its last checkpoint
+(loadable with models.load_checkpoint), its evaluation JSON, the figures, summary.json, and
+the README's section between the cpu-repro markers. The last checkpoint of each run is the one
+evaluated: choosing by validation accuracy is early stopping, which is exactly how a collapse
+would be hidden. The setting (model, data, ε, schedule) is the one the exploration written up in
+the README found; see EXPLORED there.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+# --------------------------------------------------------------------------- the experiment
+DATA = "data/cifar10-jpeg"  # the JPEG copy of CIFAR-10 (see the README)
+EPS = "8/255"
+COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "15", "--batch-size", "128", "--lr", "0.2",
+          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
+          "--eval-steps", "20", "--gamma-n", "128", "--log-every", "50"]
+RUNS = {  # name: (label in the table, train_cifar.py flags)
+    "plain": ("plain", ["--method", "plain"]),
+    "fgsm": ("ADV-1 (FGSM)", ["--method", "adv", "--adv-steps", "1", "--adv-step-size", EPS,
+                              "--adv-random-start", "false"]),
+    "adv2": ("ADV-2", ["--method", "adv", "--adv-steps", "2"]),
+    "llr1": ("LLR-1 (μ = 0)", ["--method", "llr", "--llr-steps", "1", "--llr-mu", "0"]),
+    "llr2": ("LLR-2 (μ = 0)", ["--method", "llr", "--llr-steps", "2", "--llr-mu", "0"]),
+    "llr2-mu": ("LLR-2", ["--method", "llr", "--llr-steps", "2"]),
+    "adv10": ("ADV-10", ["--method", "adv", "--adv-steps", "10"]),
+}
+COLLAPSING, LINEAR = "fgsm", "llr1"  # the pair whose loss surfaces are drawn
+EVAL = ["--eps", EPS, "--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"]
+SURFACES = 3  # the first this many test images that both models of the pair classify correctly
+
+SMOKE_COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "2", "--batch-size", "8", "--val-n", "6",
+                "--eval-steps", "2", "--gamma-n", "4", "--log-every", "1"]
+SMOKE_EVAL = ["--eps", EPS, "--n", "8", "--gamma", "--steps", "2", "--restarts", "1", "--square-queries", "5",
+              "--no-sanity"]
+
+
+def run_dir(root, name):
+    return os.path.join(root, "runs", "cpu-repro", name)
+
+
+def trained(run):
+    """Whether the run in `run` has finished all its epochs."""
+    import models
+
+    last = os.path.join(run, "last.safetensors")
+    if not os.path.exists(last):
+        return False
+    with open(os.path.join(run, "config.json")) as f:
+        epochs = json.load(f)["args"]["epochs"]
+    return abs(models.read_checkpoint_metadata(last)["epoch"] - epochs) < 1e-9
+
+
+def call(argv):
+    """Run a project script; its failure stops this one, with its own message above."""
+    print("+ " + " ".join(argv), flush=True)
+    result = subprocess.run([PY, *argv], cwd=HERE)
+    if result.returncode:
+        sys.exit(f"cpu_repro.py: error: {' '.join(argv[:2])} ... failed (exit status {result.returncode})")
+
+
+# --------------------------------------------------------------------------- the stages
+def train(setting):
+    for name, (_, flags) in setting["runs"].items():
+        run = run_dir(setting["root"], name)
+        if trained(run):
+            continue
+        if os.path.exists(os.path.join(run, "state.pt")):
+            call(["train_cifar.py", "--resume", run])
+        else:
+            call(["train_cifar.py", "--data-dir", setting["data"], "--out", run, "--overwrite", *setting["common"],
+                  *flags])
+
+
+def evaluate(setting):
+    out = setting["out"]
+    for name in setting["runs"]:
+        report = os.path.join(out, f"{name}.eval.json")
+        if not os.path.exists(report):
+            call(["eval.py", os.path.join(run_dir(setting["root"], name), "last.safetensors"), "--data-dir",
+                  setting["data"], *setting["eval"], "--out", report])
+        checkpoint = os.path.join(out, f"{name}.safetensors")
+        if not os.path.exists(checkpoint):
+            shutil.copyfile(os.path.join(run_dir(setting["root"], name), "last.safetensors"), checkpoint)
+
+
+def surface_images(setting):
+    """The first SURFACES test images that both models of the pair classify correctly (chosen by
+    that rule alone, not by how the surfaces look)."""
+    correct = [read(os.path.join(setting["out"], f"{name}.eval.json"))["results"]["nominal"]["robust"]
+               for name in (COLLAPSING, LINEAR)]
+    return [i for i, (a, b) in enumerate(zip(*correct)) if a and b][:setting["surfaces"]]
+
+
+def surfaces(setting):
+    images = [str(i) for i in surface_images(setting)]
+    for name in (COLLAPSING, LINEAR):
+        path = os.path.join(setting["out"], f"{name}.surface.json")
+        if not os.path.exists(path) and images:
+            call(["eval.py", os.path.join(setting["out"], f"{name}.safetensors"), "--eps", EPS, "--data-dir",
+                  setting["data"], "--surface", *images, "--surface-grid", str(setting["grid"]), "--out", path])
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def epoch_seconds(run):
+    """Mean wall time of a training epoch: training images over the logged images/s (evaluation excluded)."""
+    with open(os.path.join(run, "log.jsonl")) as f:
+        rates = [e["images_per_s"] for e in map(json.loads, f) if e.get("kind") == "train"]
+    with open(os.path.join(run, "log.jsonl")) as f:
+        first = json.loads(f.readline())
+    steps_per_epoch = first["step"] / first["epoch"]
+    batch = read(os.path.join(run, "config.json"))["args"]["batch_size"]
+    return steps_per_epoch * batch / (sum(rates) / len(rates))
+
+
+def summarise(setting):
+    """summary.json: per run, the accuracy under each attack, the drop from FGSM-20 to the worst case,
+    γ, and the training time per epoch as a multiple of plain's."""
+    plain = epoch_seconds(run_dir(setting["root"], "plain"))
+    rows = {}
+    for name, (label, flags) in setting["runs"].items():
+        report = read(os.path.join(setting["out"], f"{name}.eval.json"))
+        r = report["results"]
+        row = {"label": label, "flags": flags, "nominal": r["nominal"]["accuracy"]}
+        for column in ("fgsm20", "untargeted", "multi-targeted", "square"):
+            if column in r:
+                row[column] = r[column]["accuracy"]
+        if "autoattack" in r:
+            row["apgd-t"] = r["autoattack"]["accuracy"]
+        worst = r.get("worst_case_with_autoattack", r["worst_case"])["accuracy"]
+        row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
+                   gamma_mean=report.get("gamma", {}).get("mean"),
+                   flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]],
+                   epoch_seconds=epoch_seconds(run_dir(setting["root"], name)))
+        row["epoch_time_x_plain"] = row["epoch_seconds"] / plain
+        rows[name] = row
+    summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
+               "eval_flags": setting["eval"], "surface_images": surface_images(setting), "runs": rows}
+    with open(os.path.join(setting["out"], "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def figures(setting):
+    logs = [os.path.join(run_dir(setting["root"], name), "log.jsonl") for name in setting["runs"]]
+    call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")])
+    reports = [os.path.join(setting["out"], f"{name}.surface.json") for name in (COLLAPSING, LINEAR)]
+    if all(os.path.exists(p) for p in reports):
+        for i in surface_images(setting):
+            call(["plots.py", "surface", *reports, "--index", str(i),
+                  "--out", os.path.join(setting["out"], f"surface-{i}.png")])
+    call(["plots.py", "gamma-hist", *[os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"]],
+          "--out", os.path.join(setting["out"], "gamma-test.png")])
+
+
+def table(summary):
+    """The results table in Markdown."""
+    head = ("| run | Nominal | FGSM-20 | Untargeted | Multi-Targeted | Square | APGD-T | worst case | "
+            "FGSM-20 − worst | mean γ | epoch time × plain |\n" + "| --- " + "| ---: " * 10 + "|\n")
+    cell = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"| {r['label']} | {cell(r['nominal'])} | {cell(r.get('fgsm20'))} | {cell(r.get('untargeted'))} | "
+             f"{cell(r.get('multi-targeted'))} | {cell(r.get('square'))} | {cell(r.get('apgd-t'))} | "
+             f"{cell(r['worst_case'])} | {cell(r['drop_fgsm20_to_worst'])} | "
+             f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | {r['epoch_time_x_plain']:.2f} |"
+             for r in summary["runs"].values()]
+    return head + "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- cpu-repro:begin (written by cpu_repro.py) -->", "<!-- cpu-repro:end -->"
+
+
+def report(setting):
+    summary = summarise(setting)
+    figures(setting)
+    text = table(summary)
+    with open(os.path.join(setting["out"], "table.md"), "w") as f:
+        f.write(text)
+    readme = setting["readme"]
+    if readme:
+        with open(readme) as f:
+            content = f.read()
+        if BEGIN in content and END in content:
+            head, rest = content.split(BEGIN, 1)
+            content = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+            with open(readme, "w") as f:
+                f.write(content)
+    print(text)
+
+
+STAGES = {"train": train, "evaluate": evaluate, "surfaces": surfaces, "report": report}
+
+
+def smoke_setting(root):
+    """A tiny generated ImageFolder and settings that run every stage in about a minute."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    from conftest import make_image_folder
+
+    data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=16)
+    out = os.path.join(root, "docs")
+    os.makedirs(out, exist_ok=True)
+    runs = {name: RUNS[name] for name in ("plain", COLLAPSING, LINEAR)}
+    return {"root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL, "runs": runs,
+            "surfaces": 1, "grid": 5, "readme": None, "machine": "smoke test"}
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(__doc__, __file__)
+    p.add_argument("--only", choices=list(STAGES), help="run this stage alone (unset: every stage, in order)")
+    p.add_argument("--smoke", metavar="DIR", help="the whole pipeline on generated images under DIR (the tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        setting = smoke_setting(args.smoke)
+    else:
+        if not os.path.isdir(os.path.join(HERE, DATA)):
+            sys.exit(f"cpu_repro.py: error: no CIFAR-10 copy at {DATA}: unpack it with `mkdir -p {DATA} && tar xzf "
+                     f"../shared/data/cifar10-jpeg.tar.gz -C {DATA}` (or make cpu-repro CIFAR_TAR=...)")
+        os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
+        setting = {"root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"), "common": COMMON,
+                   "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
+                   "readme": os.path.join(HERE, "README.md"), "machine": machine()}
+    start = time.time()
+    for name, stage in STAGES.items():
+        if args.only in (None, name):
+            stage(setting)
+    print(f"cpu_repro.py: done in {time.time() - start:.0f} s; results in {setting['out']}")
+
+
+def machine():
+    import platform
+
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

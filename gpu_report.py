@@ -1,0 +1,326 @@
+"""Everything owed to a GPU, in one resumable command: `make gpu-report`.
+
+    python gpu_report.py                  # on a CUDA GPU: every unfinished step, each under 8 minutes
+    python gpu_report.py --list           # the steps, and which are done
+    python gpu_report.py --smoke DIR      # every step on the CPU with tiny sizes, in a minute (the tests)
+
+GPU time comes in short pieces, so the report is a list of steps, each under 8 minutes, each
+writing its own JSON into docs/gpu-report/ (with the device, torch and CUDA versions, and the git
+commit) as soon as it is done; run the command again and it goes on with the first step whose
+JSON is missing. About 40 minutes on one H100 in all. Then summary.md is written from the JSON
+files, and the README's GPU tables are made from it.
+
+1. bench-cifar: `bench.py`, WRN-28-8, batch 128, 32 px, bf16 autocast, channels-last: every
+   method's ms/step, images/s, peak memory and ratio to plain, measured in the same run (the
+   targets: LLR-2 at most 5x plain, 0.7x ADV-10, 0.25x ADV-30).
+2. fast-path: plain, LLR-2 and ADV-10 with each fast-path option changed in turn (channels-last
+   off, float32 instead of bf16, fused SGD on, torch.compile on for the methods it supports),
+   so that the defaults are chosen from numbers.
+3. bench-imagenet: ResNet-152, batch 32, 224 px, bf16, channels-last: plain, LLR-2, ADV-10, ADV-30.
+4. projections: from 1 and 3, the wall time of `make cifar` (128 epochs of WRN-28-8 LLR with 10
+   inner steps) and of one ImageNet epoch per GPU.
+5. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
+   the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
+   pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
+   evaluated on 1,000 test images with the suite.
+6. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
+   tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
+   1-process run on the same global batch.
+
+The data for step 5 is the CIFAR-10 copy in data/cifar10-jpeg (`--data-dir`), or the archive
+../shared/data/cifar10-jpeg.tar.gz (or --archive), unpacked there on first use.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import bench
+import cli
+import cpu_repro
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+STEP_SECONDS = 7 * 60  # a training piece; the evaluation of a run comes in its own step
+REPRO_EPOCHS = 10
+REPRO = ["--arch", "preact-resnet18", "--epochs", str(REPRO_EPOCHS), "--batch-size", "128", "--lr", "0.2",
+         "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
+         "--eps", cpu_repro.EPS, "--log-every", "50"]
+FAST_PATH = [("baseline: bf16, channels-last", []), ("float32", ["--no-bf16"]),
+             ("contiguous (not channels-last)", ["--no-channels-last"]), ("fused SGD", ["--fused-optimizer"]),
+             ("torch.compile (plain, ADV)", ["--compile"])]
+
+
+def environment():
+    import torch
+
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "git_commit": commit or "unknown", "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def call(argv, timeout=None):
+    """Run a project script; returns its exit status (124 if it ran past `timeout` and was stopped
+    with SIGTERM, which the training scripts answer with a checkpoint)."""
+    print("+ " + " ".join(argv), flush=True)
+    process = subprocess.Popen([PY, *argv], cwd=HERE)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: the trainer finishes its step and checkpoints
+        process.wait()
+        return 124
+
+
+def run_bench(setting, flags, out):
+    """One bench.py run; its JSON report."""
+    status = call(["bench.py", *setting["bench"], *flags, "--out", out])
+    if status:
+        raise RuntimeError(f"bench.py failed (exit status {status})")
+    with open(out) as f:
+        return json.load(f)
+
+
+def step_bench_cifar(setting, work):
+    return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
+                           "--image-size", "32", "--methods", setting["cifar_methods"], *setting["fast"]],
+                 os.path.join(work, "bench-cifar.json"))
+
+
+def step_fast_path(setting, work):
+    results = {}
+    for name, change in FAST_PATH:
+        flags = set(setting["fast"])
+        flags -= {"--" + f[len("--no-"):] for f in change if f.startswith("--no-")}
+        flags |= {f for f in change if not f.startswith("--no-")}
+        argv = ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]), "--image-size", "32",
+                "--methods", setting["fast_path_methods"], *sorted(flags), *setting["compile_backend"]]
+        results[name] = run_bench(setting, argv, os.path.join(work, f"fast-path-{len(results)}.json"))
+    return {"variants": results}
+
+
+def step_bench_imagenet(setting, work):
+    return run_bench(setting, ["--arch", setting["imagenet_arch"], "--batch-size", str(setting["imagenet_batch"]),
+                           "--image-size", str(setting["imagenet_size"]), "--num-classes", "1000",
+                           "--methods", setting["imagenet_methods"], *setting["fast"]],
+                 os.path.join(work, "bench-imagenet.json"))
+
+
+def step_projections(setting, work):
+    cifar, imagenet = (read(os.path.join(setting["out"], f"{n}.json"))["result"] for n in ("bench-cifar", "bench-imagenet"))
+    ms = {m: r["ms_median"] for m, r in cifar["results"].items()}
+    llr10_ms = ms["llr-8"] + (ms["llr-8"] - ms["llr-2"]) / 6 * 2  # linear in the inner steps, from the same run
+    hours_cifar = 128 * 50000 / cifar["batch_size"] * llr10_ms / 1000 / 3600
+    imagenet_rates = {m: r["images_per_s"] for m, r in imagenet["results"].items()}
+    return {"make_cifar_hours_one_gpu": hours_cifar, "llr10_ms_per_step": llr10_ms,
+            "make_cifar_assumption": f"128 epochs of 50,000 images at the images/s of an LLR-10 step of batch "
+                                     f"{cifar['batch_size']}, extrapolated linearly from the LLR-2 and LLR-8 steps "
+                                     f"of the same run; make cifar uses batch 64 (the authors'), which may run "
+                                     f"fewer images/s; evaluation time not included",
+            "imagenet_epoch_hours_per_gpu": {m: 1281167 / ips / 3600 for m, ips in imagenet_rates.items()}}
+
+
+def repro_steps(setting):
+    """The training pieces and evaluations of the GPU-scale reproduction, one step each."""
+    steps = {}
+    for name in setting["runs"]:
+        steps[f"repro-train-{name}"] = lambda s, w, name=name: train_piece(s, name)
+        steps[f"repro-eval-{name}"] = lambda s, w, name=name: evaluate_run(s, name)
+    return steps
+
+
+def train_piece(setting, name):
+    """Train (or resume) one run for at most STEP_SECONDS; None (not done) if it must go on."""
+    run = os.path.join(setting["root"], "runs", "gpu-repro", name)
+    if not cpu_repro.trained(run):
+        data = ensure_data(setting)
+        argv = (["train_cifar.py", "--resume", run] if os.path.exists(os.path.join(run, "state.pt")) else
+                ["train_cifar.py", "--data-dir", data, "--out", run, "--overwrite", *setting["repro"],
+                 *cpu_repro.RUNS[name][1]])
+        status = call(argv, timeout=setting["step_seconds"])
+        if status not in (0, 124):
+            raise RuntimeError(f"train_cifar.py failed (exit status {status})")
+        if not cpu_repro.trained(run):
+            return None
+    with open(os.path.join(run, "config.json")) as f:
+        return {"run": name, "flags": cpu_repro.RUNS[name][1], "config": json.load(f)["args"],
+                "epoch_seconds": cpu_repro.epoch_seconds(run)}
+
+
+def evaluate_run(setting, name):
+    run = os.path.join(setting["root"], "runs", "gpu-repro", name)
+    out = os.path.join(setting["out"], f"repro-{name}.eval.json")
+    status = call(["eval.py", os.path.join(run, "last.safetensors"), "--data-dir", ensure_data(setting),
+                   *setting["eval"], "--out", out])
+    if status:
+        raise RuntimeError(f"eval.py failed (exit status {status})")
+    report = read(out)
+    r = report["results"]
+    return {"run": name, "accuracy": {k: v["accuracy"] for k, v in r.items() if "accuracy" in v},
+            "gamma_mean": report.get("gamma", {}).get("mean"), "eval": os.path.basename(out)}
+
+
+def step_sync_bn(setting, work):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU(s) visible; this step needs 2"}
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    from conftest import make_image_folder
+
+    folder = make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
+                               size=40)
+    tiny = ["--data-dir", folder, "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
+            "--per-device-batch", "8", "--epochs", "1", "--val-n", "8", "--workers", "0", "--log-every", "1",
+            "--eps", "4", "--method", "llr", "--llr-steps", "2"]
+    losses = {}
+    for processes in (1, 2):
+        run = os.path.join(work, f"sync-{processes}")
+        launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
+        status = call([*launch, "train_imagenet.py", *tiny, "--out", run])
+        if status:
+            raise RuntimeError(f"train_imagenet.py with {processes} process(es) failed (exit status {status})")
+        with open(os.path.join(run, "log.jsonl")) as f:
+            losses[processes] = [e["loss"] for e in map(json.loads, f) if e["kind"] == "train"]
+    gap = max(abs(a - b) for a, b in zip(losses[1], losses[2]))
+    return {"losses_1_process": losses[1], "losses_2_processes": losses[2], "max_abs_difference": gap,
+            "ok": gap < 1e-3 * max(abs(v) for v in losses[1])}
+
+
+def ensure_data(setting):
+    data = setting["data"]
+    if not os.path.isdir(os.path.join(data, "train")):
+        if not os.path.exists(setting["archive"]):
+            raise RuntimeError(f"no CIFAR-10 copy at {data} and no archive at {setting['archive']}: copy "
+                               f"cifar10-jpeg.tar.gz there (see docs in ../shared/data)")
+        os.makedirs(data, exist_ok=True)
+        with tarfile.open(setting["archive"]) as archive:
+            archive.extractall(data, filter="data")
+    return data
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def all_steps(setting):
+    steps = {"bench-cifar": step_bench_cifar, "fast-path": step_fast_path, "bench-imagenet": step_bench_imagenet,
+             "projections": step_projections}
+    steps.update(repro_steps(setting))
+    steps["sync-bn"] = step_sync_bn
+    return steps
+
+
+def summary(setting):
+    """summary.md from the step JSON files that exist."""
+    lines = ["# GPU report", "", "Written by `gpu_report.py` from the JSON files in this directory.", ""]
+    for name in all_steps(setting):
+        path = os.path.join(setting["out"], f"{name}.json")
+        if not os.path.exists(path):
+            lines.append(f"- {name}: not run yet")
+            continue
+        record = read(path)
+        env = record["environment"]
+        lines.append(f"## {name}\n\n{env['device']}, torch {env['torch']}, CUDA {env['cuda']}, commit "
+                     f"{env['git_commit'][:10]}, {env['time']}\n")
+        result = record["result"]
+        if "results" in result:  # a bench.py report
+            lines.append(bench_table(result))
+        elif "variants" in result:
+            for variant, report in result["variants"].items():
+                lines.append(f"**{variant}**\n\n{bench_table(report)}")
+        else:
+            lines.append("```\n" + json.dumps(result, indent=1)[:3000] + "\n```\n")
+    with open(os.path.join(setting["out"], "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def bench_table(report):
+    rows = ["| method | ms/step | images/s | × plain | peak GiB |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in report["results"].items():
+        memory = "–" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        rows.append(f"| {name} | {r['ms_median']:.1f} | {r['images_per_s']:.1f} | {r['ratio_to_plain']:.2f} | "
+                    f"{memory} |")
+    return (f"{report['arch']}, batch {report['batch_size']}, {report['image_size']} px, bf16 {report['bf16']}, "
+            f"channels-last {report['channels_last']}\n\n" + "\n".join(rows) + "\n")
+
+
+def smoke_setting(root):
+    return {"root": root, "out": os.path.join(root, "gpu-report"), "data": os.path.join(root, "data"),
+            "archive": "", "bench": ["--rounds", "1", "--warmup", "0", "--device", "cpu"], "fast": ["--channels-last"],
+            "fast_path_methods": "plain,adv-1", "cifar_arch": "wrn-10-1", "cifar_batch": 4,
+            "cifar_methods": "plain,llr-2,llr-8,adv-10", "imagenet_arch": "resnet18", "imagenet_batch": 2,
+            "imagenet_size": 32, "imagenet_methods": "plain,llr-2",
+            "compile_backend": ["--compile-backend", "eager"],
+            "repro": [*cpu_repro.SMOKE_COMMON, "--epochs", "1"], "eval": cpu_repro.SMOKE_EVAL,
+            "runs": ["plain", cpu_repro.COLLAPSING],
+            "step_seconds": 120}
+
+
+def main(argv=None):
+    import torch
+
+    p = cli.ArgumentParser(__doc__, __file__)
+    p.add_argument("--data-dir", default="data/cifar10-jpeg", help="the CIFAR-10 copy for the reproduction")
+    p.add_argument("--archive", default=os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
+                   help="unpacked into --data-dir when that is missing")
+    p.add_argument("--list", action="store_true", help="list the steps and which are done")
+    p.add_argument("--smoke", metavar="DIR", help="every step on the CPU with tiny sizes under DIR (the tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        setting = smoke_setting(args.smoke)
+        sys.path.insert(0, os.path.join(HERE, "tests"))
+        from conftest import make_image_folder
+
+        make_image_folder(setting["data"], classes=3, per_class=10, size=16)
+    else:
+        setting = {"root": HERE, "out": os.path.join(HERE, "docs", "gpu-report"), "data": args.data_dir,
+                   "archive": args.archive, "bench": [], "fast": ["--bf16", "--channels-last"],
+                   "fast_path_methods": "plain,llr-2,adv-10", "cifar_arch": "wrn-28-8", "cifar_batch": 128,
+                   "cifar_methods": ",".join(bench.VARIANTS), "imagenet_arch": "resnet152", "imagenet_batch": 32,
+                   "imagenet_size": 224, "imagenet_methods": "plain,llr-2,adv-10,adv-30", "compile_backend": [],
+                   "repro": REPRO,
+                   "eval": ["--eps", cpu_repro.EPS, "--n", "1000", "--gamma"], "runs": list(cpu_repro.RUNS),
+                   "step_seconds": STEP_SECONDS}
+    steps = all_steps(setting)
+    if args.list:
+        for name in steps:
+            print(f"{'done' if os.path.exists(os.path.join(setting['out'], name + '.json')) else 'to do'}  {name}")
+        return
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("gpu_report.py: error: no CUDA GPU here; this report measures a GPU (try --smoke DIR for a check)")
+    os.makedirs(setting["out"], exist_ok=True)
+    work = os.path.join(setting["root"], "runs", "gpu-report")
+    os.makedirs(work, exist_ok=True)
+    for name, step in steps.items():
+        path = os.path.join(setting["out"], f"{name}.json")
+        if os.path.exists(path):
+            continue
+        start = time.time()
+        try:
+            result = step(setting, work)
+        except RuntimeError as e:
+            sys.exit(f"gpu_report.py: error: step {name}: {e}")
+        if result is None:
+            print(f"{name}: not finished in this piece; run the command again to go on", flush=True)
+            break
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": name, "environment": environment(), "seconds": round(time.time() - start, 1),
+                       "result": result}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"{name}: done in {time.time() - start:.0f} s -> {path}", flush=True)
+    summary(setting)
+    remaining = [n for n in steps if not os.path.exists(os.path.join(setting["out"], n + ".json"))]
+    print(f"gpu_report.py: {len(steps) - len(remaining)} of {len(steps)} steps done"
+          + (f"; next: {remaining[0]}" if remaining else "") + f"; summary in {setting['out']}/summary.md")
+    shutil.rmtree(os.path.join(work, "imagenet"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""make gpu-report and make cpu-repro run end to end on tiny settings (no numbers are asserted)."""
+import json
+import os
+
+import pytest
+import torch
+
+import cpu_repro
+import gpu_report
+
+
+def test_gpu_report_smoke(tmp_path):
+    gpu_report.main(["--smoke", str(tmp_path)])
+    out = tmp_path / "gpu-report"
+    steps = list(gpu_report.all_steps(gpu_report.smoke_setting(str(tmp_path))))
+    for name in steps:
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["step"] == name and {"device", "torch", "cuda", "git_commit"} <= set(record["environment"])
+    projections = json.loads((out / "projections.json").read_text())["result"]
+    assert projections["make_cifar_hours_one_gpu"] > 0 and projections["imagenet_epoch_hours_per_gpu"]["llr-2"] > 0
+    summary = (out / "summary.md").read_text()
+    assert all(f"## {name}" in summary for name in steps)
+    assert set(json.loads((out / "fast-path.json").read_text())["result"]["variants"]) == {
+        name for name, _ in gpu_report.FAST_PATH}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_report_needs_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA GPU here"):
+        gpu_report.main(["--data-dir", str(tmp_path)])
+
+
+def test_cpu_repro_smoke(tmp_path):
+    cpu_repro.main(["--smoke", str(tmp_path)])
+    out = tmp_path / "docs"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"plain", cpu_repro.COLLAPSING, cpu_repro.LINEAR}
+    for name, row in summary["runs"].items():
+        assert os.path.exists(out / f"{name}.safetensors") and os.path.exists(out / f"{name}.eval.json")
+        assert 0 <= row["worst_case"] <= row["nominal"] <= 1 and row["epoch_time_x_plain"] > 0
+    assert summary["runs"]["plain"]["epoch_time_x_plain"] == 1
+    for figure in ("validation.png", "gamma-test.png", f"surface-{summary['surface_images'][0]}.png"):
+        assert (out / figure).stat().st_size > 0
+    assert "| run | Nominal |" in (out / "table.md").read_text()
+    cpu_repro.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again
