@@ -1,4 +1,5 @@
-"""ℓ∞ attacks for evaluating robustness: the paper's suite (its Tables 1-3).
+"""Attacks for evaluating robustness: the paper's suite (its Tables 1-3), in ℓ∞ and, for the
+gradient attacks, in ℓ2 (`norm="l2"`: steps along ∇/‖∇‖₂, projection onto the ℓ2 ball ∩ [0, 1]).
 
 Every attack is called as `fn(model, x, y, eps, **options)` on a batch and returns
 `x_adv`, shaped like x, with |x_adv − x| ≤ ε and x_adv in [0, 1]. `model` maps [0, 1]
@@ -27,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ball import check_eps, project, random_point
+from ball import check_eps, check_norm, project, random_point, steepest
 
 __all__ = ["untargeted", "multi_targeted", "random_targeted", "fgsm_k", "square", "deepfool_linf",
            "margin", "random_targets"]
@@ -81,23 +82,23 @@ def _keep_best(best_x, best_score, rows, x_adv, score):
 
 
 def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, restarts, optimizer,
-            step_sizes, lr, random_start, generator):
+            step_sizes, lr, random_start, generator, norm):
     """Projected ascent on `objective(logits, rows)` [b] from `restarts` starts.
 
     `rows` index the batch; `score(logits, rows)` [b] > 0 means the sample is broken, and a
     sample is attacked until its score exceeds MARGIN.
     Updates best_x [B, ...] and best_score [B] in place wherever the score improves,
     and drops a sample from the batch once its best score is positive. optimizer
-    "sign" steps by `step_sizes(t)` · sign(∇); "adam" is Adam in pixel units with
-    learning rate `lr`. Costs at most restarts × (steps forward and backward passes
-    + 1 forward) on the samples still unbroken.
+    "sign" steps by `step_sizes(t)` along the steepest direction of the norm (sign(∇) in ℓ∞,
+    ∇/‖∇‖₂ in ℓ2); "adam" (ℓ∞) is Adam in pixel units with learning rate `lr`. Costs at most
+    restarts × (steps forward and backward passes + 1 forward) on the samples still unbroken.
     """
     for _ in range(restarts):
         rows = (best_score <= MARGIN).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         x0 = x[rows]
-        x_adv = random_point(x0, eps, generator) if random_start else x0.clone()
+        x_adv = random_point(x0, eps, generator, norm) if random_start else x0.clone()
         m = v = torch.zeros_like(x0) if optimizer == "adam" else None
         for step in range(steps + 1):
             x_adv.requires_grad_(True)
@@ -112,19 +113,22 @@ def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, re
             if rows.numel() == 0:
                 break
             if optimizer == "sign":
-                x_adv = x_adv + step_sizes(step) * grad.sign()
+                x_adv = x_adv + step_sizes(step) * steepest(grad, norm)
             else:  # Adam, bias-corrected, eps 1e-9 as the authors' UnrolledAdam
                 m, v = m[keep].lerp(grad, 0.1), v[keep].lerp(grad * grad, 0.001)
                 m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
                 x_adv = x_adv + lr * m_hat / (v_hat.sqrt() + 1e-9)
-            x_adv = project(x_adv, x0, eps)
+            x_adv = project(x_adv, x0, eps, norm)
 
 
-def _setup(model, x, y, eps, optimizer, seed):
+def _setup(model, x, y, eps, optimizer, seed, norm="linf"):
     """Checks, the clean logits (the clean point is every attack's first candidate), the attack's generator."""
     check_eps(eps)
+    check_norm(norm)
     if optimizer not in ("sign", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; choose sign or adam")
+    if optimizer == "adam" and norm != "linf":
+        raise ValueError("the adam optimizer is the authors' ℓ∞ attack; use optimizer='sign' (normalised steps) in ℓ2")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
     with torch.no_grad():
@@ -132,24 +136,25 @@ def _setup(model, x, y, eps, optimizer, seed):
     return logits, torch.Generator(device=x.device).manual_seed(seed)
 
 
-def untargeted(model, x, y, eps, *, steps=100, restarts=5, optimizer="sign", step_size=None, lr=0.1, seed=0):
+def untargeted(model, x, y, eps, *, steps=100, restarts=5, optimizer="sign", step_size=None, lr=0.1, seed=0,
+               norm="linf"):
     """Untargeted margin attack (Table 1's strong attack): maximise f_s(x') − f_t(x') with s the
     highest logit other than the true class t, re-chosen at every step.
 
     Defaults: 5 random restarts of 100 signed-gradient steps, the step decaying from
     step_size = 2ε to 0 on a cosine; optimizer="adam" uses Adam with lr instead.
     """
-    logits, generator = _setup(model, x, y, eps, optimizer, seed)
+    logits, generator = _setup(model, x, y, eps, optimizer, seed, norm)
     best_x, best_score = x.clone(), margin(logits, y)
     objective = lambda logits, rows: margin(logits, y[rows])  # noqa: E731
     _ascent(model, x, y, eps, objective, objective, best_x, best_score, steps=steps, restarts=restarts,
             optimizer=optimizer, step_sizes=_cosine(2 * eps if step_size is None else step_size, steps),
-            lr=lr, random_start=True, generator=generator)
+            lr=lr, random_start=True, generator=generator, norm=norm)
     return best_x
 
 
 def multi_targeted(model, x, y, eps, *, steps=100, restarts=1, num_targets=None, optimizer="sign",
-                   step_size=None, lr=0.1, seed=0):
+                   step_size=None, lr=0.1, seed=0, norm="linf"):
     """Multi-Targeted attack (Gowal et al. 2019; Table 2's very strong attack): for each target
     class i ≠ t, maximise f_i − f_t; a sample is broken if any run misclassifies it.
 
@@ -158,7 +163,7 @@ def multi_targeted(model, x, y, eps, *, steps=100, restarts=1, num_targets=None,
     `restarts` random starts of `steps` steps (optimiser as `untargeted`), skipping the
     samples already broken.
     """
-    logits, generator = _setup(model, x, y, eps, optimizer, seed)
+    logits, generator = _setup(model, x, y, eps, optimizer, seed, norm)
     best_x, best_score = x.clone(), margin(logits, y)
     ranked = _other_classes_by_logit(logits, y)
     num_targets = ranked.shape[1] if num_targets is None else min(num_targets, ranked.shape[1])
@@ -168,12 +173,12 @@ def multi_targeted(model, x, y, eps, *, steps=100, restarts=1, num_targets=None,
         objective = lambda logits, rows, target=target: _targeted_margin(logits, target[rows], y[rows])  # noqa: E731
         _ascent(model, x, y, eps, objective, score, best_x, best_score, steps=steps, restarts=restarts,
                 optimizer=optimizer, step_sizes=_cosine(2 * eps if step_size is None else step_size, steps),
-                lr=lr, random_start=True, generator=generator)
+                lr=lr, random_start=True, generator=generator, norm=norm)
     return best_x
 
 
 def random_targeted(model, x, y, eps, *, target=None, steps=100, restarts=5, optimizer="sign",
-                    step_size=None, lr=0.1, seed=0):
+                    step_size=None, lr=0.1, seed=0, norm="linf"):
     """Random-Targeted attack (Table 3): make the prediction a random class r ≠ t, maximising
     f_r − max_{j≠r} f_j (positive exactly when the prediction is r). Its metric is the
     success rate P(prediction = r). target: r per sample; `random_targets(y, K, seed)` if None.
@@ -183,23 +188,25 @@ def random_targeted(model, x, y, eps, *, target=None, steps=100, restarts=5, opt
     maximised while a third class wins, so it is weaker for the success it is scored on; this
     one is that success's own margin, and so at least as strong.
     """
-    logits, generator = _setup(model, x, y, eps, optimizer, seed)
+    logits, generator = _setup(model, x, y, eps, optimizer, seed, norm)
     target = random_targets(y, logits.shape[1], seed) if target is None else target
     best_x, best_score = x.clone(), -margin(logits, target)
     objective = lambda logits, rows: -margin(logits, target[rows])  # noqa: E731
     _ascent(model, x, target, eps, objective, objective, best_x, best_score, steps=steps, restarts=restarts,
             optimizer=optimizer, step_sizes=_cosine(2 * eps if step_size is None else step_size, steps),
-            lr=lr, random_start=True, generator=generator)
+            lr=lr, random_start=True, generator=generator, norm=norm)
     return best_x
 
 
-def fgsm_k(model, x, y, eps, *, steps=20, step_size=None, loss="margin", restarts=1, random_start=False, seed=0):
+def fgsm_k(model, x, y, eps, *, steps=20, step_size=None, loss="margin", restarts=1, random_start=False, seed=0,
+           norm="linf"):
     """FGSM-k (Table 2's weak attack; FGSM-20 is k = 20): k signed-gradient steps of a fixed size
     (default ε/4) on the margin, or on the cross-entropy with loss="ce", starting from x
-    (from a random point of the ball with random_start=True, as for restarts > 1)."""
+    (from a random point of the ball with random_start=True, as for restarts > 1). In ℓ2 the steps
+    follow ∇/‖∇‖₂ (the fast gradient method, k times)."""
     if loss not in ("margin", "ce"):
         raise ValueError(f"unknown loss {loss!r}; choose margin or ce")
-    logits, generator = _setup(model, x, y, eps, "sign", seed)
+    logits, generator = _setup(model, x, y, eps, "sign", seed, norm)
     best_x, best_score = x.clone(), margin(logits, y)
     score = lambda logits, rows: margin(logits, y[rows])  # noqa: E731
     objective = score if loss == "margin" else (
@@ -207,7 +214,7 @@ def fgsm_k(model, x, y, eps, *, steps=20, step_size=None, loss="margin", restart
     step_size = eps / 4 if step_size is None else step_size
     _ascent(model, x, y, eps, objective, score, best_x, best_score, steps=steps, restarts=restarts,
             optimizer="sign", step_sizes=lambda t: step_size, lr=None,
-            random_start=random_start or restarts > 1, generator=generator)
+            random_start=random_start or restarts > 1, generator=generator, norm=norm)
     return best_x
 
 

@@ -50,7 +50,11 @@ def get_args(argv=None):
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
                    "directory (its best.safetensors, else its last.safetensors)")
-    p.add_argument("--eps", required=True, help="ℓ∞ radius: 8/255, or 8 meaning 8/255")
+    p.add_argument("--eps", required=True, help="the radius: 8/255, or 8 meaning 8/255")
+    p.add_argument("--norm", choices=["linf", "l2"],
+                   help="the threat model (unset: the checkpoint's, else linf, the paper's); in l2 the gradient "
+                        "attacks take normalised steps, and Square, DeepFool and --surface, which are ℓ∞ here, "
+                        "are refused")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["cifar10", "imagenet"], help="unset: the checkpoint's")
     g.add_argument("--data-dir", help="unset: the directory the checkpoint was trained from, as recorded in it, "
@@ -171,21 +175,31 @@ def batches(images, labels, batch_size, device):
         yield i, images[i:i + batch_size].to(device).float() / 255, labels[i:i + batch_size].to(device)
 
 
-def parse_suite(text):
+LINF_ONLY = ("square", "deepfool")
+
+
+def parse_suite(text, norm="linf"):
+    """The attack names of --attacks. In ℓ2 the default suite leaves out the ℓ∞-only attacks; naming
+    one explicitly is an error."""
+    if norm == "l2" and text == DEFAULT_SUITE:
+        text = ",".join(n for n in text.split(",") if n not in LINF_ONLY)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITE]
     if unknown:
         raise ValueError(f"unknown attack {unknown[0]!r}; choose from {', '.join(SUITE)}")
+    if norm == "l2" and set(names) & set(LINF_ONLY):
+        raise ValueError(f"{sorted(set(names) & set(LINF_ONLY))[0]} is an ℓ∞ attack here; with --norm l2 choose "
+                         f"from {', '.join(n for n in SUITE if n not in LINF_ONLY)}")
     return names
 
 
-def verify(model, x, x_adv, eps, y, target=None):
+def verify(model, x, x_adv, eps, y, target=None, norm="linf"):
     """Check adversarial examples with a fresh forward pass (eval mode). Per sample [B]: `valid`
     (x_adv inside the ε-ball around x and [0, 1], in x's dtype), `broken` (valid, and misclassified;
     for random-targeted, classified as `target`), and `doubtful` (not broken, but invalid or within
     attacks.MARGIN of a break: where another pass's rounding could decide; eval.py attacks these again)."""
     x_adv = x_adv.to(x.dtype)
-    valid = ball.inside(x_adv, x, eps)  # up to float32 rounding of x ± ε; anything further out is not counted
+    valid = ball.inside(x_adv, x, eps, norm=norm)  # up to float32 rounding; anything further out is not counted
     with torch.no_grad():
         logits = model(x_adv)
     score = attacks.margin(logits, y) if target is None else -attacks.margin(logits, target)
@@ -196,12 +210,12 @@ def verify(model, x, x_adv, eps, y, target=None):
 def attack_options(name, args, num_classes):
     """Keyword options of each attack from the command line (absent: the attack's default)."""
     if name == "fgsm20":
-        return {"steps": args.fgsm_steps}
+        return {"steps": args.fgsm_steps, "norm": args.norm}
     if name == "deepfool":
         return {}
     if name == "square":
         return {"queries": args.square_queries}
-    options = {"optimizer": args.optimizer}
+    options = {"optimizer": args.optimizer, "norm": args.norm}
     options.update({k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None})
     if name == "multi-targeted":
         options["num_targets"] = min(num_classes - 1, args.num_targets or 20)
@@ -242,7 +256,7 @@ def run_attack(model, images, labels, eps, name, options, num_classes, batch_siz
         targeted = (lambda rows: {"target": target[rows]}) if target is not None else (lambda rows: {})  # noqa: E731
         every = torch.arange(len(y), device=y.device)
         x_adv = fn(model, x, y, eps, seed=seed_i, **targeted(every), **options)
-        valid, broken, doubtful = verify(model, x, x_adv, eps, y, target)
+        valid, broken, doubtful = verify(model, x, x_adv, eps, y, target, options.get("norm", "linf"))
         counts["invalid"] += int((~valid).sum())
         counts["reattacked"] += int(doubtful.sum())
         for attempt in range(1, REATTACKS + 1):
@@ -250,7 +264,7 @@ def run_attack(model, images, labels, eps, name, options, num_classes, batch_siz
             if len(rows) == 0:
                 break
             x_adv[rows] = fn(model, x[rows], y[rows], eps, seed=seed_i + attempt * 1_000_003, **targeted(rows), **options)
-            _, broken, doubtful = verify(model, x, x_adv, eps, y, target)
+            _, broken, doubtful = verify(model, x, x_adv, eps, y, target, options.get("norm", "linf"))
         counts["unverified"] += int(doubtful.sum())
         robust.append(~broken)
         bar.update(len(y))
@@ -264,13 +278,13 @@ def clean_correct(model, images, labels, batch_size, device):
         return torch.cat([(model(x).argmax(1) == y).cpu() for _, x, y in batches(images, labels, batch_size, device)])
 
 
-def measure_gamma(model, images, labels, eps, batch_size, device, seed):
+def measure_gamma(model, images, labels, eps, batch_size, device, seed, norm="linf"):
     """γ(ε, x) per image with `llr.local_linearity` (50 Adam steps, lr 0.1), as the paper's Fig. F3."""
     values = []
     bar = tqdm(total=len(labels), desc="γ(ε, x), 50 steps", unit="img", leave=False)
     for i, x, y in batches(images, labels, batch_size, device):
         generator = torch.Generator(device=x.device).manual_seed(seed + i)
-        values.append(llr.local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=generator)[0].cpu())
+        values.append(llr.local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=generator, norm=norm)[0].cpu())
         bar.update(len(y))
     bar.close()
     values = torch.cat(values).double()
@@ -329,7 +343,7 @@ def evaluate(model, images, labels, eps, args, num_classes, device, partial=None
     """The suite on (images, labels): the results dict written as JSON. With `partial` = (path,
     settings), each finished column is saved at once in `path`, and the columns a previous call
     with the same settings finished are taken from there instead of being attacked again."""
-    names = parse_suite(args.attacks)
+    names = parse_suite(args.attacks, args.norm)
     correct = clean_correct(model, images, labels, args.batch_size, device)
     results = {"nominal": {"accuracy": correct.float().mean().item(), "robust": correct.tolist()}}
     finished = read_partial(*partial) if partial else {}
@@ -479,8 +493,8 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
     the current run, which could then not be verified.)"""
     AutoAttack = import_autoattack()
     options = autoattack_options(args)
-    config = {"checkpoint": args.checkpoint, "eps": eps, "n": len(labels), "seed": args.seed, "chunk": args.batch_size,
-              "bf16": args.bf16, **options}
+    config = {"checkpoint": args.checkpoint, "norm": args.norm, "eps": eps, "n": len(labels), "seed": args.seed,
+              "chunk": args.batch_size, "bf16": args.bf16, **options}
     state = {"config": config, "chunks": {}}
     if os.path.exists(state_path):
         with open(state_path) as f:
@@ -498,9 +512,10 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
             begin = time.time()
             x = images[start:start + args.batch_size].to(device).float() / 255
             y = labels[start:start + args.batch_size].to(device)
-            adversary = AutoAttack(model, norm="Linf", eps=eps, seed=args.seed + start, device=device, **options)
+            adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[args.norm], eps=eps, seed=args.seed + start,
+                                   device=device, **options)
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
-            valid, broken, _ = verify(model, x, x_adv, eps, y)
+            valid, broken, _ = verify(model, x, x_adv, eps, y, norm=args.norm)
             state["chunks"][str(start)] = {"robust": (~broken).tolist(), "invalid": int((~valid).sum()),
                                            "time_s": time.time() - begin, "warnings": list(log.messages)}
             write_json(state_path, state)
@@ -549,7 +564,8 @@ def write_json(path, obj):
 def print_table(report):
     r = report["results"]
     print(f"\n{report['checkpoint']}  ({report['model']['arch']} {report['model']['activation']})  "
-          f"eps = {report['eps_text']}  {report['n_images']} {report['dataset']} {report['split']} images  seed {report['seed']}")
+          f"{report['norm']} eps = {report['eps_text']}  {report['n_images']} {report['dataset']} {report['split']} images"
+          f"  seed {report['seed']}")
     print(f"{'':32s}{'accuracy':>10s}{'worst case':>12s}{'steps x restarts':>18s}{'time':>9s}")
     print(f"{'Nominal':32s}{100 * r['nominal']['accuracy']:9.2f}%{100 * r['nominal']['accuracy']:11.2f}%")
     for name, (label, _) in SUITE.items():
@@ -590,16 +606,19 @@ def main(argv=None):
     mode = "surface" if args.surface else "strength" if args.strength else "eval"
     try:  # set-up errors are the user's to fix: one line, non-zero exit
         check_args(args)
-        eps = ball.parse_eps(args.eps)
-        radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
-        parse_suite(args.attacks)
-        parse_strengths(args.strengths)
-        if args.autoattack:
-            import_autoattack()
-            autoattack_options(args)
         args.checkpoint = resolve_checkpoint(args.checkpoint)
         meta = models.read_checkpoint_metadata(args.checkpoint)
         config = meta["config"]
+        args.norm = args.norm or meta.get("norm", "linf")
+        eps = ball.parse_eps(args.eps, args.norm)
+        radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
+        parse_suite(args.attacks, args.norm)
+        parse_strengths(args.strengths)
+        cli.require(not (args.surface and args.norm == "l2"), "--surface draws the ℓ∞ ball (sign directions); "
+                                                               "it has no --norm l2")
+        if args.autoattack:
+            import_autoattack()
+            autoattack_options(args)
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
         recorded = meta.get("data_dir") if meta.get("data_dir") and os.path.isdir(meta["data_dir"]) else None
         data_dir = args.data_dir or recorded or ("data/cifar10" if dataset == "cifar10" else None)
@@ -626,7 +645,7 @@ def main(argv=None):
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
     start = time.time()
     report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
-              "eps": eps, "eps_text": args.eps, "split": args.split, "selection_conflict": conflict,
+              "eps": eps, "eps_text": args.eps, "norm": args.norm, "split": args.split, "selection_conflict": conflict,
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "torch": torch.__version__,
               "training": {k: v for k, v in meta.items() if k != "config"}}
@@ -645,14 +664,16 @@ def main(argv=None):
                                                 for p in points))
     else:
         report["labels"] = labels.tolist()
-        settings = {k: report[k] for k in ("checkpoint", "eps", "split", "n_images", "seed", "bf16", "device")}
+        settings = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
         settings.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
-                        options={name: attack_options(name, args, config["num_classes"]) for name in SUITE})
+                        options={name: attack_options(name, args, config["num_classes"])
+                                 for name in parse_suite(args.attacks, args.norm)})
         results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device,
                            partial=(out + ".partial.json", settings))
         report["results"] = results
         if args.gamma:
-            report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed)
+            report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed,
+                                            args.norm)
         weak = results.get("fgsm20", {}).get("accuracy")
         report["obfuscation"] = {
             "drop_weak_to_worst": None if weak is None else weak - results["worst_case"]["accuracy"],

@@ -13,12 +13,12 @@ files, and the README's GPU tables are made from it.
 1. bench-cifar: `bench.py`, WRN-28-8, batch 128, 32 px, bf16 autocast, channels-last: every
    method's ms/step, images/s, peak memory and ratio to plain, measured in the same run (the
    targets: LLR-2 at most 5x plain, 0.7x ADV-10, 0.25x ADV-30).
-2. fast-path: plain, LLR-2 and ADV-10 with each fast-path option changed in turn (channels-last
+2. bench-imagenet: ResNet-152, batch 32, 224 px, bf16, channels-last: plain, LLR-2, ADV-10, ADV-30.
+3. projections: from 1 and 2, the wall time of `make cifar` (128 epochs of WRN-28-8 LLR with 10
+   inner steps) and of one ImageNet epoch per GPU.
+4. fast-path: plain, LLR-2 and ADV-10 with each fast-path option changed in turn (channels-last
    off, float32 instead of bf16, fused SGD on, torch.compile on for the methods it supports),
    so that the defaults are chosen from numbers.
-3. bench-imagenet: ResNet-152, batch 32, 224 px, bf16, channels-last: plain, LLR-2, ADV-10, ADV-30.
-4. projections: from 1 and 3, the wall time of `make cifar` (128 epochs of WRN-28-8 LLR with 10
-   inner steps) and of one ImageNet epoch per GPU.
 5. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
@@ -58,9 +58,11 @@ def environment():
     import torch
 
     commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # a copy of the tree without .git (a lent GPU machine) is told its commit in GIT_COMMIT
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "git_commit": commit or "unknown", "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "git_commit": commit or os.environ.get("GIT_COMMIT", "unknown"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def call(argv, timeout=None):
@@ -210,8 +212,8 @@ def read(path):
 
 
 def all_steps(setting):
-    steps = {"bench-cifar": step_bench_cifar, "fast-path": step_fast_path, "bench-imagenet": step_bench_imagenet,
-             "projections": step_projections}
+    steps = {"bench-cifar": step_bench_cifar, "bench-imagenet": step_bench_imagenet, "projections": step_projections,
+             "fast-path": step_fast_path}
     steps.update(repro_steps(setting))
     steps["sync-bn"] = step_sync_bn
     return steps
@@ -271,6 +273,7 @@ def main(argv=None):
     p.add_argument("--archive", default=os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
                    help="unpacked into --data-dir when that is missing")
     p.add_argument("--list", action="store_true", help="list the steps and which are done")
+    p.add_argument("--steps", metavar="NAMES", help="comma-separated: run only these steps (unset: every step)")
     p.add_argument("--smoke", metavar="DIR", help="every step on the CPU with tiny sizes under DIR (the tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -289,6 +292,12 @@ def main(argv=None):
                    "eval": ["--eps", cpu_repro.EPS, "--n", "1000", "--gamma"], "runs": list(cpu_repro.RUNS),
                    "step_seconds": STEP_SECONDS}
     steps = all_steps(setting)
+    if args.steps:
+        chosen = [n.strip() for n in args.steps.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in steps]
+        if unknown or not chosen:
+            p.error(f"--steps: unknown step {unknown[0] if unknown else '(none)'!r}; see --list")
+        steps = {n: steps[n] for n in steps if n in chosen}
     if args.list:
         for name in steps:
             print(f"{'done' if os.path.exists(os.path.join(setting['out'], name + '.json')) else 'to do'}  {name}")
@@ -314,6 +323,7 @@ def main(argv=None):
             json.dump({"step": name, "environment": environment(), "seconds": round(time.time() - start, 1),
                        "result": result}, f, indent=1)
         os.replace(path + ".tmp", path)
+        summary(setting)  # after every step: a machine taken back mid-report still leaves a summary
         print(f"{name}: done in {time.time() - start:.0f} s -> {path}", flush=True)
     summary(setting)
     remaining = [n for n in steps if not os.path.exists(os.path.join(setting["out"], n + ".json"))]

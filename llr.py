@@ -8,7 +8,8 @@ Qin et al., "Adversarial Robustness through Local Linearization", NeurIPS 2019
     Eq. (7)  the bound it gives  ℓ(x + δ) ≤ ℓ(x) + |δᵀ∇ₓℓ(x)| + γ(ε, x)  for all δ ∈ B(ε)
     Eq. (8)  LLR objective       ℓ(x) + λ·γ(ε, x) + μ·|δ_LLRᵀ∇ₓℓ(x)|,  δ_LLR = argmax of Eq. (6)
 
-B(ε) is the ℓ∞ ball of radius ε; here x + δ is also kept in the image box [0, 1].
+B(ε) is the ℓ∞ ball of radius ε (the paper's; `norm="l2"` gives the ℓ2 ball); here x + δ
+is also kept in the image box [0, 1].
 Minimising Eq. (8) makes the loss locally linear, so the first-order term, which
 it also penalises, bounds the worst case (Eq. 7): robustness without gradient
 obfuscation, at the cost of a few ascent steps instead of a full adversarial attack.
@@ -159,15 +160,27 @@ def _gap(model, x, y, x_adv, clean_loss, grad):
     return (_per_sample_loss(model, x_adv, y) - clean_loss - _directional(x_adv - x, grad)).abs()
 
 
-def _project(x_adv, x, eps):
-    """The nearest point to x_adv in B(ε) ∩ [0, 1]: clip to the ℓ∞ ball around x, then to the box."""
-    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+def _project(x_adv, x, eps, norm="linf"):
+    """A point of B(ε) ∩ [0, 1] for x_adv. ℓ∞: clip to the ball around x, then to the box (the
+    nearest point). ℓ2: scale x_adv − x into the ball, then clip to the box (as ℓ2 PGD does; the
+    result stays in the ball, since x is in the box)."""
+    if norm == "linf":
+        return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+    delta = x_adv - x
+    scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1)
+    return (x + delta * scale.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)
 
 
-def _random_start(x, eps, generator=None):
-    """x + δ with δ uniform in B(ε), projected into [0, 1], as the authors' `pgd_attack` starts."""
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return _project(x + (2 * noise - 1) * eps, x, eps)
+def _random_start(x, eps, generator=None, norm="linf"):
+    """x + δ with δ uniform in B(ε) (ℓ2: a Gaussian direction, radius ε·U^(1/d)), projected into
+    [0, 1], as the authors' `pgd_attack` starts."""
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return _project(x + (2 * noise - 1) * eps, x, eps)
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    radius = eps * torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype) ** (1 / x[0].numel())
+    scale = radius / direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return _project(x + direction * scale.view(-1, *[1] * (x.dim() - 1)), x, eps, norm)
 
 
 def linearity_gap(model, x, y, delta):
@@ -183,65 +196,79 @@ def linearity_gap(model, x, y, delta):
         return _gap(model, x, y, x + delta, clean_loss, grad)
 
 
-def _new_search(x, eps, lr, generator):
-    """The start of the authors' search (`UnrolledAdam`): x + δ uniform in B(ε) ∩ [0, 1], and Adam
-    on it in pixel units, maximising (β = (0.9, 0.999), eps 1e-9 as the authors')."""
-    x_adv = _random_start(x, eps, generator).requires_grad_(True)
-    return x_adv, torch.optim.Adam([x_adv], lr=lr, eps=1e-9, maximize=True)
+class _Search:
+    """The ascent on g(δ; x) over B(ε) ∩ [0, 1], from a uniform random start, projected after every
+    step; no gradient flows to the weights. ℓ∞: Adam on x + δ in pixel units (lr 0.1, β = (0.9,
+    0.999), eps 1e-9), the authors' `UnrolledAdam`. ℓ2: normalised-gradient steps of 2.5·ε/steps,
+    as ℓ2 PGD (our choice: Adam's per-coordinate steps are ℓ∞-shaped, and would spend the ℓ2
+    budget on a sign pattern)."""
+
+    def __init__(self, x, eps, steps, lr, generator, norm):
+        self.x, self.eps, self.norm = x, eps, norm
+        self.x_adv = _random_start(x, eps, generator, norm).requires_grad_(True)
+        if norm == "linf":
+            self.optimizer = torch.optim.Adam([self.x_adv], lr=lr, eps=1e-9, maximize=True)
+        self.step_size = 2.5 * eps / max(steps, 1)
+
+    def step(self, gap):
+        """One step up the gap [B] (samples are independent: the gradient of the sum), then the projection."""
+        (grad,) = torch.autograd.grad(gap.sum(), self.x_adv)
+        with torch.no_grad():
+            if self.norm == "linf":
+                self.x_adv.grad = grad
+                self.optimizer.step()
+            else:
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+                self.x_adv += self.step_size * grad / norm
+            self.x_adv.copy_(_project(self.x_adv, self.x, self.eps, self.norm))
 
 
-def _ascent_step(optimizer, x_adv, gap, x, eps):
-    """One Adam step on x_adv up the gap [B], then the projection onto B(ε) ∩ [0, 1]."""
-    (x_adv.grad,) = torch.autograd.grad(gap.sum(), x_adv)  # samples are independent: ∇ of the sum
-    optimizer.step()
-    with torch.no_grad():
-        x_adv.copy_(_project(x_adv, x, eps))
-
-
-def _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator):
-    """δ_LLR of Eq. (8) for training: `steps` Adam steps on g(δ; x), the last iterate x + δ
+def _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator, norm="linf"):
+    """δ_LLR of Eq. (8) for training: `steps` ascent steps on g(δ; x), the last iterate x + δ
     (detached; no gradient flows through the search)."""
     clean_loss, grad = clean_loss.detach(), grad.detach()
-    x_adv, optimizer = _new_search(x, eps, lr, generator)
+    search = _Search(x, eps, steps, lr, generator, norm)
     for _ in range(steps):
-        _ascent_step(optimizer, x_adv, _gap(model, x, y, x_adv, clean_loss, grad), x, eps)
-    return x_adv.detach()
+        search.step(_gap(model, x, y, search.x_adv, clean_loss, grad))
+    return search.x_adv.detach()
 
 
-def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None):
+def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None, norm="linf"):
     """Eq. (6): γ(ε, x) = max_{δ ∈ B(ε), x + δ ∈ [0, 1]} g(δ; x), per sample, shape [B].
 
-    The measurement of the paper's Fig. 2 and F3: `steps` Adam steps (lr 0.1 in
-    pixel units) from a uniform random start, projected after each step, keeping
+    The measurement of the paper's Fig. 2 and F3: `steps` steps of the search (ℓ∞: Adam, lr 0.1
+    in pixel units; ℓ2: see `_Search`) from a uniform random start, projected after each step, keeping
     the best iterate of each sample, so the result is a lower bound on γ that never
     decreases with more steps (same model, same `generator` state). Returns
     (gamma [B], delta [B, ...]), detached. Running batch-norm statistics are left
     untouched; in train mode the clean batch's statistics normalise every pass.
     """
-    _check_eps(eps)
+    _check(eps, norm)
     with reuse_clean_batch_statistics(model), torch.enable_grad():
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=False)
         clean_loss, grad = clean_loss.detach(), grad.detach()
-        x_adv, optimizer = _new_search(x, eps, lr, generator)
-        best_gap, best_x = torch.full_like(clean_loss, -1.0), x_adv.detach().clone()
+        search = _Search(x, eps, steps, lr, generator, norm)
+        best_gap, best_x = torch.full_like(clean_loss, -1.0), search.x_adv.detach().clone()
         for step in range(steps + 1):  # g at the start and after each step; the last needs no gradient
             with torch.set_grad_enabled(step < steps):
-                gap = _gap(model, x, y, x_adv, clean_loss, grad)
+                gap = _gap(model, x, y, search.x_adv, clean_loss, grad)
             improved = gap.detach() > best_gap
             best_gap = torch.where(improved, gap.detach(), best_gap)
-            best_x[improved] = x_adv.detach()[improved]
+            best_x[improved] = search.x_adv.detach()[improved]
             if step < steps:
-                _ascent_step(optimizer, x_adv, gap, x, eps)
+                search.step(gap)
     return best_gap, best_x - x
 
 
 # --------------------------------------------------------------------------- the objective
-def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None):
+def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None, norm="linf"):
     """Eq. (8): mean over the batch of ℓ(x) + λ·g(δ_LLR; x) + μ·|δ_LLRᵀ∇ₓℓ(x)|.
 
     model: maps images [B, ...] in [0, 1] to logits [B, K]. x: [B, ...] in [0, 1].
-    y: [B] integer labels. eps: radius of the ℓ∞ ball in pixel units (8/255 for CIFAR-10).
-    lam, mu: λ and μ of Eq. (8). steps, lr: Adam steps on δ and their learning rate.
+    y: [B] integer labels. eps: radius of the ball in pixel units (8/255 for CIFAR-10 in ℓ∞).
+    norm: "linf" (the paper's) or "l2" (the ball of the search; see `_Search`).
+    lam, mu: λ and μ of Eq. (8). steps, lr: the search's steps on δ, and Adam's learning rate
+    (ℓ∞; the ℓ2 search takes steps of 2.5·ε/steps).
     The defaults are the authors' released CIFAR-10 config (`config.py`: 10 steps; their loss
     2·CE + 4·(γ + 0.3·|δᵀ∇ₓℓ|) is twice this one with λ = 2, μ = 0.6; train it with SGD at lr 0.2
     and weight decay 1e-4 to match their lr 0.1 and ℓ2 weight 2e-4 on that doubled loss). The paper
@@ -258,10 +285,10 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     `gamma`, `grad_term` (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean
     `logits` [B, K] (for accuracy, with no extra forward pass).
     """
-    _check_eps(eps)
+    _check(eps, norm)
     with reuse_clean_batch_statistics(model, update_running_stats=True):
         logits, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
-        x_adv = _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator)
+        x_adv = _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator, norm)
         gamma = _gap(model, x, y, x_adv, clean_loss, grad)
     delta = x_adv - x
     grad_term = _directional(delta, grad).abs()
@@ -271,6 +298,8 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     return loss, info
 
 
-def _check_eps(eps):
-    if not 0 <= float(eps) <= 1:
-        raise ValueError(f"eps must lie in [0, 1] (pixel units, e.g. 8/255), got {eps}")
+def _check(eps, norm):
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"unknown norm {norm!r}; choose linf or l2")
+    if not 0 <= float(eps) <= (1 if norm == "linf" else 2):
+        raise ValueError(f"eps must lie in [0, {1 if norm == 'linf' else 2}] (pixel units, e.g. 8/255), got {eps}")

@@ -1,6 +1,6 @@
 """Training objectives: LLR and the paper's baselines, one short function each.
 
-Every method is called as `fn(model, x, y, eps, *, generator=None, **options)` on a
+Every method is called as `fn(model, x, y, eps, *, generator=None, norm="linf", **options)` on a
 batch of [0, 1] images (the losses are float32 under autocast, which runs
 cross-entropy, softmax and KL in float32) and returns `(loss, info)`: the scalar to minimise and a
 dict of detached per-sample tensors for logging (`logits` are the clean logits
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import llr
-from ball import project, random_point
+from ball import project, random_point, steepest
 
 
 @contextlib.contextmanager
@@ -46,25 +46,26 @@ def _input_grad(loss, x_adv, create_graph=False):
     return torch.autograd.grad(loss, x_adv, create_graph=create_graph)[0]
 
 
-def signed_ascent(model, x, x_adv, eps, steps, step_size, objective):
-    """`steps` signed-gradient steps of `step_size` from x_adv up `objective(x_adv)` (a scalar, summed
-    over the batch), each projected onto B(ε) ∩ [0, 1] around x; batch norm in eval mode. The inner
-    maximisation of ADV, TRADES and LFR. Returns x_adv detached."""
+def signed_ascent(model, x, x_adv, eps, steps, step_size, objective, norm="linf"):
+    """`steps` steepest-ascent steps of `step_size` (sign(∇) in ℓ∞, ∇/‖∇‖₂ in ℓ2) from x_adv up
+    `objective(x_adv)` (a scalar, summed over the batch), each projected onto B(ε) ∩ [0, 1] around x;
+    batch norm in eval mode. The inner maximisation of ADV, TRADES and LFR. Returns x_adv detached."""
     with _eval_mode(model), torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
-            x_adv = project(x_adv.detach() + step_size * _input_grad(objective(x_adv), x_adv).sign(), x, eps)
+            step = step_size * steepest(_input_grad(objective(x_adv), x_adv), norm)
+            x_adv = project(x_adv.detach() + step, x, eps, norm)
     return x_adv.detach()
 
 
-def plain_loss(model, x, y, eps, *, generator=None):
-    """Standard training: mean cross-entropy on x (ε is unused)."""
+def plain_loss(model, x, y, eps, *, generator=None, norm="linf"):
+    """Standard training: mean cross-entropy on x (ε and the norm are unused)."""
     logits = model(x)
     loss = F.cross_entropy(logits, y, reduction="none")
     return loss.mean(), {"logits": logits.detach(), "clean_loss": loss.detach()}
 
 
-def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, generator=None):
+def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, generator=None, norm="linf"):
     """PGD adversarial training (Madry et al. 2018): cross-entropy on x_adv after `steps` signed
     steps of `step_size` on the cross-entropy, projected onto B(ε) ∩ [0, 1], from a uniform random
     point of the ball (from x itself with random_start=False). step_size defaults to 2.5·ε/steps,
@@ -72,26 +73,28 @@ def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, g
     7 steps of 2/255, ours 10 (our choice, as the LLR paper's ADV baseline). One step is FGSM
     training: from x with step ε (Goodfellow et al. 2015), or with a random start and step 1.25·ε
     ("fast adversarial training", Wong et al. 2020). ADV-1 and ADV-2 are the cheap variants that
-    the paper (Table 2, Fig. 4) shows to obfuscate gradients."""
+    the paper (Table 2, Fig. 4) shows to obfuscate gradients. In ℓ2 the steps follow ∇/‖∇‖₂ (ℓ2
+    PGD, as Madry et al.'s ℓ2 models)."""
     step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    start = random_point(x, eps, generator) if random_start else x
+    start = random_point(x, eps, generator, norm) if random_start else x
     x_adv = signed_ascent(model, x, start, eps, steps, step_size,
-                          lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"))
+                          lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"), norm)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
     return loss.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach()}
 
 
-def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=0.007, generator=None):
+def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=0.007, generator=None, norm="linf"):
     """TRADES (Zhang et al. 2019, `trades.py`): CE(f(x), y) + β·KL(p(x) ‖ p(x_adv)), x_adv maximising
     the KL from x + 0.001·N(0, 1) with `steps` signed steps of `step_size`, in eval mode; the two
     loss passes in train mode, as `trades.py`. Defaults are its CIFAR-10 ones: 10 steps of 0.007
-    (at its ε = 0.031, about 8/255), β = 6."""
+    (at its ε = 0.031, about 8/255), β = 6. In ℓ2 the steps follow ∇/‖∇‖₂ (pass a step_size suited
+    to the ℓ2 radius, e.g. ε/4: 0.007 is an ℓ∞ step)."""
     with torch.no_grad(), _eval_mode(model):
         p_clean = F.softmax(model(x), 1)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_adv = signed_ascent(model, x, project(x + 0.001 * noise, x, eps), eps, steps, step_size,
-                          lambda x_adv: F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum"))
+    x_adv = signed_ascent(model, x, project(x + 0.001 * noise, x, eps, norm), eps, steps, step_size,
+                          lambda x_adv: F.kl_div(F.log_softmax(model(x_adv), 1), p_clean, reduction="sum"), norm)
     logits = model(x)
     natural = F.cross_entropy(logits, y, reduction="none")
     robust = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1),
@@ -100,7 +103,7 @@ def trades_loss(model, x, y, eps, *, beta=6.0, steps=10, step_size=0.007, genera
                                               "kl": robust.detach()}
 
 
-def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None):
+def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None, norm="linf"):
     """CURE (Moosavi-Dezfooli et al. 2019, the official `CURE.py`): CE(x) + weight·‖∇ₓℓ(x + z) − ∇ₓℓ(x)‖₂
     with z = h·sign(∇ₓℓ(x)) / ‖sign(∇ₓℓ(x))‖₂, so that ‖z‖₂ = h: the norm (not squared) of the
     finite difference of the input gradient, differentiated through both gradients (double
@@ -128,32 +131,33 @@ def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None):
                                                 "curvature": curvature.detach()}
 
 
-def _input_grad_l1(model, x_adv, y):
-    """‖∇ₓℓ(x_adv)‖₁ per sample [B], differentiable with respect to the weights (double backprop)
-    and, when x_adv requires grad, with respect to x_adv (the search's objective)."""
+def _input_grad_dual_norm(model, x_adv, y, norm):
+    """The dual norm of ∇ₓℓ(x_adv) per sample [B] (‖·‖₁ for the ℓ∞ ball, ‖·‖₂ for the ℓ2 ball),
+    differentiable with respect to the weights (double backprop) and, when x_adv requires grad,
+    with respect to x_adv (the search's objective)."""
     if not x_adv.requires_grad:
         x_adv = x_adv.detach().requires_grad_(True)
-    grad = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True)
-    return grad.flatten(1).abs().sum(1)
+    grad = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True).flatten(1)
+    return grad.abs().sum(1) if norm == "linf" else grad.norm(dim=1)
 
 
-def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None):
+def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None, norm="linf"):
     """Local flatness regularisation (our choice of a gradient-norm baseline; not one of the
     paper's): CE(x) + weight·ε·‖∇ₓℓ(x + δ)‖₁ at the δ in B(ε) where the input gradient is largest,
     found by `steps` signed ascent steps on ‖∇ₓℓ‖₁ from a random start (each a double backward,
     in eval mode as the other methods' searches). The scale: ε‖∇ₓℓ(x')‖₁ = max over δ in B(ε) of
     δᵀ∇ₓℓ(x'), the largest first-order loss increase the ball allows at x' (the |δᵀ∇ₓℓ| term of
-    Eq. 7), so weight 1 penalises the worst first-order increase found. The final pass on x + δ
+    Eq. 7), so weight 1 penalises the worst first-order increase found; in ℓ2 it is ε‖∇ₓℓ(x')‖₂. The final pass on x + δ
     is normalised with the clean batch's statistics (`llr.reuse_clean_batch_statistics`, as LLR),
     so it sees the normalisation of x, and SyncBatchNorm stays twice differentiable.
     step_size defaults to 2.5·ε/steps."""
     step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    x_adv = signed_ascent(model, x, random_point(x, eps, generator), eps, steps, step_size,
-                          lambda x_adv: _input_grad_l1(model, x_adv, y).sum())
+    x_adv = signed_ascent(model, x, random_point(x, eps, generator, norm), eps, steps, step_size,
+                          lambda x_adv: _input_grad_dual_norm(model, x_adv, y, norm).sum(), norm)
     with llr.reuse_clean_batch_statistics(model, update_running_stats=True):
         logits = model(x)  # the clean pass: its statistics normalise the pass on x_adv
         loss = F.cross_entropy(logits, y, reduction="none")
-        flatness = eps * _input_grad_l1(model, x_adv, y)
+        flatness = eps * _input_grad_dual_norm(model, x_adv, y, norm)
     return (loss + weight * flatness).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                "flatness": flatness.detach()}
 

@@ -86,7 +86,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     run = training.Run(args, accelerator, steps_per_epoch, eps,
                        {"dataset": "cifar10", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
-                        "method": args.method, "options": options, "eps": eps},
+                        "method": args.method, "options": options, "eps": eps, "norm": args.norm},
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
                                          f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, "
@@ -96,7 +96,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
             lr, eps_now = run.schedule(step, optimizer)
             x, y = batch_for(images, labels, args, step, steps_per_epoch, accelerator)
             optimizer.zero_grad(set_to_none=True)
-            loss, info = loss_fn(model, x, y, eps_now, **options,
+            loss, info = loss_fn(model, x, y, eps_now, **options, norm=args.norm,
                                  generator=training.generator_for(args, step, device, "method", accelerator.process_index))
             accelerator.backward(loss)  # with the double backward where the method has one
             optimizer.step()
@@ -112,7 +112,7 @@ def main(argv=None):
     args = get_args(argv)
     accelerator = Accelerator()
     try:  # everything that can fail because of the user's input, before any training
-        eps = ball.parse_eps(args.eps)
+        eps = ball.parse_eps(args.eps, args.norm)
         training.check_run_args(args)
         cli.require(args.train_n >= 0, f"--train-n must not be negative, got {args.train_n}")
         cli.require(args.batch_size % accelerator.num_processes == 0,

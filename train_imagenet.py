@@ -70,7 +70,7 @@ def get_args(argv=None):
         p.error("--data-dir is required (ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
     if args.llr_steps is None:  # the paper: 2 inner steps at ε = 4/255, 10 at 16/255
         try:
-            args.llr_steps = 10 if ball.parse_eps(args.eps) > 4 / 255 else 2
+            args.llr_steps = 10 if ball.parse_eps(args.eps, args.norm) > 4 / 255 else 2
         except ValueError:
             pass  # main() reports a bad --eps in one line
     return args
@@ -149,7 +149,7 @@ def main(argv=None):
     accelerator = Accelerator()
     processes = accelerator.num_processes
     try:  # everything that can fail because of the user's input, before any training
-        eps = ball.parse_eps(args.eps)
+        eps = ball.parse_eps(args.eps, args.norm)
         args.lr = args.lr_per_256 * args.batch_size / 256
         training.check_run_args(args)
         for flag in ("per_device_batch", "image_size"):
@@ -195,7 +195,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     evaluate = None if args.val_n == 0 else functools.partial(
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     metadata = {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
-                "image_size": args.image_size, "method": args.method, "options": options, "eps": eps}
+                "image_size": args.image_size, "method": args.method, "options": options, "eps": eps, "norm": args.norm}
     run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
@@ -208,7 +208,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
                 with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch
                     stream = accelerator.process_index + accelerator.num_processes * micro
                     generator = training.generator_for(args, step, device, "method", stream)
-                    loss, info = loss_fn(model, x, y, eps_now, generator=generator, **options)
+                    loss, info = loss_fn(model, x, y, eps_now, generator=generator, norm=args.norm, **options)
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -46,7 +46,7 @@ def add_method_options(parser):
     for name, fn in methods.METHODS.items():
         group = parser.add_argument_group(f"--method {name} (defaults from {fn.__module__}.{fn.__name__})")
         for p in inspect.signature(fn).parameters.values():
-            if p.default is p.empty or p.name == "generator":
+            if p.default is p.empty or p.name in ("generator", "norm"):
                 continue
             kind = (boolean if isinstance(p.default, bool) else int if isinstance(p.default, int) else number)
             group.add_argument(f"--{name}-{p.name.replace('_', '-')}", type=kind, default=p.default,
@@ -58,7 +58,7 @@ def method_options(args):
     """The keyword options of the chosen method, read back from the generated flags."""
     fn = methods.METHODS[args.method]
     return {p.name: getattr(args, f"{args.method}_{p.name}") for p in inspect.signature(fn).parameters.values()
-            if p.default is not p.empty and p.name != "generator"}
+            if p.default is not p.empty and p.name not in ("generator", "norm")}
 
 
 def add_run_arguments(parser, out_prefix, val_n):
@@ -66,6 +66,9 @@ def add_run_arguments(parser, out_prefix, val_n):
     validation images, logging, evaluation, checkpoints and --resume."""
     g = parser.add_argument_group("method")
     g.add_argument("--method", default="llr", choices=list(methods.METHODS), help="the training objective (methods.py)")
+    g.add_argument("--norm", default="linf", choices=["linf", "l2"],
+                   help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
+                        "the evaluation after each epoch (every method); the paper's is linf")
     g = parser.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
     g.add_argument("--out", help=f"run directory (unset: runs/{out_prefix}-<method>)")
@@ -102,6 +105,7 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
     start at full ε, as their papers' code."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.norm = getattr(args, "norm", "linf")
     if args.eps_warmup is None:
         args.eps_warmup = llr_eps_warmup if args.method == "llr" else 0.0
     if args.resume:
@@ -121,7 +125,7 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
         changed = {k: getattr(args, k) for k in sorted(given)}
-        args = argparse.Namespace(**{**saved, **changed, "resume": args.resume, "out": args.resume,
+        args = argparse.Namespace(**{"norm": "linf", **saved, **changed, "resume": args.resume, "out": args.resume,
                                      "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
@@ -536,13 +540,14 @@ def evaluate(model, images, labels, eps, args, accelerator, step):
     counts = torch.zeros(6, device=accelerator.device)  # clean, fgsm, pgd, images, γ sum, γ images
     for chunk in share.split(256):
         x, y = images[chunk.to(images.device)].float() / 255, labels[chunk.to(labels.device)]
-        x_fgsm = attacks.fgsm_k(model, x, y, eps, steps=1, step_size=eps, loss="ce")
-        x_pgd = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=args.eval_restarts, seed=args.seed)
+        x_fgsm = attacks.fgsm_k(model, x, y, eps, steps=1, step_size=eps, loss="ce", norm=args.norm)
+        x_pgd = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=args.eval_restarts, seed=args.seed,
+                                   norm=args.norm)
         with torch.no_grad():
             counts[:4] += torch.stack([(model(v).argmax(1) == y).sum() for v in (x, x_fgsm, x_pgd)] + [torch.tensor(len(y))])
         first = chunk < args.gamma_n
         if first.any():
-            gamma, _ = llr.local_linearity(model, x[first], y[first], eps,
+            gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=args.norm,
                                            generator=generator_for(args, step, x.device, "gamma", 1))
             counts[4:] += torch.stack([gamma.sum(), torch.tensor(float(len(gamma)), device=gamma.device)])
     counts = accelerator.reduce(counts, "sum")
@@ -558,7 +563,7 @@ def measure_gamma(model, images, labels, eps, args, step):
     without augmentation, model in eval mode (as eval.py --gamma): the paper's Fig. 2."""
     model.eval()
     x, y = images[:args.gamma_n].float() / 255, labels[:args.gamma_n]
-    gamma, _ = llr.local_linearity(model, x, y, eps, generator=generator_for(args, step, x.device, "gamma"))
+    gamma, _ = llr.local_linearity(model, x, y, eps, norm=args.norm, generator=generator_for(args, step, x.device, "gamma"))
     model.train()
     return {"gamma_mean": gamma.mean().item(), "gamma_median": gamma.median().item(),
             "gamma_max": gamma.max().item(), "gamma_n": len(y)}

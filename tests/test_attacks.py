@@ -264,3 +264,39 @@ def test_square_breaks_what_masked_gradients_hide():
     x_square = attacks.square(model, x, y, eps, queries=300)
     assert (x_square - x).abs().max() <= eps + 1e-6 and x_square.min() >= 0 and x_square.max() <= 1
     assert gradient > 0.5 and _accuracy(model, x_square, y) < 0.1
+
+
+@pytest.mark.parametrize("attack, kwargs", [
+    (attacks.untargeted, {}), (attacks.fgsm_k, {"steps": 40}), (attacks.multi_targeted, {}),
+])
+def test_l2_attacks_reach_the_closed_form_optimum_of_a_linear_model(attack, kwargs):
+    """Two classes, ℓ2 ball, images away from the box's faces: the best margin in the ball is
+    m(x) + ε‖w₁ − w₀‖₂, reached at x + ε(w₁ − w₀)/‖w₁ − w₀‖₂ for class 0 (and the mirror for 1)."""
+    model = Linear(12, 2, seed=5)
+    c = (model.W[1] - model.W[0]).detach()
+    with torch.no_grad():  # the decision boundary through the middle of the images
+        model.b.copy_(torch.stack([0.5 * c.sum(), torch.zeros((), dtype=c.dtype)]))
+    g = torch.Generator().manual_seed(6)
+    x = 0.4 + 0.2 * torch.rand(64, 3, 2, 2, generator=g, dtype=torch.float64)
+    y = model(x).argmax(1)
+    eps = 0.02 * c.norm().item() / c.abs().max().item()  # each coordinate moves at most 0.02: no face is hit
+    optimum = attacks.margin(model(x), y).detach() + eps * c.norm()
+    assert (optimum > 0).any() and (optimum <= 0).any()
+    x_adv = attack(model, x, y, eps, norm="l2", **kwargs)
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= eps + 1e-9).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    achieved = attacks.margin(model(x_adv), y).detach()
+    assert ((achieved > 0) == (optimum > 0)).all()
+    torch.testing.assert_close(achieved[optimum <= 0], optimum[optimum <= 0], rtol=0, atol=1e-9)
+
+
+def test_l2_examples_stay_in_the_ball_and_box_at_the_faces():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 4, 4, generator=g)
+    x[:3] = 0.0  # on the box's corner: the box cuts the ball
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Softplus(), nn.Linear(4, 4))
+    y = torch.randint(0, 4, (8,), generator=g)
+    for attack in (attacks.untargeted, attacks.multi_targeted, attacks.random_targeted, attacks.fgsm_k):
+        x_adv = attack(model, x, y, 0.5, steps=5, norm="l2")
+        assert ((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    with pytest.raises(ValueError, match="ℓ∞ attack"):
+        attacks.untargeted(model, x, y, 0.5, optimizer="adam", norm="l2")

@@ -65,7 +65,7 @@ def fake(monkeypatch):
 
 
 def _args(**kw):
-    return SimpleNamespace(checkpoint="c", seed=0, batch_size=4, bf16=False, aa_version="custom",
+    return SimpleNamespace(checkpoint="c", seed=0, batch_size=4, bf16=False, norm="linf", aa_version="custom",
                            aa_attacks="apgd-ce", **kw)
 
 

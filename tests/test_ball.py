@@ -63,11 +63,15 @@ def test_every_script_reads_the_same_spelling_the_same_way(text, folders, tmp_pa
 
 
 def test_eval_reads_the_spelling_with_ball(monkeypatch, tmp_path):
+    import models
+
+    checkpoint = str(tmp_path / "model.safetensors")
+    models.save_checkpoint(models.build_model("wrn-10-1"), checkpoint)
     seen = []
-    monkeypatch.setattr(ball, "parse_eps", lambda text: seen.append(text) or 4 / 255)
-    with pytest.raises(SystemExit):
-        eval_script.main([str(tmp_path / "none.safetensors"), "--eps", "4"])
-    assert seen == ["4"]
+    monkeypatch.setattr(ball, "parse_eps", lambda text, norm="linf": seen.append((text, norm)) or 4 / 255)
+    with pytest.raises(SystemExit):  # (no data there)
+        eval_script.main([checkpoint, "--eps", "4", "--data-dir", str(tmp_path / "none")])
+    assert seen == [("4", "linf")]
 
 
 def test_project_is_the_nearest_point_of_ball_and_box():
@@ -80,3 +84,25 @@ def test_project_is_the_nearest_point_of_ball_and_box():
     # coordinate-wise: the interval [max(x−ε, 0), min(x+ε, 1)] is convex, so clipping is the nearest point
     lo, hi = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
     torch.testing.assert_close(p, torch.minimum(torch.maximum(target, lo), hi))
+
+
+def test_l2_projection_and_random_points():
+    """The ℓ2 ball ∩ [0, 1]: every projected or random point is in it; away from the box's faces the
+    projection is the nearest point of the ball (x + ε·(v − x)/‖v − x‖); a point inside stays put."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    x[:4] = 0.0
+    far = x + 2 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for points in (ball.project(far, x, 0.5, "l2"), ball.random_point(x, 0.5, g, "l2")):
+        assert ball.inside(points, x, 0.5, norm="l2").all()
+    middle = 0.4 + 0.2 * torch.rand(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    v = middle + 0.01 * torch.randn(middle.shape, generator=g, dtype=torch.float64)
+    d = (v - middle).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ball.project(v, middle, 0.005, "l2"), middle + 0.005 * (v - middle) / d)
+    near = middle + 0.001 * (v - middle) / d
+    torch.testing.assert_close(ball.project(near, middle, 0.005, "l2"), near)
+    radii = (ball.random_point(middle.repeat(50, 1, 1, 1), 0.005, g, "l2") - middle.repeat(50, 1, 1, 1)).flatten(1)
+    assert radii.norm(dim=1).min() > 0.005 * 0.8  # uniform in a 48-dimensional ball: nearly all mass near the sphere
+    assert ball.parse_eps("0.5", "l2") == 0.5 and ball.parse_eps("36", "l2") == pytest.approx(36 / 255)
+    with pytest.raises(ValueError, match="more than 2"):
+        ball.parse_eps("600/255", "l2")

@@ -296,3 +296,26 @@ def test_llr_keeps_its_own_copy_of_the_ball_geometry():
     assert not torch.equal(ball.project(x_adv, x, 0.1), x_adv)  # the projection has work to do
     assert torch.equal(llr._project(x_adv, x, 0.1), ball.project(x_adv, x, 0.1))
     assert torch.equal(llr._random_start(x, 0.1, _seeded(5)), ball.random_point(x, 0.1, _seeded(5)))
+
+
+def test_l2_ball():
+    """norm="l2": δ stays in the ℓ2 ball and the box, γ never decreases with more steps and is
+    at least the gap at random points of the ball (where it is the max over the ball)."""
+    torch.manual_seed(0)
+    model = TinyConvNet().double().eval()
+    x, y = _data(8)
+    x[0] = 0.0
+    eps = 0.3
+    _, info = llr.llr_loss(model, x, y, eps, steps=3, generator=_seeded(), norm="l2")
+    gammas = [llr.local_linearity(model, x, y, eps, steps=k, generator=_seeded(1), norm="l2") for k in (0, 5, 20)]
+    for delta in (info["delta"], gammas[-1][1]):
+        assert (delta.flatten(1).norm(dim=1) <= eps + 1e-9).all()
+        assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    assert (gammas[1][0] >= gammas[0][0]).all() and (gammas[2][0] >= gammas[1][0]).all()
+    assert (gammas[2][0] > gammas[0][0]).any()
+    for seed in range(5):
+        random_delta = ball.random_point(x, eps, _seeded(seed + 10), "l2") - x
+        gap = llr.linearity_gap(model, x, y, random_delta).detach()
+        assert (gammas[2][0] >= gap - 1e-12).mean(dtype=torch.float64) > 0.8
+    with pytest.raises(ValueError, match="unknown norm"):
+        llr.llr_loss(model, x, y, eps, norm="l1")

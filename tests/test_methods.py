@@ -150,3 +150,25 @@ def test_lfr_search_climbs_the_gradient_norm():
     flatness = [methods.lfr_loss(model, x, y, EPS, steps=k, generator=_seeded(4))[1]["flatness"].sum()
                 for k in (0, 3)]
     assert flatness[1] > flatness[0]
+
+
+@pytest.mark.parametrize("method", ["adv", "trades", "lfr"])
+def test_l2_attacks_inside_the_methods_stay_in_the_l2_ball(method, monkeypatch):
+    """With norm="l2" the inner maximisation of ADV, TRADES and LFR steps along ∇/‖∇‖₂ and stays in
+    the ℓ2 ball ∩ [0, 1]: every point the model sees there is checked."""
+    model, _ = _pair()
+    x, y = _data()
+    seen = []
+    original = methods.signed_ascent
+
+    def recording(model, x, x_adv, eps, steps, step_size, objective, norm="linf"):
+        result = original(model, x, x_adv, eps, steps, step_size, objective, norm)
+        seen.append((x, result, norm))
+        return result
+
+    monkeypatch.setattr(methods, "signed_ascent", recording)
+    options = {"adv": {"steps": 3}, "trades": {"steps": 3, "step_size": 0.1}, "lfr": {"steps": 2}}[method]
+    methods.METHODS[method](model, x, y, 0.3, generator=_seeded(), norm="l2", **options)
+    (clean, x_adv, norm), = seen
+    assert norm == "l2" and ball.inside(x_adv, clean, 0.3, norm="l2").all()
+    assert not ball.inside(x_adv, clean, 0.3 / 10, norm="l2").all()  # it did move

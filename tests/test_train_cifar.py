@@ -201,3 +201,17 @@ def test_eval_refuses_the_images_that_chose_the_checkpoint(data_dir, tmp_path):
     models.save_checkpoint(models.load_checkpoint(best), legacy, eval_robust_acc=0.5, eval_n=1000)
     with pytest.raises(SystemExit, match="first 1000 test images"):
         eval_script.main([legacy, *common])
+
+
+def test_l2_threat_model_from_training_to_evaluation(data_dir, tmp_path):
+    """--norm l2: the method's ball, the evaluation after each epoch and the checkpoint's record are
+    ℓ2; eval.py reads the norm from the checkpoint and runs the ℓ2 suite (no ℓ∞-only Square)."""
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "llr", "--llr-steps", "1", "--norm", "l2", "--eps", "36/255", "--data-dir", data_dir,
+                      "--epochs", "1", "--out", run, *TINY])
+    meta = models.read_checkpoint_metadata(os.path.join(run, "last.safetensors"))
+    assert meta["norm"] == "l2" and meta["eps"] == pytest.approx(36 / 255)
+    report = eval_script.main([run, "--eps", "36/255", "--data-dir", data_dir, "--n", "4", "--steps", "2",
+                               "--restarts", "1", "--fgsm-steps", "2", "--square-queries", "2", "--no-sanity",
+                               "--out", str(tmp_path / "e.json")])
+    assert report["norm"] == "l2" and "square" not in report["results"] and "untargeted" in report["results"]
