@@ -38,10 +38,10 @@ def parse_eps(text, norm="linf"):
     if eps > MAX_EPS[norm] or 0 < eps < MIN_EPS:
         readings = "" if fraction else (f": as pixel units {text} is {255 * float(value):.4g}/255, as units of "
                                         f"1/255 it is {float(value):.4g}/255, and it is read as {255 * eps:.4g}/255")
-        bound = (f"more than {'64/255' if norm == 'linf' else '2'} ({norm})" if eps > MAX_EPS[norm]
-                 else "less than 0.5/255")
-        raise ValueError(f"eps {text} is {bound}, almost surely a unit mistake{readings}; "
-                         f"write the radius as a fraction, e.g. 8/255")
+        bound = (f"more than {'64/255' if norm == 'linf' else '2'}, almost surely a unit mistake for an "
+                 f"{dict(linf='ℓ∞', l2='ℓ2')[norm]} radius" if eps > MAX_EPS[norm] else "less than 0.5/255, almost surely a unit mistake")
+        raise ValueError(f"eps {text} is {bound}{readings}; write the radius as a fraction, e.g. "
+                         f"{'8/255' if norm == 'linf' else '36/255'}")
     return eps
 
 

@@ -15,6 +15,7 @@ evaluated: choosing by validation accuracy is early stopping, which is exactly h
 would be hidden. The setting (model, data, ε, schedule) is the one the exploration written up in
 the README found; see EXPLORED there.
 """
+import concurrent.futures
 import json
 import os
 import shutil
@@ -30,19 +31,23 @@ PY = sys.executable
 # --------------------------------------------------------------------------- the experiment
 DATA = "data/cifar10-jpeg"  # the JPEG copy of CIFAR-10 (see the README)
 EPS = "8/255"
-COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "15", "--batch-size", "128", "--lr", "0.2",
-          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
-          "--eval-steps", "20", "--gamma-n", "128", "--log-every", "50"]
+COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--train-n", "6000", "--epochs", "10", "--batch-size", "128",
+          "--lr", "0.1", "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "300",
+          "--eval-steps", "10", "--gamma-n", "32", "--log-every", "10"]
+# FGSM from a random start with a step of 2ε: the failure case of fast adversarial training
+# (Wong, Rice & Kolter 2020, Fig. 3), the most collapse-prone single-step setting; two seeds.
+FGSM = ["--method", "adv", "--adv-steps", "1", "--adv-step-size", "16/255", "--adv-random-start", "true"]
 RUNS = {  # name: (label in the table, train_cifar.py flags)
     "plain": ("plain", ["--method", "plain"]),
-    "fgsm": ("ADV-1 (FGSM)", ["--method", "adv", "--adv-steps", "1", "--adv-step-size", EPS,
-                              "--adv-random-start", "false"]),
+    "fgsm": ("ADV-1 (FGSM-RS, step 2ε)", FGSM),
+    "fgsm-seed1": ("ADV-1 (FGSM-RS, step 2ε), seed 1", [*FGSM, "--seed", "1"]),
     "adv2": ("ADV-2", ["--method", "adv", "--adv-steps", "2"]),
     "llr1": ("LLR-1 (μ = 0)", ["--method", "llr", "--llr-steps", "1", "--llr-mu", "0"]),
     "llr2": ("LLR-2 (μ = 0)", ["--method", "llr", "--llr-steps", "2", "--llr-mu", "0"]),
     "llr2-mu": ("LLR-2", ["--method", "llr", "--llr-steps", "2"]),
     "adv10": ("ADV-10", ["--method", "adv", "--adv-steps", "10"]),
 }
+COST_ORDER = ["adv10", "llr2-mu", "llr2", "llr1", "adv2", "fgsm", "fgsm-seed1", "plain"]  # most expensive first
 COLLAPSING, LINEAR = "fgsm", "llr1"  # the pair whose loss surfaces are drawn
 EVAL = ["--eps", EPS, "--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"]
 SURFACES = 3  # the first this many test images that both models of the pair classify correctly
@@ -69,37 +74,49 @@ def trained(run):
     return abs(models.read_checkpoint_metadata(last)["epoch"] - epochs) < 1e-9
 
 
-def call(argv):
-    """Run a project script; its failure stops this one, with its own message above."""
+def call(argv, jobs=1):
+    """Run a project script with its share of the CPU cores (`jobs` run at once); its failure stops
+    this one, with its own message above."""
     print("+ " + " ".join(argv), flush=True)
-    result = subprocess.run([PY, *argv], cwd=HERE)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    result = subprocess.run([PY, *argv], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads})
     if result.returncode:
-        sys.exit(f"cpu_repro.py: error: {' '.join(argv[:2])} ... failed (exit status {result.returncode})")
+        raise SystemExit(f"cpu_repro.py: error: {' '.join(argv[:2])} ... failed (exit status {result.returncode})")
 
 
 # --------------------------------------------------------------------------- the stages
-def train(setting):
-    for name, (_, flags) in setting["runs"].items():
-        run = run_dir(setting["root"], name)
-        if trained(run):
-            continue
-        if os.path.exists(os.path.join(run, "state.pt")):
-            call(["train_cifar.py", "--resume", run])
-        else:
-            call(["train_cifar.py", "--data-dir", setting["data"], "--out", run, "--overwrite", *setting["common"],
-                  *flags])
+def train(setting, name):
+    run = run_dir(setting["root"], name)
+    if trained(run):
+        return
+    if os.path.exists(os.path.join(run, "state.pt")):
+        call(["train_cifar.py", "--resume", run], setting["jobs"])
+    else:
+        call(["train_cifar.py", "--data-dir", setting["data"], "--out", run, "--overwrite", *setting["common"],
+              *setting["runs"][name][1]], setting["jobs"])
 
 
-def evaluate(setting):
+def evaluate(setting, name):
     out = setting["out"]
-    for name in setting["runs"]:
-        report = os.path.join(out, f"{name}.eval.json")
-        if not os.path.exists(report):
-            call(["eval.py", os.path.join(run_dir(setting["root"], name), "last.safetensors"), "--data-dir",
-                  setting["data"], *setting["eval"], "--out", report])
-        checkpoint = os.path.join(out, f"{name}.safetensors")
-        if not os.path.exists(checkpoint):
-            shutil.copyfile(os.path.join(run_dir(setting["root"], name), "last.safetensors"), checkpoint)
+    report = os.path.join(out, f"{name}.eval.json")
+    if not os.path.exists(report):
+        call(["eval.py", os.path.join(run_dir(setting["root"], name), "last.safetensors"), "--data-dir",
+              setting["data"], *setting["eval"], "--out", report], setting["jobs"])
+    checkpoint = os.path.join(out, f"{name}.safetensors")
+    if not os.path.exists(checkpoint):
+        shutil.copyfile(os.path.join(run_dir(setting["root"], name), "last.safetensors"), checkpoint)
+
+
+def runs(setting, stages):
+    """Each run through `stages` (train, evaluate or both), --jobs runs at a time, the most expensive
+    first so that the last to finish is a cheap one."""
+    def one(name):
+        for stage in stages:
+            stage(setting, name)
+
+    with concurrent.futures.ThreadPoolExecutor(setting["jobs"]) as pool:
+        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=COST_ORDER.index)]:
+            future.result()  # the first failure stops the command (the other jobs finish their run)
 
 
 def surface_images(setting):
@@ -178,17 +195,29 @@ def figures(setting):
 def table(summary):
     """The results table in Markdown."""
     head = ("| run | Nominal | FGSM-20 | Untargeted | Multi-Targeted | Square | APGD-T | worst case | "
-            "FGSM-20 − worst | mean γ | epoch time × plain |\n" + "| --- " + "| ---: " * 10 + "|\n")
+            "FGSM-20 − worst | mean γ | epoch time × plain | obfuscation checks failed |\n"
+            + "| --- " + "| ---: " * 10 + "| --- |\n")
     cell = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = [f"| {r['label']} | {cell(r['nominal'])} | {cell(r.get('fgsm20'))} | {cell(r.get('untargeted'))} | "
              f"{cell(r.get('multi-targeted'))} | {cell(r.get('square'))} | {cell(r.get('apgd-t'))} | "
              f"{cell(r['worst_case'])} | {cell(r['drop_fgsm20_to_worst'])} | "
-             f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | {r['epoch_time_x_plain']:.2f} |"
+             f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | {r['epoch_time_x_plain']:.2f} | "
+             f"{', '.join(r['flags_raised']) or 'none'} |"
              for r in summary["runs"].values()]
     return head + "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- cpu-repro:begin (written by cpu_repro.py) -->", "<!-- cpu-repro:end -->"
+def marked(part):
+    """The README's markers around the text this file writes there."""
+    return f"<!-- cpu-repro:{part} (written by cpu_repro.py) -->", f"<!-- cpu-repro:{part}:end -->"
+
+
+def surface_links(setting):
+    """Markdown image links to the loss-surface figures, one per chosen test image."""
+    folder = os.path.relpath(setting["out"], os.path.dirname(setting["readme"]))
+    return "".join(f"![loss surfaces, test image {i}]({folder}/surface-{i}.png)\n"
+                   for i in surface_images(setting)
+                   if os.path.exists(os.path.join(setting["out"], f"surface-{i}.png")))
 
 
 def report(setting):
@@ -201,15 +230,18 @@ def report(setting):
     if readme:
         with open(readme) as f:
             content = f.read()
-        if BEGIN in content and END in content:
-            head, rest = content.split(BEGIN, 1)
-            content = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-            with open(readme, "w") as f:
-                f.write(content)
+        for part, written in (("table", text), ("surfaces", surface_links(setting))):
+            begin, end = marked(part)
+            if begin in content and end in content:
+                head, rest = content.split(begin, 1)
+                content = head + begin + "\n" + written + end + rest.split(end, 1)[1]
+        with open(readme, "w") as f:
+            f.write(content)
     print(text)
 
 
-STAGES = {"train": train, "evaluate": evaluate, "surfaces": surfaces, "report": report}
+STAGES = {"train": lambda s: runs(s, [train]), "evaluate": lambda s: runs(s, [evaluate]), "surfaces": surfaces,
+          "report": report}
 
 
 def smoke_setting(root):
@@ -221,15 +253,24 @@ def smoke_setting(root):
     out = os.path.join(root, "docs")
     os.makedirs(out, exist_ok=True)
     runs = {name: RUNS[name] for name in ("plain", COLLAPSING, LINEAR)}
+    readme = os.path.join(root, "README.md")
+    if not os.path.exists(readme):
+        with open(readme, "w") as f:
+            f.write("\n".join(["before", *marked("table"), "between", *marked("surfaces"), "after\n"]))
     return {"root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL, "runs": runs,
-            "surfaces": 1, "grid": 5, "readme": None, "machine": "smoke test"}
+            "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 
 
 def main(argv=None):
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("--only", choices=list(STAGES), help="run this stage alone (unset: every stage, in order)")
     p.add_argument("--smoke", metavar="DIR", help="the whole pipeline on generated images under DIR (the tests)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs trained or evaluated at once, sharing the CPU cores (2 on a 2-core machine: each "
+                        "process then keeps its core busy, which one process with 2 threads does not)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.smoke:
         setting = smoke_setting(args.smoke)
     else:
@@ -240,10 +281,14 @@ def main(argv=None):
         setting = {"root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"), "common": COMMON,
                    "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
                    "readme": os.path.join(HERE, "README.md"), "machine": machine()}
+    setting["jobs"] = args.jobs
     start = time.time()
-    for name, stage in STAGES.items():
-        if args.only in (None, name):
-            stage(setting)
+    if args.only:
+        STAGES[args.only](setting)
+    else:
+        runs(setting, [train, evaluate])  # a run is evaluated as soon as it is trained
+        surfaces(setting)
+        report(setting)
     print(f"cpu_repro.py: done in {time.time() - start:.0f} s; results in {setting['out']}")
 
 

@@ -57,11 +57,12 @@ FAST_PATH = [("baseline: bf16, channels-last", []), ("float32", ["--no-bf16"]),
 def environment():
     import torch
 
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    # a copy of the tree without .git (a lent GPU machine) is told its commit in GIT_COMMIT
+    # GIT_COMMIT first: a copy of the tree sent to a lent GPU machine may carry a stale .git
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"],
+                                                            capture_output=True, text=True).stdout.strip()
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "git_commit": commit or os.environ.get("GIT_COMMIT", "unknown"),
+            "git_commit": commit or "unknown",
             "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

@@ -544,7 +544,8 @@ def evaluate(model, images, labels, eps, args, accelerator, step):
         x_pgd = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=args.eval_restarts, seed=args.seed,
                                    norm=args.norm)
         with torch.no_grad():
-            counts[:4] += torch.stack([(model(v).argmax(1) == y).sum() for v in (x, x_fgsm, x_pgd)] + [torch.tensor(len(y))])
+            correct = [(model(v).argmax(1) == y).sum() for v in (x, x_fgsm, x_pgd)]
+            counts[:4] += torch.stack(correct + [torch.tensor(len(y), device=y.device)])
         first = chunk < args.gamma_n
         if first.any():
             gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=args.norm,

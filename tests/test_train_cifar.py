@@ -88,7 +88,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eps", "300/255"], "more than 64/255, almost surely a unit mistake"),
+    (["--eps", "300/255"], "more than 64/255, almost surely a unit mistake for an ℓ∞ radius"),
     (["--eps", "x"], "cannot read eps"),
     (["--arch", "vgg"], "unknown architecture"),
 ])
