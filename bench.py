@@ -33,7 +33,18 @@ VARIANTS = {
     "trades-10": ("trades", {"steps": 10}),
     "cure": ("cure", {}),
     "lfr": ("lfr", {}),
+    "lipschitz": ("lipschitz", {}),  # a lipconvnet's training with the fast SOC gradient (soc.py) ...
+    "lipschitz-exact": ("lipschitz", {"fast_gradient": False}),  # ... and with autograd's exact one
 }
+TWICE_DIFFERENTIATED = ("llr", "cure", "lfr")  # need softplus: not for a lipconvnet (MaxMin)
+
+
+def suited(name, arch):
+    """Whether the variant `name` can train the model `arch`."""
+    method = VARIANTS[name][0]
+    if arch.startswith("lipconvnet"):
+        return method not in TWICE_DIFFERENTIATED
+    return method != "lipschitz"
 
 
 COMPILABLE = ("plain", "adv", "trades")  # no double backward: torch.compile applies
@@ -46,7 +57,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128 if cuda else 32, help="images per step")
     p.add_argument("--image-size", type=int, default=32, help="side of the random square images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the model")
-    p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(VARIANTS)} (unset: those suited to --arch; "
+                                      f"lipschitz* for a lipconvnet, llr, cure and lfr for the others)")
     p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps of each method first")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPU for a check)")
@@ -99,10 +111,15 @@ BUSY_SPREAD = 1.5  # a method whose slowest timed step took this many times its 
 
 def run(args):
     device = torch.device(args.device)
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    names = ([n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else
+             [n for n in VARIANTS if suited(n, args.arch)])
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench.py: error: unknown method {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    unsuited = [n for n in names if not suited(n, args.arch)]
+    if unsuited:
+        raise SystemExit(f"bench.py: error: {unsuited[0]} cannot train {args.arch} (lipschitz* train a lipconvnet; "
+                         f"llr, cure and lfr differentiate twice through softplus, which a lipconvnet has not)")
     for flag in ("batch_size", "image_size", "num_classes", "rounds"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"bench.py: error: --{flag.replace('_', '-')} must be at least 1")

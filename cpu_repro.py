@@ -212,12 +212,14 @@ def marked(part):
     return f"<!-- cpu-repro:{part} (written by cpu_repro.py) -->", f"<!-- cpu-repro:{part}:end -->"
 
 
-def surface_links(setting):
-    """Markdown image links to the loss-surface figures, one per chosen test image."""
+def figure_links(setting):
+    """Markdown image links to the figures that exist: validation curves, γ on the test set, and
+    one loss-surface figure per chosen test image."""
     folder = os.path.relpath(setting["out"], os.path.dirname(setting["readme"]))
-    return "".join(f"![loss surfaces, test image {i}]({folder}/surface-{i}.png)\n"
-                   for i in surface_images(setting)
-                   if os.path.exists(os.path.join(setting["out"], f"surface-{i}.png")))
+    figures = [("validation curves", "validation.png"), ("gamma on the test set", "gamma-test.png"),
+               *((f"loss surfaces, test image {i}", f"surface-{i}.png") for i in surface_images(setting))]
+    return "".join(f"![{label}]({folder}/{name})\n" for label, name in figures
+                   if os.path.exists(os.path.join(setting["out"], name)))
 
 
 def report(setting):
@@ -230,7 +232,7 @@ def report(setting):
     if readme:
         with open(readme) as f:
             content = f.read()
-        for part, written in (("table", text), ("surfaces", surface_links(setting))):
+        for part, written in (("table", text), ("figures", figure_links(setting))):
             begin, end = marked(part)
             if begin in content and end in content:
                 head, rest = content.split(begin, 1)
@@ -256,7 +258,7 @@ def smoke_setting(root):
     readme = os.path.join(root, "README.md")
     if not os.path.exists(readme):
         with open(readme, "w") as f:
-            f.write("\n".join(["before", *marked("table"), "between", *marked("surfaces"), "after\n"]))
+            f.write("\n".join(["before", *marked("table"), "between", *marked("figures"), "after\n"]))
     return {"root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL, "runs": runs,
             "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 

@@ -88,6 +88,9 @@ def get_args(argv=None):
     g = p.add_argument_group("extra measurements")
     g.add_argument("--gamma", action="store_true", help="γ(ε, x) with 50 Adam steps, lr 0.1 (Fig. F3)")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity checks' extra attacks")
+    g.add_argument("--certify", action="store_true",
+                   help="a lipconvnet model (soc.py), --norm l2: certified accuracy at radii 36/255, 72/255, 108/255 "
+                        "and at --eps, and a check that no image certified at --eps was broken by an attack")
     g = p.add_argument_group("instead of the suite: figures (plots.py draws them)")
     g.add_argument("--surface", type=int, nargs="+", metavar="INDEX",
                    help="loss surfaces around these test images (Fig. 1, 4; the paper's panel: 126)")
@@ -554,6 +557,24 @@ def add_autoattack(results, autoattack, checks, n):
     return counts
 
 
+CERTIFY_RADII = {"36/255": 36 / 255, "72/255": 72 / 255, "108/255": 108 / 255}
+
+
+def certify(model, images, labels, eps, worst_robust, batch_size, device):
+    """Per image, the certified ℓ2 radius (soc.certified_radius); the certified accuracy at the
+    papers' radii and at ε; and the images certified at ε that an attack broke (a contradiction:
+    a bug in the certificate or in the attack)."""
+    import soc
+
+    constants = soc.certificate_constants(model)
+    radius = torch.cat([soc.certified_radius(model, x, y, constants).cpu()
+                        for _, x, y in batches(images, labels, batch_size, device)])
+    at = {name: (radius > r).float().mean().item() for name, r in {**CERTIFY_RADII, "eps": eps}.items()}
+    contradictions = [i for i, (r, robust) in enumerate(zip(radius.tolist(), worst_robust)) if r > eps and not robust]
+    return {"radius": radius.tolist(), "certified_accuracy": at, "contradictions": contradictions,
+            "features_lipschitz": constants["features_lipschitz"]}
+
+
 def write_json(path, obj):
     """`obj` as JSON at `path`, atomically (a temporary file, then a rename)."""
     with open(path + ".tmp", "w") as f:
@@ -599,6 +620,15 @@ def print_table(report):
         print(f"obfuscation report: FGSM-20 to worst case drops {100 * o['drop_weak_to_worst']:.2f} points")
     for check in o["checks"]:
         print(f"  [{'ok' if check['ok'] else 'FLAG'}] {check['name']}: {check['detail']}")
+    if "certificates" in report:
+        c = report["certificates"]
+        print("certified ℓ2 accuracy: " + "  ".join(f"{name if name != 'eps' else report['eps_text']}: "
+                                                     f"{100 * a:.2f}%" for name, a in c["certified_accuracy"].items())
+              + f"  (empirical at {report['eps_text']}: {100 * r['worst_case']['accuracy']:.2f}%)")
+        if c["contradictions"]:
+            print(f"CONTRADICTION: {len(c['contradictions'])} images certified at {report['eps_text']} were broken "
+                  f"by an attack (e.g. image {c['contradictions'][0]}): the certificate or the attack is wrong",
+                  file=sys.stderr)
 
 
 def main(argv=None):
@@ -616,6 +646,8 @@ def main(argv=None):
         parse_strengths(args.strengths)
         cli.require(not (args.surface and args.norm == "l2"), "--surface draws the ℓ∞ ball (sign directions); "
                                                                "it has no --norm l2")
+        cli.require(not args.certify or (args.norm == "l2" and config["arch"].startswith("lipconvnet")),
+                    "--certify gives ℓ2 certificates of a lipconvnet model: it needs one, and --norm l2")
         if args.autoattack:
             import_autoattack()
             autoattack_options(args)
@@ -685,6 +717,9 @@ def main(argv=None):
             except ValueError as e:
                 sys.exit(f"eval.py: error: {e}")
             report["cross_check"] = add_autoattack(results, autoattack, report["obfuscation"]["checks"], len(labels))
+        if args.certify:
+            worst = results.get("worst_case_with_autoattack", results["worst_case"])["robust"]
+            report["certificates"] = certify(model, images, labels, eps, worst, args.batch_size, args.device)
         print_table(report)
     report["time_s"] = round(time.time() - start, 2)
     write_json(out, report)
@@ -692,6 +727,9 @@ def main(argv=None):
         if os.path.exists(leftover):
             os.remove(leftover)
     print(f"wrote {out}")
+    if report.get("certificates", {}).get("contradictions"):
+        sys.exit(f"eval.py: error: certificates contradicted by attacks on {len(report['certificates']['contradictions'])}"
+                 f" images (see {out})")
     return report
 
 

@@ -13,6 +13,7 @@ from `generator`, so a run is reproducible and resumable step by step.
     trades   TRADES, Zhang et al. 2019
     cure     CURE curvature regularisation, Moosavi-Dezfooli et al. 2019
     lfr      local flatness: the largest input-gradient norm in the ball (double backprop; ours)
+    lipschitz  a LipConvNet's training for ℓ2 certificates, Singla & Feizi 2022 (soc.py)
 
 Attack passes inside a method (ADV's and TRADES' inner maximisation, LFR's search)
 run with batch norm in eval mode, on running statistics, as TRADES' `trades.py`
@@ -162,5 +163,52 @@ def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator
                                                "flatness": flatness.detach()}
 
 
+def lipschitz_loss(model, x, y, eps, *, gamma=0.0, beta=0.0, fast_gradient=True, generator=None, norm="l2"):
+    """Training of a 1-Lipschitz LipConvNet (soc.py) for certified ℓ2 robustness, as the authors'
+    train_robust.py (Singla & Feizi 2022): cross-entropy, minus gamma times the mean certificate
+    of the correctly classified images (the certificate regulariser of their `--gamma`, for the
+    ortho and lln last layers: the margin over √2, or over ‖w_y − w_j‖, divided by the
+    normalisation's Lipschitz constant), plus beta times the mean curvature bound of CRC-Lip's
+    last layer (their `--beta`: ¼‖√|min(w2_y − w2_j, 0)| ⊙ W1·u‖² for the top right singular
+    vector u of W1, kept by one power iteration per step, averaged over j ≠ y). fast_gradient:
+    the SOC layers' fast training gradient (the paper's contribution (b), their `--fast-train`),
+    or autograd's exact one through the series. ε is not used: the certificate is computed at
+    evaluation (eval.py --certify)."""
+    import soc
+
+    net = getattr(model, "module", model).net
+    if not isinstance(net, soc.LipConvNet):
+        raise ValueError("--method lipschitz trains a lipconvnet model (soc.py), e.g. --arch lipconvnet-5-lln")
+    if gamma and net.last_name == "crc" or beta and net.last_name != "crc":
+        raise ValueError("--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one")
+    layers = [m for m in net.modules() if isinstance(m, soc.SOC)]
+    before = [m.fast_gradient for m in layers]
+    for m in layers:
+        m.fast_gradient = fast_gradient
+    try:
+        logits = model(x)
+    finally:
+        for m, fast in zip(layers, before):
+            m.fast_gradient = fast
+    loss = F.cross_entropy(logits, y, reduction="none")
+    info = {"logits": logits.detach(), "clean_loss": loss.detach()}
+    if gamma:
+        margin = logits.gather(1, y[:, None]) - logits
+        if net.last_name == "lln":
+            w = net.last.unit_weight()
+            margin = margin / (w[y][:, None] - w[None]).norm(dim=2).clamp(min=1e-12)
+        else:
+            margin = margin / 2 ** 0.5
+        certificate = margin.scatter(1, y[:, None], float("inf")).min(1).values
+        certificate = F.relu(certificate * (logits.argmax(1) == y)) * getattr(model, "module", model).std.min()
+        loss = loss - gamma * certificate
+        info["certificate"] = certificate.detach()
+    if beta:
+        curvature = net.last.curvature_estimate(y)
+        loss = loss + beta * curvature
+        info["curvature"] = curvature.detach()
+    return loss.mean(), info
+
+
 METHODS = {"plain": plain_loss, "llr": llr.llr_loss, "adv": adv_loss, "trades": trades_loss,
-           "cure": cure_loss, "lfr": lfr_loss}
+           "cure": cure_loss, "lfr": lfr_loss, "lipschitz": lipschitz_loss}

@@ -7,6 +7,7 @@ a smooth activation: softplus is the default; relu is there for comparisons.
 
     model = build_model("wrn-28-8", num_classes=10)            # paper's CIFAR-10 model
     model = build_model("resnet152", num_classes=1000, normalization="imagenet")
+    model = build_model("lipconvnet-5-lln")                    # 1-Lipschitz, certifiable (soc.py)
     save_checkpoint(model, "run/last.safetensors", epoch=3)
     model = load_checkpoint("run/last.safetensors")            # eval mode, [0, 1] inputs
 """
@@ -17,12 +18,16 @@ import re
 import torch
 from torch import nn
 
+import soc
+
 NORMALIZATION = {  # per-channel (mean, std) of the training images
     "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),  # authors' datasets.py
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision
 }
 ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
-ARCHITECTURES = "wrn-<depth>-<width> (e.g. wrn-28-8, wrn-40-8, wrn-34-10), preact-resnet18, resnet18, resnet50, resnet152"
+ARCHITECTURES = ("wrn-<depth>-<width> (e.g. wrn-28-8, wrn-40-8, wrn-34-10), preact-resnet18, resnet18, resnet50, "
+                 "resnet152, lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] (soc.py; e.g. "
+                 "lipconvnet-5-lln)")
 
 
 class ImageClassifier(nn.Module):
@@ -109,10 +114,16 @@ def build_model(name, num_classes=10, activation="softplus", normalization="cifa
 
     normalization: the dataset whose mean and std the model subtracts and divides by.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
     if normalization not in NORMALIZATION:
         raise ValueError(f"unknown normalization {normalization!r}; choose from {', '.join(NORMALIZATION)}")
+    lipconvnet = soc.parse_arch(name)
+    if lipconvnet:  # 1-Lipschitz layers: the activation is part of the name (MaxMin unless -hh1)
+        net = soc.LipConvNet(num_classes=num_classes, **lipconvnet)
+        config = {"arch": name, "num_classes": num_classes, "activation": lipconvnet.get("activation", "maxmin"),
+                  "normalization": normalization}
+        return ImageClassifier(net, *NORMALIZATION[normalization], config)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
     wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
     if wrn:

@@ -28,6 +28,7 @@ import data
 import llr
 import methods
 import models
+import soc
 from cli import boolean, fractions_of_training, number, require
 
 STATE = "state.pt"
@@ -145,6 +146,15 @@ def check_run_args(args):
         fractions_of_training(args.lr_decay_at)
     except ValueError as e:
         raise ValueError(f"--lr-decay-at: {e}") from None
+    lipconvnet = args.arch.startswith("lipconvnet")
+    require(lipconvnet or args.method != "lipschitz", "--method lipschitz trains a lipconvnet-* model")
+    require(not lipconvnet or args.method in ("plain", "adv", "trades", "lipschitz"),
+            f"--method {args.method} differentiates twice, through softplus: a lipconvnet (MaxMin, and SOC's "
+            f"fast gradient) cannot; use plain, adv, trades or lipschitz")
+    if args.method == "lipschitz":
+        last = (soc.parse_arch(args.arch) or {}).get("last", "ortho")
+        require(not (args.lipschitz_gamma and last == "crc") and not (args.lipschitz_beta and last != "crc"),
+                f"--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one ({args.arch})")
     for name, value in method_options(args).items():
         flag = f"--{args.method}-{name.replace('_', '-')}"
         if isinstance(value, bool) or value is None:

@@ -10,10 +10,27 @@ def test_bench_writes_every_method(tmp_path):
                               "--warmup", "1", "--device", "cpu", "--out", out]))
     with open(out) as f:
         report = json.load(f)
-    assert set(report["results"]) == set(bench.VARIANTS)
+    assert set(report["results"]) == {n for n in bench.VARIANTS if not n.startswith("lipschitz")}
     for name, r in report["results"].items():
         assert len(r["ms_all"]) == 2 and r["ms_median"] > 0 and r["images_per_s"] > 0
         assert r["ms_q1"] <= r["ms_median"] <= r["ms_q3"]
         assert r["peak_memory_gib"] is None  # measured on CUDA only
     assert report["results"]["plain"]["ratio_to_plain"] == 1.0
     assert report["device"] == "cpu" and report["arch"] == "wrn-10-1"
+
+
+def test_bench_times_the_fast_soc_gradient_against_the_exact_one(tmp_path):
+    """On a lipconvnet the default variants are those that can train it: the SOC gradients, not LLR."""
+    out = str(tmp_path / "bench.json")
+    bench.run(bench.get_args(["--arch", "lipconvnet-5-c4", "--batch-size", "2", "--image-size", "32", "--rounds", "1",
+                              "--warmup", "0", "--device", "cpu", "--out", out]))
+    with open(out) as f:
+        results = json.load(f)["results"]
+    assert {"plain", "lipschitz", "lipschitz-exact", "adv-10"} <= set(results) and "llr-2" not in results
+
+
+def test_bench_refuses_a_method_that_cannot_train_the_model():
+    import pytest
+
+    with pytest.raises(SystemExit, match="llr-2 cannot train lipconvnet-5-c4"):
+        bench.run(bench.get_args(["--arch", "lipconvnet-5-c4", "--methods", "llr-2", "--device", "cpu"]))

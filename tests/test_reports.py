@@ -45,5 +45,6 @@ def test_cpu_repro_smoke(tmp_path):
     readme = (tmp_path / "README.md").read_text()  # the results land between the markers, the rest stays
     table_begin, table_end = cpu_repro.marked("table")
     assert readme.startswith("before\n" + table_begin + "\n| run | Nominal |") and "between" in readme
-    assert f"(docs/surface-{summary['surface_images'][0]}.png)" in readme and readme.endswith("after\n")
+    assert f"(docs/surface-{summary['surface_images'][0]}.png)" in readme and "(docs/validation.png)" in readme
+    assert readme.endswith("after\n")
     cpu_repro.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again

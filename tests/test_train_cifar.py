@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=3, per_class=10, size=16)
 
 
-@pytest.mark.parametrize("method", list(methods.METHODS))
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m != "lipschitz"])  # lipconvnets: test_soc.py
 def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
     run = str(tmp_path / method)
     train_cifar.main(["--method", method, "--data-dir", data_dir, "--epochs", "2", "--out", run,
