@@ -622,8 +622,9 @@ def print_table(report):
         print(f"  [{'ok' if check['ok'] else 'FLAG'}] {check['name']}: {check['detail']}")
     if "certificates" in report:
         c = report["certificates"]
-        print("certified ℓ2 accuracy: " + "  ".join(f"{name if name != 'eps' else report['eps_text']}: "
-                                                     f"{100 * a:.2f}%" for name, a in c["certified_accuracy"].items())
+        radii = {("ε = " + report["eps_text"] if name == "eps" else name): a
+                 for name, a in c["certified_accuracy"].items()}
+        print("certified ℓ2 accuracy at radius " + "  ".join(f"{name}: {100 * a:.2f}%" for name, a in radii.items())
               + f"  (empirical at {report['eps_text']}: {100 * r['worst_case']['accuracy']:.2f}%)")
         if c["contradictions"]:
             print(f"CONTRADICTION: {len(c['contradictions'])} images certified at {report['eps_text']} were broken "
