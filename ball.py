@@ -38,8 +38,11 @@ def parse_eps(text, norm="linf"):
     if eps > MAX_EPS[norm] or 0 < eps < MIN_EPS:
         readings = "" if fraction else (f": as pixel units {text} is {255 * float(value):.4g}/255, as units of "
                                         f"1/255 it is {float(value):.4g}/255, and it is read as {255 * eps:.4g}/255")
-        bound = (f"more than {'64/255' if norm == 'linf' else '2'}, almost surely a unit mistake for an "
-                 f"{dict(linf='ℓ∞', l2='ℓ2')[norm]} radius" if eps > MAX_EPS[norm] else "less than 0.5/255, almost surely a unit mistake")
+        if eps > MAX_EPS[norm]:
+            bound = (f"more than {'64/255' if norm == 'linf' else '2'}, almost surely a unit mistake for an "
+                     f"{'ℓ∞' if norm == 'linf' else 'ℓ2'} radius")
+        else:
+            bound = "less than 0.5/255, almost surely a unit mistake"
         raise ValueError(f"eps {text} is {bound}{readings}; write the radius as a fraction, e.g. "
                          f"{'8/255' if norm == 'linf' else '36/255'}")
     return eps

@@ -36,15 +36,11 @@ VARIANTS = {
     "lipschitz": ("lipschitz", {}),  # a lipconvnet's training with the fast SOC gradient (soc.py) ...
     "lipschitz-exact": ("lipschitz", {"fast_gradient": False}),  # ... and with autograd's exact one
 }
-TWICE_DIFFERENTIATED = ("llr", "cure", "lfr")  # need softplus: not for a lipconvnet (MaxMin)
 
 
 def suited(name, arch):
-    """Whether the variant `name` can train the model `arch`."""
-    method = VARIANTS[name][0]
-    if arch.startswith("lipconvnet"):
-        return method not in TWICE_DIFFERENTIATED
-    return method != "lipschitz"
+    """Whether the variant `name` can train the model `arch` (methods.trains)."""
+    return methods.trains(VARIANTS[name][0], arch)
 
 
 COMPILABLE = ("plain", "adv", "trades")  # no double backward: torch.compile applies

@@ -176,11 +176,11 @@ def lipschitz_loss(model, x, y, eps, *, gamma=0.0, beta=0.0, fast_gradient=True,
     evaluation (eval.py --certify)."""
     import soc
 
-    net = getattr(model, "module", model).net
+    classifier = getattr(model, "module", model)  # under DistributedDataParallel, the model itself
+    net = classifier.net
     if not isinstance(net, soc.LipConvNet):
         raise ValueError("--method lipschitz trains a lipconvnet model (soc.py), e.g. --arch lipconvnet-5-lln")
-    if gamma and net.last_name == "crc" or beta and net.last_name != "crc":
-        raise ValueError("--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one")
+    check_lipschitz_options(net.last_name, gamma, beta)
     layers = [m for m in net.modules() if isinstance(m, soc.SOC)]
     before = [m.fast_gradient for m in layers]
     for m in layers:
@@ -193,14 +193,8 @@ def lipschitz_loss(model, x, y, eps, *, gamma=0.0, beta=0.0, fast_gradient=True,
     loss = F.cross_entropy(logits, y, reduction="none")
     info = {"logits": logits.detach(), "clean_loss": loss.detach()}
     if gamma:
-        margin = logits.gather(1, y[:, None]) - logits
-        if net.last_name == "lln":
-            w = net.last.unit_weight()
-            margin = margin / (w[y][:, None] - w[None]).norm(dim=2).clamp(min=1e-12)
-        else:
-            margin = margin / 2 ** 0.5
-        certificate = margin.scatter(1, y[:, None], float("inf")).min(1).values
-        certificate = F.relu(certificate * (logits.argmax(1) == y)) * getattr(model, "module", model).std.min()
+        certificate = soc.linear_margin_radii(net, logits, y).min(1).values
+        certificate = F.relu(certificate * (logits.argmax(1) == y)) * classifier.std.min()
         loss = loss - gamma * certificate
         info["certificate"] = certificate.detach()
     if beta:
@@ -208,6 +202,23 @@ def lipschitz_loss(model, x, y, eps, *, gamma=0.0, beta=0.0, fast_gradient=True,
         loss = loss + beta * curvature
         info["curvature"] = curvature.detach()
     return loss.mean(), info
+
+
+def check_lipschitz_options(last_layer, gamma, beta):
+    """--method lipschitz's regularisers each belong to some last layers (ValueError otherwise)."""
+    if gamma and last_layer == "crc" or beta and last_layer != "crc":
+        raise ValueError("--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one")
+
+
+TWICE_DIFFERENTIATED = ("llr", "cure", "lfr")  # through softplus: not through a lipconvnet's MaxMin and fast SOC
+
+
+def trains(method, arch):
+    """Whether `method` can train the model called `arch`: lipschitz trains lipconvnets alone, and a
+    lipconvnet takes no method that differentiates twice."""
+    if arch.startswith("lipconvnet"):
+        return method not in TWICE_DIFFERENTIATED
+    return method != "lipschitz"
 
 
 METHODS = {"plain": plain_loss, "llr": llr.llr_loss, "adv": adv_loss, "trades": trades_loss,

@@ -309,16 +309,26 @@ def certificate_constants(model):
     return constants
 
 
-def _margin_radii(net, features, y, constants):
-    """[B, K] radii, in feature space, within which z_y − z_j stays positive (inf for j = y)."""
-    logits = net.last(features)
-    logits = logits.flatten(1)
+def linear_margin_radii(net, logits, y, last_lipschitz=1.0):
+    """[B, K] radii, in feature space, within which z_y − z_j stays positive, for the linear last
+    layers (inf for j = y): ortho, margin / (√2 · the layer's Lipschitz bound); lln, margin /
+    ‖w_y − w_j‖. Differentiable: with last_lipschitz 1, the training certificate of --method
+    lipschitz."""
     margin = logits.gather(1, y[:, None]) - logits  # [B, K]
-    if net.last_name == "ortho":
-        return margin / (math.sqrt(2) * constants["last_lipschitz"])
     if net.last_name == "lln":
         w = net.last.unit_weight()
-        return margin / (w[y][:, None] - w[None]).norm(dim=2)
+        radii = margin / (w[y][:, None] - w[None]).norm(dim=2).clamp(min=1e-12)  # 0 for j = y: replaced
+    else:
+        radii = margin / (math.sqrt(2) * last_lipschitz)
+    return radii.scatter(1, y[:, None], math.inf)
+
+
+def _margin_radii(net, features, y, constants):
+    """[B, K] radii, in feature space, within which z_y − z_j stays positive (inf for j = y)."""
+    logits = net.last(features).flatten(1)
+    if net.last_name != "crc":
+        return linear_margin_radii(net, logits, y, constants.get("last_lipschitz", 1.0))
+    margin = logits.gather(1, y[:, None]) - logits  # [B, K]
     f = features.flatten(1).detach().requires_grad_(True)
     with torch.enable_grad():
         z = net.last(f)
@@ -327,7 +337,7 @@ def _margin_radii(net, features, y, constants):
     m = constants["curvature"][y]  # [B, K]
     g = margin.double()
     curved = (torch.sqrt(grad_norm ** 2 + 2 * m * g.clamp(min=0)) - grad_norm) / m.clamp(min=1e-12)
-    return torch.where(m > 0, curved, g / grad_norm).float()
+    return torch.where(m > 0, curved, g / grad_norm).float().scatter(1, y[:, None], math.inf)
 
 
 @torch.no_grad()
@@ -341,7 +351,7 @@ def certified_radius(model, x, y, constants=None):
     try:
         constants = constants or certificate_constants(model)
         features = model.net.features((x - model.mean) / model.std)
-        radii = _margin_radii(model.net, features, y, constants).scatter(1, y[:, None], math.inf)
+        radii = _margin_radii(model.net, features, y, constants)
         return (radii.min(dim=1).values / constants["features_lipschitz"]).clamp(min=0)
     finally:
         model.train(was_training)

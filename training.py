@@ -106,7 +106,6 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
     start at full ε, as their papers' code."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    args.norm = getattr(args, "norm", "linf")
     if args.eps_warmup is None:
         args.eps_warmup = llr_eps_warmup if args.method == "llr" else 0.0
     if args.resume:
@@ -146,15 +145,13 @@ def check_run_args(args):
         fractions_of_training(args.lr_decay_at)
     except ValueError as e:
         raise ValueError(f"--lr-decay-at: {e}") from None
-    lipconvnet = args.arch.startswith("lipconvnet")
-    require(lipconvnet or args.method != "lipschitz", "--method lipschitz trains a lipconvnet-* model")
-    require(not lipconvnet or args.method in ("plain", "adv", "trades", "lipschitz"),
+    require(methods.trains(args.method, args.arch),
+            "--method lipschitz trains a lipconvnet-* model" if args.method == "lipschitz" else
             f"--method {args.method} differentiates twice, through softplus: a lipconvnet (MaxMin, and SOC's "
             f"fast gradient) cannot; use plain, adv, trades or lipschitz")
     if args.method == "lipschitz":
-        last = (soc.parse_arch(args.arch) or {}).get("last", "ortho")
-        require(not (args.lipschitz_gamma and last == "crc") and not (args.lipschitz_beta and last != "crc"),
-                f"--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one ({args.arch})")
+        methods.check_lipschitz_options((soc.parse_arch(args.arch) or {}).get("last", "ortho"), args.lipschitz_gamma,
+                                        args.lipschitz_beta)
     for name, value in method_options(args).items():
         flag = f"--{args.method}-{name.replace('_', '-')}"
         if isinstance(value, bool) or value is None:
