@@ -15,7 +15,7 @@ LAUNCH     = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/accelerate launch --num_pr
 
 CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro gpu-report
+.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro l2-compare gpu-report
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ data/cifar10-jpeg/train:  ## the JPEG copy of CIFAR-10, unpacked from CIFAR_TAR
 
 cpu-repro: install install-extras data/cifar10-jpeg/train  ## the paper's central claim on a CPU: hours, resumable
 	$(PY) cpu_repro.py
+
+l2-compare: install data/cifar10-jpeg/train  ## certified (SOC) against empirical (LLR, ADV) l2 robustness: GPU for the evaluation
+	$(PY) l2_compare.py
 
 gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU)
 	$(PY) gpu_report.py $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))

@@ -58,8 +58,8 @@ SMOKE_EVAL = ["--eps", EPS, "--n", "8", "--gamma", "--steps", "2", "--restarts",
               "--no-sanity"]
 
 
-def run_dir(root, name):
-    return os.path.join(root, "runs", "cpu-repro", name)
+def run_dir(setting, name):
+    return os.path.join(setting["root"], "runs", setting["name"], name)
 
 
 def trained(run):
@@ -86,7 +86,7 @@ def call(argv, jobs=1):
 
 # --------------------------------------------------------------------------- the stages
 def train(setting, name):
-    run = run_dir(setting["root"], name)
+    run = run_dir(setting, name)
     if trained(run):
         return
     if os.path.exists(os.path.join(run, "state.pt")):
@@ -100,11 +100,11 @@ def evaluate(setting, name):
     out = setting["out"]
     report = os.path.join(out, f"{name}.eval.json")
     if not os.path.exists(report):
-        call(["eval.py", os.path.join(run_dir(setting["root"], name), "last.safetensors"), "--data-dir",
-              setting["data"], *setting["eval"], "--out", report], setting["jobs"])
+        call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
+              *setting["eval"], *setting.get("eval_extra", {}).get(name, []), "--out", report], setting["jobs"])
     checkpoint = os.path.join(out, f"{name}.safetensors")
     if not os.path.exists(checkpoint):
-        shutil.copyfile(os.path.join(run_dir(setting["root"], name), "last.safetensors"), checkpoint)
+        shutil.copyfile(os.path.join(run_dir(setting, name), "last.safetensors"), checkpoint)
 
 
 def runs(setting, stages):
@@ -115,7 +115,7 @@ def runs(setting, stages):
             stage(setting, name)
 
     with concurrent.futures.ThreadPoolExecutor(setting["jobs"]) as pool:
-        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=COST_ORDER.index)]:
+        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=setting["order"].index)]:
             future.result()  # the first failure stops the command (the other jobs finish their run)
 
 
@@ -155,7 +155,7 @@ def epoch_seconds(run):
 def summarise(setting):
     """summary.json: per run, the accuracy under each attack, the drop from FGSM-20 to the worst case,
     γ, and the training time per epoch as a multiple of plain's."""
-    plain = epoch_seconds(run_dir(setting["root"], "plain"))
+    plain = epoch_seconds(run_dir(setting, "plain"))
     rows = {}
     for name, (label, flags) in setting["runs"].items():
         report = read(os.path.join(setting["out"], f"{name}.eval.json"))
@@ -170,7 +170,7 @@ def summarise(setting):
         row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
                    gamma_mean=report.get("gamma", {}).get("mean"),
                    flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]],
-                   epoch_seconds=epoch_seconds(run_dir(setting["root"], name)))
+                   epoch_seconds=epoch_seconds(run_dir(setting, name)))
         row["epoch_time_x_plain"] = row["epoch_seconds"] / plain
         rows[name] = row
     summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
@@ -181,7 +181,7 @@ def summarise(setting):
 
 
 def figures(setting):
-    logs = [os.path.join(run_dir(setting["root"], name), "log.jsonl") for name in setting["runs"]]
+    logs = [os.path.join(run_dir(setting, name), "log.jsonl") for name in setting["runs"]]
     call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")])
     reports = [os.path.join(setting["out"], f"{name}.surface.json") for name in (COLLAPSING, LINEAR)]
     if all(os.path.exists(p) for p in reports):
@@ -207,9 +207,23 @@ def table(summary):
     return head + "\n".join(lines) + "\n"
 
 
-def marked(part):
-    """The README's markers around the text this file writes there."""
-    return f"<!-- cpu-repro:{part} (written by cpu_repro.py) -->", f"<!-- cpu-repro:{part}:end -->"
+def marked(part, experiment="cpu-repro", script="cpu_repro.py"):
+    """The README's markers around the text `script` writes there."""
+    return f"<!-- {experiment}:{part} (written by {script}) -->", f"<!-- {experiment}:{part}:end -->"
+
+
+def write_readme_parts(readme, parts, experiment="cpu-repro", script="cpu_repro.py"):
+    """Replace the text between each part's markers in `readme` ({part: text}); parts whose markers
+    are missing are left out."""
+    with open(readme) as f:
+        content = f.read()
+    for part, written in parts.items():
+        begin, end = marked(part, experiment, script)
+        if begin in content and end in content:
+            head, rest = content.split(begin, 1)
+            content = head + begin + "\n" + written + end + rest.split(end, 1)[1]
+    with open(readme, "w") as f:
+        f.write(content)
 
 
 def figure_links(setting):
@@ -228,17 +242,8 @@ def report(setting):
     text = table(summary)
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(text)
-    readme = setting["readme"]
-    if readme:
-        with open(readme) as f:
-            content = f.read()
-        for part, written in (("table", text), ("figures", figure_links(setting))):
-            begin, end = marked(part)
-            if begin in content and end in content:
-                head, rest = content.split(begin, 1)
-                content = head + begin + "\n" + written + end + rest.split(end, 1)[1]
-        with open(readme, "w") as f:
-            f.write(content)
+    if setting["readme"]:
+        write_readme_parts(setting["readme"], {"table": text, "figures": figure_links(setting)})
     print(text)
 
 
@@ -259,7 +264,8 @@ def smoke_setting(root):
     if not os.path.exists(readme):
         with open(readme, "w") as f:
             f.write("\n".join(["before", *marked("table"), "between", *marked("figures"), "after\n"]))
-    return {"root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL, "runs": runs,
+    return {"name": "cpu-repro", "root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL,
+            "runs": runs,
             "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 
 
@@ -280,10 +286,11 @@ def main(argv=None):
             sys.exit(f"cpu_repro.py: error: no CIFAR-10 copy at {DATA}: unpack it with `mkdir -p {DATA} && tar xzf "
                      f"../shared/data/cifar10-jpeg.tar.gz -C {DATA}` (or make cpu-repro CIFAR_TAR=...)")
         os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
-        setting = {"root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"), "common": COMMON,
+        setting = {"name": "cpu-repro", "root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"),
+                   "common": COMMON,
                    "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
                    "readme": os.path.join(HERE, "README.md"), "machine": machine()}
-    setting["jobs"] = args.jobs
+    setting.update(jobs=args.jobs, order=COST_ORDER)
     start = time.time()
     if args.only:
         STAGES[args.only](setting)
@@ -299,7 +306,8 @@ def machine():
 
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

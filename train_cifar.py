@@ -99,6 +99,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
             loss, info = loss_fn(model, x, y, eps_now, **options, norm=args.norm,
                                  generator=training.generator_for(args, step, device, "method", accelerator.process_index))
             accelerator.backward(loss)  # with the double backward where the method has one
+            training.clip_gradients(args, accelerator, model)
             optimizer.step()
             run.record(loss, info, y)
             step += 1

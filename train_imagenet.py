@@ -210,6 +210,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
                     generator = training.generator_for(args, step, device, "method", stream)
                     loss, info = loss_fn(model, x, y, eps_now, generator=generator, norm=args.norm, **options)
                     accelerator.backward(loss)
+                    training.clip_gradients(args, accelerator, model)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 run.record(loss, info, y)

@@ -194,6 +194,17 @@ def make_optimizer(model, args):
                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
 
 
+CRC_CLIP_NORM = 1.0  # the authors' train_robust.py clips the gradient norm to --clip-norm 1 for crc last layers
+
+
+def clip_gradients(args, accelerator, model):
+    """--method lipschitz with a CRC-Lip last layer: clip the gradient's norm to 1 before the step, as
+    the authors' train_robust.py does for that layer alone; every other run is left unclipped."""
+    if args.method == "lipschitz" and (soc.parse_arch(args.arch) or {}).get("last") == "crc" \
+            and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), CRC_CLIP_NORM)
+
+
 def set_learning_rate(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr

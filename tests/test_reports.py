@@ -1,4 +1,4 @@
-"""make gpu-report and make cpu-repro run end to end on tiny settings (no numbers are asserted)."""
+"""make gpu-report, make cpu-repro and make l2-compare run end to end on tiny settings (no numbers are asserted)."""
 import json
 import os
 
@@ -7,6 +7,7 @@ import torch
 
 import cpu_repro
 import gpu_report
+import l2_compare
 
 
 def test_gpu_report_smoke(tmp_path):
@@ -48,3 +49,21 @@ def test_cpu_repro_smoke(tmp_path):
     assert f"(docs/surface-{summary['surface_images'][0]}.png)" in readme and "(docs/validation.png)" in readme
     assert readme.endswith("after\n")
     cpu_repro.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again
+
+
+def test_l2_compare_smoke(tmp_path):
+    l2_compare.main(["--smoke", str(tmp_path)])
+    out = tmp_path / "docs"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"soc-lln", "llr"}
+    soc, llr = summary["runs"]["soc-lln"], summary["runs"]["llr"]
+    assert set(soc["certified"]) == set(l2_compare.RADII) and soc["contradictions"] == 0 and llr["certified"] == {}
+    for name, row in summary["runs"].items():
+        report = json.loads((out / f"{name}.eval.json").read_text())
+        assert report["norm"] == "l2" and ("certificates" in report) == (name == "soc-lln")
+        assert 0 <= row["empirical"] <= row["nominal"] <= 1 and row["epoch_seconds"] > 0
+    assert all(0 <= a <= soc["empirical"] for a in soc["certified"].values())  # a certificate never beats an attack
+    readme = (tmp_path / "README.md").read_text()
+    begin, end = cpu_repro.marked("table", "l2-compare", "l2_compare.py")
+    assert readme.startswith("before\n" + begin + "\n| model, training | clean |") and readme.endswith(end + "\nafter\n")
+    l2_compare.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again

@@ -145,6 +145,26 @@ def data_dir(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("cifar")), classes=2, per_class=8, size=32)
 
 
+@pytest.mark.parametrize("last, clipped", [("crc", True), ("lln", False)])
+def test_only_crc_training_clips_the_gradient_norm_to_one(last, clipped):
+    """The authors' train_robust.py clips the gradient norm to 1 for crc last layers alone."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    import training
+
+    arch = f"lipconvnet-5-c4-{last}"
+    model = models.build_model(arch)
+    (1000 * model(torch.rand(4, 3, 32, 32)).square().sum()).backward()
+    norm = lambda: torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))  # noqa: E731
+    before = norm().item()
+    assert before > 10 * training.CRC_CLIP_NORM
+    training.clip_gradients(SimpleNamespace(method="lipschitz", arch=arch), Accelerator(cpu=True), model)
+    assert norm().item() == pytest.approx(training.CRC_CLIP_NORM if clipped else before, rel=1e-4)
+
+
+
 def test_certified_training_and_evaluation_from_the_command_line(data_dir, tmp_path):
     """train_cifar.py --method lipschitz on a lipconvnet, then eval.py --norm l2 --certify: the
     certified accuracy at the papers' radii and at ε, no contradiction, and ℓ∞-only flags refused."""

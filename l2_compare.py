@@ -1,0 +1,149 @@
+"""Certified and empirical ℓ2 robustness side by side, at the development machine's scale: SOC
+LipConvNets (Singla & Feizi, NeurIPS 2022; soc.py) with the ortho, LLN and CRC-Lip last layers,
+against LLR and ADV trained in the ℓ2 ball of radius 36/255, on the CIFAR-10 copy. `make
+l2-compare` runs this file.
+
+    python l2_compare.py                 # every step not done yet: train, evaluate, write the results
+    python l2_compare.py --only train    # just one stage (train, evaluate, report)
+    python l2_compare.py --smoke DIR     # the whole pipeline on generated images (the tests)
+
+Every run trains with train_cifar.py into runs/l2-compare/NAME (interrupted runs resume) and its
+last checkpoint is evaluated with eval.py on the first 1,000 test images: the ℓ2 attack suite for
+every model (FGSM-20, Untargeted, Multi-Targeted, Random-Targeted and the sanity checks, in ℓ2
+steps), and `--certify` for the LipConvNets (which
+also fails loudly if an attack breaks an image certified at 36/255). Results land in
+docs/l2-compare/ (evaluation JSONs, checkpoints, summary.json, table.md) and in the README between
+the l2-compare markers. The machinery (resuming, parallel jobs, timing) is cpu_repro.py's. This is
+not the authors' headline: theirs needs their schedule (200 epochs of the full training set on a
+GPU) and their widths.
+"""
+import json
+import os
+import sys
+import time
+
+import cli
+import cpu_repro
+
+HERE = cpu_repro.HERE
+EPS = "36/255"
+COMMON = ["--norm", "l2", "--eps", EPS, "--train-n", "6000", "--epochs", "10", "--batch-size", "128", "--lr", "0.1",
+          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "300",
+          "--eval-steps", "10", "--gamma-n", "0", "--log-every", "10"]
+SOC = "lipconvnet-5-c16"  # the authors' LipConvNet-5 at half their width (32), for the CPU
+RUNS = {  # name: (label in the table, train_cifar.py flags)
+    "soc-ortho": ("SOC LipConvNet-5, ortho last layer", ["--arch", SOC, "--method", "lipschitz"]),
+    "soc-lln": ("SOC LipConvNet-5, LLN last layer", ["--arch", f"{SOC}-lln", "--method", "lipschitz"]),
+    "soc-crc": ("SOC LipConvNet-5, CRC-Lip last layer", ["--arch", f"{SOC}-crc", "--method", "lipschitz"]),
+    "llr": ("LLR-2, WRN-10-1", ["--arch", "wrn-10-1", "--method", "llr", "--llr-steps", "2"]),
+    "adv": ("ADV-10, WRN-10-1", ["--arch", "wrn-10-1", "--method", "adv", "--adv-steps", "10"]),
+}
+EVAL = ["--norm", "l2", "--eps", EPS, "--n", "1000", "--batch-size", "1000"]  # one batch: the models are small
+ORDER = ["adv", "llr", "soc-crc", "soc-lln", "soc-ortho"]  # most expensive first (cpu_repro.runs' order)
+RADII = ("36/255", "72/255", "108/255")
+
+SMOKE_COMMON = ["--norm", "l2", "--eps", EPS, "--epochs", "1", "--batch-size", "8", "--val-n", "6",
+                "--eval-steps", "2", "--gamma-n", "0", "--log-every", "1"]
+SMOKE_EVAL = ["--norm", "l2", "--eps", EPS, "--n", "8", "--steps", "2", "--restarts", "1", "--no-sanity"]
+
+
+def certifies(flags):
+    return flags[flags.index("--arch") + 1].startswith("lipconvnet")
+
+
+def summarise(setting):
+    """summary.json: per run, clean accuracy, the empirical ℓ2 robust accuracy (the suite's worst case
+    with AutoAttack's), the certified accuracy at the papers' radii, and the training time per epoch."""
+    rows = {}
+    for name, (label, flags) in setting["runs"].items():
+        report = cpu_repro.read(os.path.join(setting["out"], f"{name}.eval.json"))
+        r = report["results"]
+        certificates = report.get("certificates", {})
+        rows[name] = {"label": label, "flags": flags, "nominal": r["nominal"]["accuracy"],
+                      "empirical": r.get("worst_case_with_autoattack", r["worst_case"])["accuracy"],
+                      "certified": {k: v for k, v in certificates.get("certified_accuracy", {}).items() if k in RADII},
+                      "contradictions": len(certificates.get("contradictions", [])),
+                      "epoch_seconds": cpu_repro.epoch_seconds(cpu_repro.run_dir(setting, name)),
+                      "eval_device": report["device"]}
+    summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
+               "eval_flags": setting["eval"], "runs": rows}
+    with open(os.path.join(setting["out"], "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def table(summary):
+    """The results table in Markdown."""
+    cell = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    head = ("| model, training | clean | empirical ℓ2 at 36/255 | certified 36/255 | 72/255 | 108/255 | "
+            "s per epoch |\n| --- " + "| ---: " * 6 + "|\n")
+    return head + "\n".join(
+        f"| {r['label']} | {cell(r['nominal'])} | {cell(r['empirical'])} | "
+        + " | ".join(cell(r["certified"].get(k)) for k in RADII) + f" | {r['epoch_seconds']:.0f} |"
+        for r in summary["runs"].values()) + "\n"
+
+
+def report(setting):
+    summary = summarise(setting)
+    text = table(summary)
+    with open(os.path.join(setting["out"], "table.md"), "w") as f:
+        f.write(text)
+    if setting["readme"]:
+        cpu_repro.write_readme_parts(setting["readme"], {"table": text}, "l2-compare", "l2_compare.py")
+    print(text)
+
+
+STAGES = {"train": lambda s: cpu_repro.runs(s, [cpu_repro.train]),
+          "evaluate": lambda s: cpu_repro.runs(s, [cpu_repro.evaluate]), "report": report}
+
+
+def smoke_setting(root):
+    """A tiny generated ImageFolder, one LipConvNet and LLR (as the tests run it)."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    from conftest import make_image_folder
+
+    data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=32)
+    out = os.path.join(root, "docs")
+    os.makedirs(out, exist_ok=True)
+    runs = {"soc-lln": ("SOC", ["--arch", "lipconvnet-5-c8-lln", "--method", "lipschitz"]),
+            "llr": ("LLR", ["--arch", "wrn-10-1", "--method", "llr", "--llr-steps", "1"])}
+    readme = os.path.join(root, "README.md")
+    if not os.path.exists(readme):
+        with open(readme, "w") as f:
+            f.write("\n".join(["before", *cpu_repro.marked("table", "l2-compare", "l2_compare.py"), "after\n"]))
+    return {"name": "l2-compare", "root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL,
+            "runs": runs, "readme": readme, "machine": "smoke test"}
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(__doc__, __file__)
+    p.add_argument("--only", choices=list(STAGES), help="run this stage alone (unset: every stage, in order)")
+    p.add_argument("--smoke", metavar="DIR", help="the whole pipeline on generated images under DIR (the tests)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained or evaluated at once (as cpu_repro.py's)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.smoke:
+        setting = smoke_setting(args.smoke)
+    else:
+        if not os.path.isdir(os.path.join(HERE, cpu_repro.DATA)):
+            sys.exit(f"l2_compare.py: error: no CIFAR-10 copy at {cpu_repro.DATA}: unpack it with `mkdir -p "
+                     f"{cpu_repro.DATA} && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C {cpu_repro.DATA}`")
+        out = os.path.join(HERE, "docs", "l2-compare")
+        os.makedirs(out, exist_ok=True)
+        setting = {"name": "l2-compare", "root": HERE, "data": cpu_repro.DATA, "out": out, "common": COMMON,
+                   "eval": EVAL, "runs": RUNS, "readme": os.path.join(HERE, "README.md"),
+                   "machine": cpu_repro.machine()}
+    setting.update(jobs=args.jobs, order=ORDER,
+                   eval_extra={name: ["--certify"] for name, (_, flags) in setting["runs"].items() if certifies(flags)})
+    start = time.time()
+    if args.only:
+        STAGES[args.only](setting)
+    else:
+        cpu_repro.runs(setting, [cpu_repro.train, cpu_repro.evaluate])
+        report(setting)
+    print(f"l2_compare.py: done in {time.time() - start:.0f} s; results in {setting['out']}")
+
+
+if __name__ == "__main__":
+    main()
