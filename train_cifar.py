@@ -89,7 +89,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
                         "method": args.method, "options": options, "eps": eps, "norm": args.norm},
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
-                                         f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, "
+                                         f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, "
                                          f"{run.total_steps} steps of {args.batch_size} images")
     with run.progress(step):
         while step < run.total_steps:

@@ -199,7 +199,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
-        f"{args.method} on {args.arch} ({args.activation}), eps {args.eps}, {run.total_steps} steps of "
+        f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, {run.total_steps} steps of "
         f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process")
     with run.progress(step):
         while step < run.total_steps:
