@@ -269,9 +269,10 @@ def smoke_setting(root):
             "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 
 
-def main(argv=None):
-    p = cli.ArgumentParser(__doc__, __file__)
-    p.add_argument("--only", choices=list(STAGES), help="run this stage alone (unset: every stage, in order)")
+def parse_args(doc, script, stages, argv=None):
+    """The command line every experiment script of this kind shares: --only STAGE, --smoke DIR, --jobs."""
+    p = cli.ArgumentParser(doc, script)
+    p.add_argument("--only", choices=list(stages), help="run this stage alone (unset: every stage, in order)")
     p.add_argument("--smoke", metavar="DIR", help="the whole pipeline on generated images under DIR (the tests)")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs trained or evaluated at once, sharing the CPU cores (2 on a 2-core machine: each "
@@ -279,12 +280,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    return args
+
+
+def require_data(script):
+    """Exit with a one-line error unless the JPEG copy of CIFAR-10 is unpacked at DATA."""
+    if not os.path.isdir(os.path.join(HERE, DATA)):
+        sys.exit(f"{script}: error: no CIFAR-10 copy at {DATA}: unpack it with `mkdir -p {DATA} && tar xzf "
+                 f"../shared/data/cifar10-jpeg.tar.gz -C {DATA}` (or make data/cifar10-jpeg/train CIFAR_TAR=...)")
+
+
+def main(argv=None):
+    args = parse_args(__doc__, __file__, STAGES, argv)
     if args.smoke:
         setting = smoke_setting(args.smoke)
     else:
-        if not os.path.isdir(os.path.join(HERE, DATA)):
-            sys.exit(f"cpu_repro.py: error: no CIFAR-10 copy at {DATA}: unpack it with `mkdir -p {DATA} && tar xzf "
-                     f"../shared/data/cifar10-jpeg.tar.gz -C {DATA}` (or make cpu-repro CIFAR_TAR=...)")
+        require_data("cpu_repro.py")
         os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
         setting = {"name": "cpu-repro", "root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"),
                    "common": COMMON,

@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import cli
 import cpu_repro
 
 HERE = cpu_repro.HERE
@@ -116,19 +115,11 @@ def smoke_setting(root):
 
 
 def main(argv=None):
-    p = cli.ArgumentParser(__doc__, __file__)
-    p.add_argument("--only", choices=list(STAGES), help="run this stage alone (unset: every stage, in order)")
-    p.add_argument("--smoke", metavar="DIR", help="the whole pipeline on generated images under DIR (the tests)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained or evaluated at once (as cpu_repro.py's)")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    args = cpu_repro.parse_args(__doc__, __file__, STAGES, argv)
     if args.smoke:
         setting = smoke_setting(args.smoke)
     else:
-        if not os.path.isdir(os.path.join(HERE, cpu_repro.DATA)):
-            sys.exit(f"l2_compare.py: error: no CIFAR-10 copy at {cpu_repro.DATA}: unpack it with `mkdir -p "
-                     f"{cpu_repro.DATA} && tar xzf ../shared/data/cifar10-jpeg.tar.gz -C {cpu_repro.DATA}`")
+        cpu_repro.require_data("l2_compare.py")
         out = os.path.join(HERE, "docs", "l2-compare")
         os.makedirs(out, exist_ok=True)
         setting = {"name": "l2-compare", "root": HERE, "data": cpu_repro.DATA, "out": out, "common": COMMON,

@@ -67,3 +67,10 @@ def test_l2_compare_smoke(tmp_path):
     begin, end = cpu_repro.marked("table", "l2-compare", "l2_compare.py")
     assert readme.startswith("before\n" + begin + "\n| model, training | clean |") and readme.endswith(end + "\nafter\n")
     l2_compare.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again
+
+
+@pytest.mark.parametrize("script", [cpu_repro, l2_compare])
+def test_experiments_without_the_cifar_copy_fail_in_one_line(script, monkeypatch):
+    monkeypatch.setattr(cpu_repro, "DATA", "data/no-such-copy")
+    with pytest.raises(SystemExit, match="no CIFAR-10 copy at data/no-such-copy: unpack it with"):
+        script.main([])
