@@ -121,9 +121,11 @@ def runs(setting, stages):
 
 def surface_images(setting):
     """The first SURFACES test images that both models of the pair classify correctly (chosen by
-    that rule alone, not by how the surfaces look)."""
-    correct = [read(os.path.join(setting["out"], f"{name}.eval.json"))["results"]["nominal"]["robust"]
-               for name in (COLLAPSING, LINEAR)]
+    that rule alone, not by how the surfaces look); none while either is not evaluated yet."""
+    paths = [os.path.join(setting["out"], f"{name}.eval.json") for name in (COLLAPSING, LINEAR)]
+    if not all(os.path.exists(p) for p in paths):
+        return []
+    correct = [read(p)["results"]["nominal"]["robust"] for p in paths]
     return [i for i, (a, b) in enumerate(zip(*correct)) if a and b][:setting["surfaces"]]
 
 
@@ -152,15 +154,35 @@ def epoch_seconds(run):
     return steps_per_epoch * batch / (sum(rates) / len(rates))
 
 
+def last_validation(run):
+    """The last per-epoch validation record of the run in `run` (clean, FGSM, PGD accuracy, γ)."""
+    with open(os.path.join(run, "log.jsonl")) as f:
+        evals = [e for e in map(json.loads, f) if e.get("kind") == "eval"]
+    return {k: evals[-1][k] for k in ("epoch", "val_clean_acc", "val_fgsm_acc", "val_pgd_acc", "val_gamma_mean")}
+
+
 def summarise(setting):
     """summary.json: per run, the accuracy under each attack, the drop from FGSM-20 to the worst case,
-    γ, and the training time per epoch as a multiple of plain's."""
-    plain = epoch_seconds(run_dir(setting, "plain"))
+    γ, the last validation and the training time per epoch as a multiple of plain's. Runs not trained
+    or not evaluated yet are listed with their status ("training", "evaluation"), so that the report
+    can be written while the experiment is still running."""
+    plain_run = run_dir(setting, "plain")
+    plain = epoch_seconds(plain_run) if trained(plain_run) else None
     rows = {}
     for name, (label, flags) in setting["runs"].items():
-        report = read(os.path.join(setting["out"], f"{name}.eval.json"))
+        run, path = run_dir(setting, name), os.path.join(setting["out"], f"{name}.eval.json")
+        row = rows[name] = {"label": label, "flags": flags, "pending": None}
+        if not trained(run):
+            row["pending"] = "training"
+            continue
+        row.update(epoch_seconds=epoch_seconds(run), validation=last_validation(run))
+        row["epoch_time_x_plain"] = row["epoch_seconds"] / plain if plain else None
+        if not os.path.exists(path):
+            row["pending"] = "evaluation"
+            continue
+        report = read(path)
         r = report["results"]
-        row = {"label": label, "flags": flags, "nominal": r["nominal"]["accuracy"]}
+        row["nominal"] = r["nominal"]["accuracy"]
         for column in ("fgsm20", "untargeted", "multi-targeted", "square"):
             if column in r:
                 row[column] = r[column]["accuracy"]
@@ -169,10 +191,7 @@ def summarise(setting):
         worst = r.get("worst_case_with_autoattack", r["worst_case"])["accuracy"]
         row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
                    gamma_mean=report.get("gamma", {}).get("mean"),
-                   flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]],
-                   epoch_seconds=epoch_seconds(run_dir(setting, name)))
-        row["epoch_time_x_plain"] = row["epoch_seconds"] / plain
-        rows[name] = row
+                   flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]])
     summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
                "eval_flags": setting["eval"], "surface_images": surface_images(setting), "runs": rows}
     with open(os.path.join(setting["out"], "summary.json"), "w") as f:
@@ -181,15 +200,18 @@ def summarise(setting):
 
 
 def figures(setting):
-    logs = [os.path.join(run_dir(setting, name), "log.jsonl") for name in setting["runs"]]
-    call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")])
+    logs = [os.path.join(run_dir(setting, name), "log.jsonl") for name in setting["runs"]
+            if trained(run_dir(setting, name))]
+    if logs:
+        call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")])
     reports = [os.path.join(setting["out"], f"{name}.surface.json") for name in (COLLAPSING, LINEAR)]
     if all(os.path.exists(p) for p in reports):
         for i in surface_images(setting):
             call(["plots.py", "surface", *reports, "--index", str(i),
                   "--out", os.path.join(setting["out"], f"surface-{i}.png")])
-    call(["plots.py", "gamma-hist", *[os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"]],
-          "--out", os.path.join(setting["out"], "gamma-test.png")])
+    reports = [p for p in (os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"]) if os.path.exists(p)]
+    if reports:
+        call(["plots.py", "gamma-hist", *reports, "--out", os.path.join(setting["out"], "gamma-test.png")])
 
 
 def table(summary):
@@ -198,13 +220,17 @@ def table(summary):
             "FGSM-20 − worst | mean γ | epoch time × plain | obfuscation checks failed |\n"
             + "| --- " + "| ---: " * 10 + "| --- |\n")
     cell = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines = [f"| {r['label']} | {cell(r['nominal'])} | {cell(r.get('fgsm20'))} | {cell(r.get('untargeted'))} | "
-             f"{cell(r.get('multi-targeted'))} | {cell(r.get('square'))} | {cell(r.get('apgd-t'))} | "
-             f"{cell(r['worst_case'])} | {cell(r['drop_fgsm20_to_worst'])} | "
-             f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | {r['epoch_time_x_plain']:.2f} | "
-             f"{', '.join(r['flags_raised']) or 'none'} |"
-             for r in summary["runs"].values()]
-    return head + "\n".join(lines) + "\n"
+
+    def line(r):
+        ratio = "–" if r.get("epoch_time_x_plain") is None else f"{r['epoch_time_x_plain']:.2f}"
+        if r["pending"]:
+            return f"| {r['label']} |" + " … |" * 9 + f" {ratio} | {r['pending']} pending |"
+        return (f"| {r['label']} | {cell(r['nominal'])} | {cell(r.get('fgsm20'))} | {cell(r.get('untargeted'))} | "
+                f"{cell(r.get('multi-targeted'))} | {cell(r.get('square'))} | {cell(r.get('apgd-t'))} | "
+                f"{cell(r['worst_case'])} | {cell(r['drop_fgsm20_to_worst'])} | "
+                f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | "
+                f"{ratio} | {', '.join(r['flags_raised']) or 'none'} |")
+    return head + "\n".join(map(line, summary["runs"].values())) + "\n"
 
 
 def marked(part, experiment="cpu-repro", script="cpu_repro.py"):

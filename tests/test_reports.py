@@ -32,13 +32,19 @@ def test_gpu_report_needs_a_gpu(tmp_path):
 
 
 def test_cpu_repro_smoke(tmp_path):
-    cpu_repro.main(["--smoke", str(tmp_path)])
+    cpu_repro.main(["--smoke", str(tmp_path), "--only", "train"])
+    cpu_repro.main(["--smoke", str(tmp_path), "--only", "report"])  # a report while the evaluations are pending
     out = tmp_path / "docs"
+    partial = json.loads((out / "summary.json").read_text())
+    assert {row["pending"] for row in partial["runs"].values()} == {"evaluation"} and partial["surface_images"] == []
+    assert all(row["validation"]["epoch"] == 2 for row in partial["runs"].values())
+    assert (out / "table.md").read_text().count("evaluation pending") == 3 and (out / "validation.png").exists()
+    cpu_repro.main(["--smoke", str(tmp_path)])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"plain", cpu_repro.COLLAPSING, cpu_repro.LINEAR}
     for name, row in summary["runs"].items():
         assert os.path.exists(out / f"{name}.safetensors") and os.path.exists(out / f"{name}.eval.json")
-        assert 0 <= row["worst_case"] <= row["nominal"] <= 1 and row["epoch_time_x_plain"] > 0
+        assert row["pending"] is None and 0 <= row["worst_case"] <= row["nominal"] <= 1 and row["epoch_time_x_plain"] > 0
     assert summary["runs"]["plain"]["epoch_time_x_plain"] == 1
     for figure in ("validation.png", "gamma-test.png", f"surface-{summary['surface_images'][0]}.png"):
         assert (out / figure).stat().st_size > 0
