@@ -107,15 +107,15 @@ def evaluate(setting, name):
         shutil.copyfile(os.path.join(run_dir(setting, name), "last.safetensors"), checkpoint)
 
 
-def runs(setting, stages):
-    """Each run through `stages` (train, evaluate or both), --jobs runs at a time, the most expensive
-    first so that the last to finish is a cheap one."""
+def runs(setting, stages, first=()):
+    """Each run through `stages` (train, evaluate or both), --jobs runs at a time: the runs named in
+    `first`, then the most expensive first so that the last to finish is a cheap one."""
     def one(name):
         for stage in stages:
             stage(setting, name)
 
     with concurrent.futures.ThreadPoolExecutor(setting["jobs"]) as pool:
-        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=setting["order"].index)]:
+        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=lambda n: (n not in first, setting["order"].index(n)))]:
             future.result()  # the first failure stops the command (the other jobs finish their run)
 
 
@@ -273,8 +273,9 @@ def report(setting):
     print(text)
 
 
-STAGES = {"train": lambda s: runs(s, [train]), "evaluate": lambda s: runs(s, [evaluate]), "surfaces": surfaces,
-          "report": report}
+STAGES = {"train": lambda s: runs(s, [train]),
+          "evaluate": lambda s: runs(s, [evaluate], first=(COLLAPSING, LINEAR)),  # what the surfaces need, first
+          "surfaces": surfaces, "report": report}
 
 
 def smoke_setting(root):
@@ -332,9 +333,8 @@ def main(argv=None):
     if args.only:
         STAGES[args.only](setting)
     else:
-        runs(setting, [train, evaluate])  # a run is evaluated as soon as it is trained
-        surfaces(setting)
-        report(setting)
+        for stage in STAGES.values():
+            stage(setting)
     print(f"cpu_repro.py: done in {time.time() - start:.0f} s; results in {setting['out']}")
 
 
