@@ -104,7 +104,7 @@ def smoke_setting(root):
     data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=32)
     out = os.path.join(root, "docs")
     os.makedirs(out, exist_ok=True)
-    runs = {"soc-lln": ("SOC", ["--arch", "lipconvnet-5-c8-lln", "--method", "lipschitz"]),
+    runs = {"soc-lln": ("SOC", ["--arch", "lipconvnet-5-c4-lln", "--method", "lipschitz"]),
             "llr": ("LLR", ["--arch", "wrn-10-1", "--method", "llr", "--llr-steps", "1"])}
     readme = os.path.join(root, "README.md")
     if not os.path.exists(readme):
