@@ -10,8 +10,9 @@ l2-compare` runs this file.
 Every run trains with train_cifar.py into runs/l2-compare/NAME (interrupted runs resume) and its
 last checkpoint is evaluated with eval.py on the first 1,000 test images: the ℓ2 attack suite for
 every model (FGSM-20, Untargeted, Multi-Targeted, Random-Targeted and the sanity checks, in ℓ2
-steps), and `--certify` for the LipConvNets (which
-also fails loudly if an attack breaks an image certified at 36/255). Results land in
+steps), and `--certify` for the LipConvNets (which also fails loudly if an attack breaks an image
+certified at 36/255). Training fits the development CPU (minutes per epoch); the LipConvNets'
+evaluation does not (hours per model there: run it on a GPU, as the README's table was). Results land in
 docs/l2-compare/ (evaluation JSONs, checkpoints, summary.json, table.md) and in the README between
 the l2-compare markers. The machinery (resuming, parallel jobs, timing) is cpu_repro.py's. This is
 not the authors' headline: theirs needs their schedule (200 epochs of the full training set on a
@@ -29,7 +30,7 @@ EPS = "36/255"
 COMMON = ["--norm", "l2", "--eps", EPS, "--train-n", "6000", "--epochs", "10", "--batch-size", "128", "--lr", "0.1",
           "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "300",
           "--eval-steps", "10", "--gamma-n", "0", "--log-every", "10"]
-SOC = "lipconvnet-5-c16"  # the authors' LipConvNet-5 at half their width (32), for the CPU
+SOC = "lipconvnet-5-c16"  # the authors' LipConvNet-5 at half their width (32): trainable on the CPU
 RUNS = {  # name: (label in the table, train_cifar.py flags)
     "soc-ortho": ("SOC LipConvNet-5, ortho last layer", ["--arch", SOC, "--method", "lipschitz"]),
     "soc-lln": ("SOC LipConvNet-5, LLN last layer", ["--arch", f"{SOC}-lln", "--method", "lipschitz"]),
@@ -51,8 +52,8 @@ def certifies(flags):
 
 
 def summarise(setting):
-    """summary.json: per run, clean accuracy, the empirical ℓ2 robust accuracy (the suite's worst case
-    with AutoAttack's), the certified accuracy at the papers' radii, and the training time per epoch."""
+    """summary.json: per run, clean accuracy, the empirical ℓ2 robust accuracy (the suite's worst case,
+    with AutoAttack's where it ran), the certified accuracy at the papers' radii, and the training time per epoch."""
     rows = {}
     for name, (label, flags) in setting["runs"].items():
         report = cpu_repro.read(os.path.join(setting["out"], f"{name}.eval.json"))
