@@ -115,7 +115,8 @@ def runs(setting, stages, first=()):
             stage(setting, name)
 
     with concurrent.futures.ThreadPoolExecutor(setting["jobs"]) as pool:
-        for future in [pool.submit(one, name) for name in sorted(setting["runs"], key=lambda n: (n not in first, setting["order"].index(n)))]:
+        order = sorted(setting["runs"], key=lambda name: (name not in first, setting["order"].index(name)))
+        for future in [pool.submit(one, name) for name in order]:
             future.result()  # the first failure stops the command (the other jobs finish their run)
 
 
@@ -209,9 +210,10 @@ def figures(setting):
         for i in surface_images(setting):
             call(["plots.py", "surface", *reports, "--index", str(i),
                   "--out", os.path.join(setting["out"], f"surface-{i}.png")])
-    reports = [p for p in (os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"]) if os.path.exists(p)]
-    if reports:
-        call(["plots.py", "gamma-hist", *reports, "--out", os.path.join(setting["out"], "gamma-test.png")])
+    evaluations = [p for p in (os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"])
+                   if os.path.exists(p)]
+    if evaluations:
+        call(["plots.py", "gamma-hist", *evaluations, "--out", os.path.join(setting["out"], "gamma-test.png")])
 
 
 def table(summary):
@@ -292,8 +294,7 @@ def smoke_setting(root):
         with open(readme, "w") as f:
             f.write("\n".join(["before", *marked("table"), "between", *marked("figures"), "after\n"]))
     return {"name": "cpu-repro", "root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL,
-            "runs": runs,
-            "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
+            "runs": runs, "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 
 
 def parse_args(doc, script, stages, argv=None):
@@ -325,8 +326,7 @@ def main(argv=None):
         require_data("cpu_repro.py")
         os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
         setting = {"name": "cpu-repro", "root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"),
-                   "common": COMMON,
-                   "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
+                   "common": COMMON, "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
                    "readme": os.path.join(HERE, "README.md"), "machine": machine()}
     setting.update(jobs=args.jobs, order=COST_ORDER)
     start = time.time()
