@@ -64,6 +64,9 @@ def get_args(argv=None):
                    help="torch.compile the model for the methods without a double backward (plain, ADV, TRADES); "
                         "the others run it eager (torch.compile does not support double backward)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick check)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing, where each method's time goes: torch.profiler's operator table of "
+                        "--rounds more steps per method, written beside --out as .profile.txt")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="where to run")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, the data and the methods")
     p.add_argument("--out", default="runs/bench.json", help="the JSON report (its directory is created)")
@@ -103,6 +106,13 @@ def make_step(args, device):
 
 
 BUSY_SPREAD = 1.5  # a method whose slowest timed step took this many times its fastest ran on a busy machine
+
+
+def describe_setting(args, device_name):
+    """One line naming what was measured: model, batch, image size, device and the fast-path options."""
+    return (f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
+            f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
+            f"{', fused SGD' if args.fused_optimizer else ''}{', compiled' if args.compile else ''}")
 
 
 def run(args):
@@ -155,10 +165,7 @@ def run(args):
               "bf16": args.bf16, "channels_last": args.channels_last, "fused_optimizer": args.fused_optimizer,
               "compile": args.compile and args.compile_backend, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
-    print(f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
-          f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
-          f"{', fused SGD' if args.fused_optimizer else ''}{', compiled' if args.compile else ''}; "
-          f"median of {args.rounds} interleaved steps")
+    print(f"{describe_setting(args, device_name)}; median of {args.rounds} interleaved steps")
     print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
           f"{'(minima)':>10s}{'peak GiB':>10s}")
     for name, r in results.items():
@@ -171,10 +178,30 @@ def run(args):
         print(f"warning: the steps of {', '.join(busy)} varied more than {BUSY_SPREAD}x between rounds: the machine "
               f"was busy, so the medians are unreliable; compare the minima, or measure again on an idle machine")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.profile:
+        report["profile"] = os.path.splitext(args.out)[0] + ".profile.txt"
+        with open(report["profile"], "w") as f:
+            for name in names:
+                f.write(f"== {name}: {args.rounds} steps; {describe_setting(args, device_name)}\n"
+                        f"{profile(step, name, args.rounds, device)}\n\n")
+        print(f"wrote {report['profile']}")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
     return report
+
+
+def profile(step, name, steps, device):
+    """torch.profiler's table of the operators of `steps` steps of `name`, the most expensive first
+    (on the GPU by their own kernel time, on the CPU by their own CPU time)."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(name)
+        _sync(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,18 @@ def test_bench_writes_every_method(tmp_path):
     assert report["device"] == "cpu" and report["arch"] == "wrn-10-1"
 
 
+def test_bench_profile_names_where_each_method_spends_its_time(tmp_path):
+    out = str(tmp_path / "bench.json")
+    bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
+                              "--warmup", "0", "--methods", "llr-1", "--device", "cpu", "--profile", "--out", out]))
+    with open(out) as f:
+        report = json.load(f)
+    assert report["profile"] == str(tmp_path / "bench.profile.txt")
+    sections = open(report["profile"]).read().split("== ")[1:]
+    assert [s.split(":")[0] for s in sections] == ["plain", "llr-1"]
+    assert all("aten::convolution" in s and "wrn-10-1, batch 2, 8px, cpu" in s for s in sections)
+
+
 def test_bench_times_the_fast_soc_gradient_against_the_exact_one(tmp_path):
     """On a lipconvnet the default variants are those that can train it: the SOC gradients, not LLR."""
     out = str(tmp_path / "bench.json")
