@@ -17,6 +17,7 @@ the README found; see EXPLORED there.
 """
 import concurrent.futures
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -173,6 +174,7 @@ def summarise(setting):
     for name, (label, flags) in setting["runs"].items():
         run, path = run_dir(setting, name), os.path.join(setting["out"], f"{name}.eval.json")
         row = rows[name] = {"label": label, "flags": flags, "pending": None}
+        row["robust"] = None  # per test image, robust under the worst case; dropped once compared
         if not trained(run):
             row["pending"] = "training"
             continue
@@ -189,15 +191,33 @@ def summarise(setting):
                 row[column] = r[column]["accuracy"]
         if "autoattack" in r:
             row["apgd-t"] = r["autoattack"]["accuracy"]
-        worst = r.get("worst_case_with_autoattack", r["worst_case"])["accuracy"]
+        row["evaluated_on"] = f"{report.get('device_name', report['device'])}, torch {report['torch']}"
+        worst_case = r.get("worst_case_with_autoattack", r["worst_case"])
+        worst, row["robust"] = worst_case["accuracy"], worst_case["robust"]
         row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
                    gamma_mean=report.get("gamma", {}).get("mean"),
                    flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]])
+    reference = rows.get(COLLAPSING, {}).get("robust")
+    for name, row in rows.items():
+        robust = row.pop("robust")
+        if reference and robust and name != COLLAPSING:
+            row[f"paired_vs_{COLLAPSING}"] = paired_test(robust, reference)
     summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
                "eval_flags": setting["eval"], "surface_images": surface_images(setting), "runs": rows}
     with open(os.path.join(setting["out"], "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def paired_test(robust, reference):
+    """Two models' worst-case robustness on the same test images, compared image by image: how many
+    images only each keeps, and the exact two-sided McNemar p-value (a binomial test on those
+    discordant images, fair coin) for "neither model is more robust than the other"."""
+    only_this = sum(a and not b for a, b in zip(robust, reference))
+    only_reference = sum(b and not a for a, b in zip(robust, reference))
+    n, k = only_this + only_reference, min(only_this, only_reference)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"only_this": only_this, "only_reference": only_reference, "p_mcnemar": p}
 
 
 def figures(setting):
@@ -232,7 +252,12 @@ def table(summary):
                 f"{cell(r['worst_case'])} | {cell(r['drop_fgsm20_to_worst'])} | "
                 f"{'–' if r['gamma_mean'] is None else format(r['gamma_mean'], '.3f')} | "
                 f"{ratio} | {', '.join(r['flags_raised']) or 'none'} |")
-    return head + "\n".join(map(line, summary["runs"].values())) + "\n"
+    machines = {}  # where each row was evaluated (its eval JSON says), when not all on one machine
+    for r in summary["runs"].values():
+        if r.get("evaluated_on"):
+            machines.setdefault(r["evaluated_on"], []).append(r["label"])
+    where = "".join(f"\nEvaluated on {m}: {'; '.join(labels)}.\n" for m, labels in machines.items())
+    return head + "\n".join(map(line, summary["runs"].values())) + "\n" + (where if len(machines) > 1 else "")
 
 
 def marked(part, experiment="cpu-repro", script="cpu_repro.py"):

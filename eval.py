@@ -230,6 +230,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def device_name(device):
+    """The accelerator's name ("NVIDIA H200"), or "cpu": a report says which machine measured it."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+
+
 REATTACKS = 2  # fresh attempts on a sample whose break does not verify, or nearly does
 
 
@@ -680,7 +685,7 @@ def main(argv=None):
     report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
               "eps": eps, "eps_text": args.eps, "norm": args.norm, "split": args.split, "selection_conflict": conflict,
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
-              "device": str(args.device), "torch": torch.__version__,
+              "device": str(args.device), "device_name": device_name(args.device), "torch": torch.__version__,
               "training": {k: v for k, v in meta.items() if k != "config"}}
     if mode == "surface":
         report["surface"] = [{"index": i, **loss_surface(evaluated, images[i:i + 1].to(args.device).float() / 255,

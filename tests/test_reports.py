@@ -45,6 +45,9 @@ def test_cpu_repro_smoke(tmp_path):
     for name, row in summary["runs"].items():
         assert os.path.exists(out / f"{name}.safetensors") and os.path.exists(out / f"{name}.eval.json")
         assert row["pending"] is None and 0 <= row["worst_case"] <= row["nominal"] <= 1 and row["epoch_time_x_plain"] > 0
+        assert row["evaluated_on"] == f"cpu, torch {torch.__version__}" and "robust" not in row
+        assert (f"paired_vs_{cpu_repro.COLLAPSING}" in row) == (name != cpu_repro.COLLAPSING)
+    assert "Evaluated on" not in (out / "table.md").read_text()  # one machine: nothing to say
     assert summary["runs"]["plain"]["epoch_time_x_plain"] == 1
     for figure in ("validation.png", "gamma-test.png", f"surface-{summary['surface_images'][0]}.png"):
         assert (out / figure).stat().st_size > 0
@@ -55,6 +58,27 @@ def test_cpu_repro_smoke(tmp_path):
     assert f"(docs/surface-{summary['surface_images'][0]}.png)" in readme and "(docs/validation.png)" in readme
     assert readme.endswith("after\n")
     cpu_repro.main(["--smoke", str(tmp_path)])  # everything is done: nothing is trained or evaluated again
+
+
+def test_paired_test_is_the_exact_mcnemar_test():
+    ours, reference = [True] * 3 + [False] * 7, [False] * 3 + [True] * 2 + [False] * 5
+    # 3 images only ours, 2 only the reference: p = 2 * P(Binomial(5, 1/2) <= 2) = 2 * 16/32 = 1
+    assert cpu_repro.paired_test(ours, reference) == {"only_this": 3, "only_reference": 2, "p_mcnemar": 1.0}
+    # 0 against 6: p = 2 / 2**6; images that both keep or both lose do not count
+    assert cpu_repro.paired_test([True] * 8, [True, True] + [False] * 6)["p_mcnemar"] == 2 / 64
+    assert cpu_repro.paired_test([True] * 8, [True] * 8)["p_mcnemar"] == 1.0
+
+
+def test_cpu_repro_table_names_the_machines_when_rows_were_evaluated_on_several():
+    row = {"pending": None, "nominal": 0.5, "fgsm20": 0.3, "worst_case": 0.2, "drop_fgsm20_to_worst": 0.1,
+           "gamma_mean": 0.05, "epoch_time_x_plain": 1.0, "flags_raised": []}
+    summary = {"runs": {"a": {**row, "label": "A", "evaluated_on": "cpu, torch 2"},
+                        "b": {**row, "label": "B", "evaluated_on": "NVIDIA H200, torch 2"},
+                        "c": {**row, "label": "C", "evaluated_on": "cpu, torch 2"},
+                        "d": {"label": "D", "pending": "evaluation"}}}
+    text = cpu_repro.table(summary)
+    assert text.endswith("\nEvaluated on cpu, torch 2: A; C.\n\nEvaluated on NVIDIA H200, torch 2: B.\n")
+    assert "| A | 50.0 | 30.0 |" in text and "| D |" in text
 
 
 def test_l2_compare_smoke(tmp_path):
