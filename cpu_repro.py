@@ -4,12 +4,13 @@ break it), while LLR with the same few inner steps keeps the loss locally linear
 and strong attacks agree. `make cpu-repro` runs this file.
 
     python cpu_repro.py                  # every step not done yet: train, evaluate, draw, write the results
-    python cpu_repro.py --only train     # just one stage (train, evaluate, surfaces, report)
+    python cpu_repro.py --only train     # just one stage (train, evaluate, surfaces, gamma-sweep, report)
     python cpu_repro.py --smoke          # the whole pipeline on generated images in about a minute (the tests)
 
 Every run trains with train_cifar.py into runs/cpu-repro/NAME (interrupted runs resume), is
 evaluated with eval.py on the test set, and lands in docs/cpu-repro/: its last checkpoint
-(loadable with models.load_checkpoint), its evaluation JSON, the figures, summary.json, and
+(loadable with models.load_checkpoint), its training log and config, its evaluation JSON, γ
+found by searches of 1 to 50 steps (NAME.gamma.json), the figures, summary.json, and
 the README's section between the cpu-repro markers. The last checkpoint of each run is the one
 evaluated: choosing by validation accuracy is early stopping, which is exactly how a collapse
 would be hidden. The setting (model, data, ε, schedule) is the one the exploration written up in
@@ -52,11 +53,15 @@ COST_ORDER = ["adv10", "llr2-mu", "llr2", "llr1", "adv2", "fgsm", "fgsm-seed1", 
 COLLAPSING, LINEAR = "fgsm", "llr1"  # the pair whose loss surfaces are drawn
 EVAL = ["--eps", EPS, "--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"]
 SURFACES = 3  # the first this many test images that both models of the pair classify correctly
+# γ(ε, x) found by searches of 1, 2, ... steps on the same test images: how much of the 50-step gap
+# the 1- or 2-step search of LLR's training sees
+GAMMA_SWEEP = ["--eps", EPS, "--n", "1000", "--gamma-sweep", "1,2,5,10,50"]
 
 SMOKE_COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "2", "--batch-size", "8", "--val-n", "6",
                 "--eval-steps", "2", "--gamma-n", "4", "--log-every", "1"]
 SMOKE_EVAL = ["--eps", EPS, "--n", "8", "--gamma", "--steps", "2", "--restarts", "1", "--square-queries", "5",
               "--no-sanity"]
+SMOKE_GAMMA_SWEEP = ["--eps", EPS, "--n", "8", "--gamma-sweep", "1,2"]
 
 
 def run_dir(setting, name):
@@ -103,9 +108,11 @@ def evaluate(setting, name):
     if not os.path.exists(report):
         call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
               *setting["eval"], *setting.get("eval_extra", {}).get(name, []), "--out", report], setting["jobs"])
-    checkpoint = os.path.join(out, f"{name}.safetensors")
-    if not os.path.exists(checkpoint):
-        shutil.copyfile(os.path.join(run_dir(setting, name), "last.safetensors"), checkpoint)
+    for source, published in (("last.safetensors", "safetensors"), ("log.jsonl", "log.jsonl"),
+                               ("config.json", "config.json")):  # what a reader needs, without retraining
+        path = os.path.join(out, f"{name}.{published}")
+        if not os.path.exists(path):
+            shutil.copyfile(os.path.join(run_dir(setting, name), source), path)
 
 
 def runs(setting, stages, first=()):
@@ -138,6 +145,13 @@ def surfaces(setting):
         if not os.path.exists(path) and images:
             call(["eval.py", os.path.join(setting["out"], f"{name}.safetensors"), "--eps", EPS, "--data-dir",
                   setting["data"], "--surface", *images, "--surface-grid", str(setting["grid"]), "--out", path])
+
+
+def gamma_sweep(setting, name):
+    path = os.path.join(setting["out"], f"{name}.gamma.json")
+    if not os.path.exists(path):
+        call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
+              *setting["gamma_sweep"], "--out", path], setting["jobs"])
 
 
 def read(path):
@@ -192,6 +206,9 @@ def summarise(setting):
         if "autoattack" in r:
             row["apgd-t"] = r["autoattack"]["accuracy"]
         row["evaluated_on"] = f"{report.get('device_name', report['device'])}, torch {report['torch']}"
+        sweep = os.path.join(setting["out"], f"{name}.gamma.json")
+        if os.path.exists(sweep):
+            row["gamma_by_steps"] = {str(g["steps"]): g["mean"] for g in read(sweep)["gamma_sweep"]}
         worst_case = r.get("worst_case_with_autoattack", r["worst_case"])
         worst, row["robust"] = worst_case["accuracy"], worst_case["robust"]
         row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
@@ -302,7 +319,7 @@ def report(setting):
 
 STAGES = {"train": lambda s: runs(s, [train]),
           "evaluate": lambda s: runs(s, [evaluate], first=(COLLAPSING, LINEAR)),  # what the surfaces need, first
-          "surfaces": surfaces, "report": report}
+          "surfaces": surfaces, "gamma-sweep": lambda s: runs(s, [gamma_sweep]), "report": report}
 
 
 def smoke_setting(root):
@@ -319,6 +336,7 @@ def smoke_setting(root):
         with open(readme, "w") as f:
             f.write("\n".join(["before", *marked("table"), "between", *marked("figures"), "after\n"]))
     return {"name": "cpu-repro", "root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL,
+            "gamma_sweep": SMOKE_GAMMA_SWEEP,
             "runs": runs, "surfaces": 1, "grid": 5, "readme": readme, "machine": "smoke test"}
 
 
@@ -351,8 +369,8 @@ def main(argv=None):
         require_data("cpu_repro.py")
         os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
         setting = {"name": "cpu-repro", "root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"),
-                   "common": COMMON, "eval": EVAL, "runs": RUNS, "surfaces": SURFACES, "grid": 41,
-                   "readme": os.path.join(HERE, "README.md"), "machine": machine()}
+                   "common": COMMON, "eval": EVAL, "gamma_sweep": GAMMA_SWEEP, "runs": RUNS, "surfaces": SURFACES,
+                   "grid": 41, "readme": os.path.join(HERE, "README.md"), "machine": machine()}
     setting.update(jobs=args.jobs, order=COST_ORDER)
     start = time.time()
     if args.only:

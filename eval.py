@@ -99,6 +99,9 @@ def get_args(argv=None):
     g.add_argument("--strength", action="store_true",
                    help="Untargeted and Multi-Targeted accuracy against attack strength (Fig. 3)")
     g.add_argument("--strengths", default="20x1,50x1,100x5,200x10", help="steps x restarts, weakest first")
+    g.add_argument("--gamma-sweep", metavar="STEPS",
+                   help="γ(ε, x) found by searches of each number of steps, e.g. 1,2,10,50: how much of the gap "
+                        "the few steps of LLR's training search find (same random starts for every count)")
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
@@ -286,19 +289,22 @@ def clean_correct(model, images, labels, batch_size, device):
         return torch.cat([(model(x).argmax(1) == y).cpu() for _, x, y in batches(images, labels, batch_size, device)])
 
 
-def measure_gamma(model, images, labels, eps, batch_size, device, seed, norm="linf"):
-    """γ(ε, x) per image with `llr.local_linearity` (50 Adam steps, lr 0.1), as the paper's Fig. F3."""
+def measure_gamma(model, images, labels, eps, batch_size, device, seed, norm="linf", steps=50):
+    """γ(ε, x) per image with `llr.local_linearity` (`steps` Adam steps, lr 0.1; 50 as the paper's
+    Fig. F3). The random starts depend on `seed` and the batch alone, so calls with more steps
+    continue the same searches and never find less (`--gamma-sweep`)."""
     values = []
-    bar = tqdm(total=len(labels), desc="γ(ε, x), 50 steps", unit="img", leave=False)
+    bar = tqdm(total=len(labels), desc=f"γ(ε, x), {steps} steps", unit="img", leave=False)
     for i, x, y in batches(images, labels, batch_size, device):
         generator = torch.Generator(device=x.device).manual_seed(seed + i)
-        values.append(llr.local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=generator, norm=norm)[0].cpu())
+        values.append(llr.local_linearity(model, x, y, eps, steps=steps, lr=0.1, generator=generator,
+                                          norm=norm)[0].cpu())
         bar.update(len(y))
     bar.close()
     values = torch.cat(values).double()
     q = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=values.dtype)
     p10, p50, p90, p99 = values.quantile(q).tolist()
-    return {"steps": 50, "lr": 0.1, "mean": values.mean().item(), "median": p50, "p10": p10, "p90": p90,
+    return {"steps": steps, "lr": 0.1, "mean": values.mean().item(), "median": p50, "p10": p10, "p90": p90,
             "p99": p99, "max": values.max().item(), "values": values.tolist()}
 
 
@@ -432,6 +438,17 @@ def parse_strengths(text):
     except ValueError:
         pass
     raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5")
+
+
+def parse_gamma_sweep(text):
+    """'1,2,10,50' -> [1, 2, 10, 50]: step counts, each at least 1, in increasing order."""
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1 or steps != sorted(set(steps)):
+        raise ValueError(f"cannot read --gamma-sweep {text!r}: write increasing step counts, e.g. 1,2,10,50")
+    return steps
 
 
 def strength_sweep(model, images, labels, eps, args, num_classes, device):
@@ -639,7 +656,7 @@ def print_table(report):
 
 def main(argv=None):
     args = get_args(argv)
-    mode = "surface" if args.surface else "strength" if args.strength else "eval"
+    mode = "surface" if args.surface else "strength" if args.strength else "gamma" if args.gamma_sweep else "eval"
     try:  # set-up errors are the user's to fix: one line, non-zero exit
         check_args(args)
         args.checkpoint = resolve_checkpoint(args.checkpoint)
@@ -650,6 +667,9 @@ def main(argv=None):
         radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks, args.norm)
         parse_strengths(args.strengths)
+        gamma_steps = parse_gamma_sweep(args.gamma_sweep) if args.gamma_sweep else []
+        cli.require(sum(map(bool, (args.surface, args.strength, args.gamma_sweep))) <= 1,
+                    "--surface, --strength and --gamma-sweep each replace the suite: choose one")
         cli.require(not (args.surface and args.norm == "l2"), "--surface draws the ℓ∞ ball (sign directions); "
                                                                "it has no --norm l2")
         cli.require(not args.certify or (args.norm == "l2" and config["arch"].startswith("lipconvnet")),
@@ -694,6 +714,12 @@ def main(argv=None):
                              for i in args.surface]
         print(f"loss surfaces of {args.checkpoint} around test images {args.surface}: "
               f"{args.surface_grid}x{args.surface_grid} grid, radius {radius:.5f}, eps {args.eps}")
+    elif mode == "gamma":
+        report["gamma_sweep"] = [measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed,
+                                               args.norm, steps) for steps in gamma_steps]
+        print(f"{args.checkpoint}  eps = {args.eps}  {len(labels)} images; γ(ε, x) found by k steps of the search:")
+        for g in report["gamma_sweep"]:
+            print(f"  {g['steps']:4d} steps: mean {g['mean']:.4f}  median {g['median']:.4f}  p90 {g['p90']:.4f}")
     elif mode == "strength":
         report["strength"] = strength_sweep(evaluated, images, labels, eps, args, config["num_classes"], args.device)
         print(f"{args.checkpoint}  eps = {args.eps}  {len(labels)} images; accuracy (worst case so far):")

@@ -97,6 +97,8 @@ def outputs(tmp_path_factory):
     eval_script.main([*common, "--surface", "2", "5", "--surface-grid", "5", "--out", files["surface"]])
     files["strength"] = str(root / "strength.json")
     eval_script.main([*common, "--strength", "--strengths", "1x1,3x1,5x2", "--n", "12", "--out", files["strength"]])
+    files["gamma"] = str(root / "gamma.json")
+    eval_script.main([*common, "--gamma-sweep", "1,3,8", "--n", "10", "--batch-size", "4", "--out", files["gamma"]])
     files["eval"] = str(root / "eval.json")
     eval_script.main([*common, "--gamma", "--n", "6", "--steps", "2", "--restarts", "1", "--attacks", "untargeted",
                       "--no-sanity", "--out", files["eval"]])
@@ -110,6 +112,21 @@ def test_surface_json(outputs):
     s = report["surface"][0]
     assert len(s["loss"]) == 5 and len(s["pred"][0]) == 5 and s["radius"] == pytest.approx(8 / 255)
     assert report["training"]["method"] == "adv" and report["training"]["options"]["steps"] == 1
+
+
+def test_gamma_sweep_continues_the_same_searches(outputs):
+    """More steps of the γ search from the same random starts never find a smaller gap, image by image,
+    and the longest search is exactly what the suite's --gamma measures with that many steps."""
+    with open(outputs["gamma"]) as f:
+        report = json.load(f)
+    sweep = report["gamma_sweep"]
+    assert report["mode"] == "gamma" and [g["steps"] for g in sweep] == [1, 3, 8]
+    for fewer, more in zip(sweep, sweep[1:]):
+        assert len(fewer["values"]) == 10 and all(a <= b for a, b in zip(fewer["values"], more["values"]))
+    model = models.load_checkpoint(report["checkpoint"]).eval()
+    images, labels, _ = eval_script.load_images("cifar10", report["data_dir"], "test", 10, 32, 0)
+    again = eval_script.measure_gamma(model, images, labels, 8 / 255, 4, "cpu", 0, steps=8)
+    assert again["values"] == pytest.approx(sweep[-1]["values"], rel=1e-5)
 
 
 def test_strength_never_rises(outputs):
@@ -165,3 +182,8 @@ def test_eval_figure_options_are_checked(outputs, tmp_path):
         eval_script.main([ckpt, "--eps", "8/255", "--data-dir", data_dir, "--surface", "9999"])
     with pytest.raises(SystemExit, match="cannot read --strengths"):
         eval_script.main([ckpt, "--eps", "8/255", "--data-dir", data_dir, "--strength", "--strengths", "20,x"])
+    for sweep in ("2,1", "0,5", "a", "1,1"):
+        with pytest.raises(SystemExit, match="cannot read --gamma-sweep"):
+            eval_script.main([ckpt, "--eps", "8/255", "--data-dir", data_dir, "--gamma-sweep", sweep])
+    with pytest.raises(SystemExit, match="choose one"):
+        eval_script.main([ckpt, "--eps", "8/255", "--data-dir", data_dir, "--strength", "--gamma-sweep", "1,2"])

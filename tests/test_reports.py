@@ -43,7 +43,9 @@ def test_cpu_repro_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"plain", cpu_repro.COLLAPSING, cpu_repro.LINEAR}
     for name, row in summary["runs"].items():
-        assert os.path.exists(out / f"{name}.safetensors") and os.path.exists(out / f"{name}.eval.json")
+        for published in ("safetensors", "eval.json", "log.jsonl", "config.json", "gamma.json"):
+            assert os.path.exists(out / f"{name}.{published}"), published
+        assert list(row["gamma_by_steps"]) == ["1", "2"] and row["gamma_by_steps"]["1"] <= row["gamma_by_steps"]["2"]
         assert row["pending"] is None and 0 <= row["worst_case"] <= row["nominal"] <= 1 and row["epoch_time_x_plain"] > 0
         assert row["evaluated_on"] == f"cpu, torch {torch.__version__}" and "robust" not in row
         assert (f"paired_vs_{cpu_repro.COLLAPSING}" in row) == (name != cpu_repro.COLLAPSING)
