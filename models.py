@@ -119,7 +119,7 @@ def build_model(name, num_classes=10, activation="softplus", normalization="cifa
     lipconvnet = soc.parse_arch(name)
     if lipconvnet:  # 1-Lipschitz layers: the activation is part of the name (MaxMin unless -hh1)
         net = soc.LipConvNet(num_classes=num_classes, **lipconvnet)
-        config = {"arch": name, "num_classes": num_classes, "activation": lipconvnet.get("activation", "maxmin"),
+        config = {"arch": name, "num_classes": num_classes, "activation": lipconvnet["activation"],
                   "normalization": normalization}
         return ImageClassifier(net, *NORMALIZATION[normalization], config)
     if activation not in ACTIVATIONS:

@@ -25,6 +25,7 @@ method, so our CRC-Lip certificates are sound and at most theirs). The fast SOC 
 paper's contribution (b), used in training: the input gradient exactly (the transpose of the
 series is the series of −S), the filter gradient from the last convolution of the series alone.
 """
+import inspect
 import math
 import re
 
@@ -358,11 +359,13 @@ def certified_radius(model, x, y, constants=None):
 
 
 def parse_arch(name):
-    """lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] → LipConvNet options, or None."""
+    """lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] → every LipConvNet option
+    (those the name leaves out at LipConvNet's defaults, the one place they are set), or None."""
     match = re.fullmatch(r"lipconvnet-(\d+)((?:-(?:c\d+|ortho|lln|crc|hh1|lippool))*)", name)
     if not match:
         return None
-    options = {"depth": int(match[1])}
+    options = {k: p.default for k, p in inspect.signature(LipConvNet).parameters.items() if k != "num_classes"}
+    options["depth"] = int(match[1])
     for token in match[2].split("-")[1:]:
         if token[0] == "c" and token[1:].isdigit():
             options["channels"] = int(token[1:])

@@ -150,8 +150,7 @@ def check_run_args(args):
             f"--method {args.method} differentiates twice, through softplus: a lipconvnet (MaxMin, and SOC's "
             f"fast gradient) cannot; use plain, adv, trades or lipschitz")
     if args.method == "lipschitz":
-        methods.check_lipschitz_options((soc.parse_arch(args.arch) or {}).get("last", "ortho"), args.lipschitz_gamma,
-                                        args.lipschitz_beta)
+        methods.check_lipschitz_options(soc.parse_arch(args.arch)["last"], args.lipschitz_gamma, args.lipschitz_beta)
     for name, value in method_options(args).items():
         flag = f"--{args.method}-{name.replace('_', '-')}"
         if isinstance(value, bool) or value is None:
@@ -200,7 +199,7 @@ CRC_CLIP_NORM = 1.0  # the authors' train_robust.py clips the gradient norm to -
 def clip_gradients(args, accelerator, model):
     """--method lipschitz with a CRC-Lip last layer: clip the gradient's norm to 1 before the step, as
     the authors' train_robust.py does for that layer alone; every other run is left unclipped."""
-    if args.method == "lipschitz" and (soc.parse_arch(args.arch) or {}).get("last") == "crc" \
+    if args.method == "lipschitz" and soc.parse_arch(args.arch)["last"] == "crc" \
             and accelerator.sync_gradients:
         accelerator.clip_grad_norm_(model.parameters(), CRC_CLIP_NORM)
 

@@ -63,6 +63,16 @@ def test_fast_gradient_is_exact_for_the_input_and_close_for_the_filter():
     assert F.cosine_similarity(grads[True][1].flatten(), grads[False][1].flatten(), dim=0) > 0.8
 
 
+def test_arch_names_give_every_option():
+    """A name's parts set their options and the rest are LipConvNet's defaults, so the callers need none."""
+    assert soc.parse_arch("lipconvnet-5") == {"depth": 5, "channels": 32, "last": "ortho", "activation": "maxmin",
+                                              "pooling": "max", "hidden": None}
+    assert soc.parse_arch("lipconvnet-10-c4-crc-hh1-lippool") == {
+        "depth": 10, "channels": 4, "last": "crc", "activation": "hh1", "pooling": "lippool", "hidden": None}
+    assert soc.parse_arch("wrn-10-1") is None and soc.parse_arch("lipconvnet-5-relu") is None
+    assert models.build_model("lipconvnet-5-c4-hh1").config["activation"] == "hh1"
+
+
 @pytest.mark.parametrize("arch", ["lipconvnet-5-c4-crc", "lipconvnet-10-c4-hh1-lippool"])
 def test_lipschitz_bound_holds_on_random_pairs(arch):
     """‖features(x) − features(x')‖ ≤ L·‖x − x'‖ for random pairs of [0, 1] images, L the certificate's
