@@ -19,15 +19,17 @@ files, and the README's GPU tables are made from it.
 4. fast-path: plain, LLR-2 and ADV-10 with each fast-path option changed in turn (channels-last
    off, float32 instead of bf16, fused SGD on, torch.compile on for the methods it supports),
    so that the defaults are chosen from numbers.
-5. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
+5. profile: where the time of a plain and an LLR-2 step goes, on bench-cifar's model and fast path
+   (`bench.py --profile`: torch.profiler's operator tables, in docs/gpu-report/profile.txt).
+6. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
    evaluated on 1,000 test images with the suite.
-6. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
+7. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
    1-process run on the same global batch.
 
-The data for step 5 is the CIFAR-10 copy in data/cifar10-jpeg (`--data-dir`), or the archive
+The data for step 6 is the CIFAR-10 copy in data/cifar10-jpeg (`--data-dir`), or the archive
 ../shared/data/cifar10-jpeg.tar.gz (or --archive), unpacked there on first use.
 """
 import json
@@ -104,6 +106,15 @@ def step_fast_path(setting, work):
                 "--methods", setting["fast_path_methods"], *sorted(flags), *setting["compile_backend"]]
         results[name] = run_bench(setting, argv, os.path.join(work, f"fast-path-{len(results)}.json"))
     return {"variants": results}
+
+
+def step_profile(setting, work):
+    report = run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
+                                 "--image-size", "32", "--methods", "plain,llr-2", *setting["fast"], "--profile"],
+                       os.path.join(work, "profile.json"))
+    shutil.copyfile(report["profile"], os.path.join(setting["out"], "profile.txt"))
+    report["profile"] = "profile.txt"  # beside the step's JSON
+    return report
 
 
 def step_bench_imagenet(setting, work):
@@ -214,7 +225,7 @@ def read(path):
 
 def all_steps(setting):
     steps = {"bench-cifar": step_bench_cifar, "bench-imagenet": step_bench_imagenet, "projections": step_projections,
-             "fast-path": step_fast_path}
+             "fast-path": step_fast_path, "profile": step_profile}
     steps.update(repro_steps(setting))
     steps["sync-bn"] = step_sync_bn
     return steps
@@ -235,6 +246,8 @@ def summary(setting):
         result = record["result"]
         if "results" in result:  # a bench.py report
             lines.append(bench_table(result))
+            if "profile" in result:
+                lines.append(f"Operator tables (torch.profiler): [{result['profile']}]({result['profile']})\n")
         elif "variants" in result:
             for variant, report in result["variants"].items():
                 lines.append(f"**{variant}**\n\n{bench_table(report)}")

@@ -23,6 +23,8 @@ def test_gpu_report_smoke(tmp_path):
     assert all(f"## {name}" in summary for name in steps)
     assert set(json.loads((out / "fast-path.json").read_text())["result"]["variants"]) == {
         name for name, _ in gpu_report.FAST_PATH}
+    profile = (out / "profile.txt").read_text()
+    assert "== plain:" in profile and "== llr-2:" in profile and "[profile.txt](profile.txt)" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
