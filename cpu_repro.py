@@ -102,12 +102,17 @@ def train(setting, name):
               *setting["runs"][name][1]], setting["jobs"])
 
 
+def run_eval_once(setting, name, kind, flags):
+    """eval.py on the run's last checkpoint, writing docs/…/NAME.KIND.json, unless that exists."""
+    path = os.path.join(setting["out"], f"{name}.{kind}.json")
+    if not os.path.exists(path):
+        call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
+              *flags, "--out", path], setting["jobs"])
+
+
 def evaluate(setting, name):
     out = setting["out"]
-    report = os.path.join(out, f"{name}.eval.json")
-    if not os.path.exists(report):
-        call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
-              *setting["eval"], *setting.get("eval_extra", {}).get(name, []), "--out", report], setting["jobs"])
+    run_eval_once(setting, name, "eval", [*setting["eval"], *setting.get("eval_extra", {}).get(name, [])])
     for source, published in (("last.safetensors", "safetensors"), ("log.jsonl", "log.jsonl"),
                                ("config.json", "config.json")):  # what a reader needs, without retraining
         path = os.path.join(out, f"{name}.{published}")
@@ -148,10 +153,7 @@ def surfaces(setting):
 
 
 def gamma_sweep(setting, name):
-    path = os.path.join(setting["out"], f"{name}.gamma.json")
-    if not os.path.exists(path):
-        call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
-              *setting["gamma_sweep"], "--out", path], setting["jobs"])
+    run_eval_once(setting, name, "gamma", setting["gamma_sweep"])
 
 
 def read(path):
@@ -184,11 +186,10 @@ def summarise(setting):
     can be written while the experiment is still running."""
     plain_run = run_dir(setting, "plain")
     plain = epoch_seconds(plain_run) if trained(plain_run) else None
-    rows = {}
+    rows, robust = {}, {}  # robust: per run, per test image, robust under the worst case
     for name, (label, flags) in setting["runs"].items():
         run, path = run_dir(setting, name), os.path.join(setting["out"], f"{name}.eval.json")
         row = rows[name] = {"label": label, "flags": flags, "pending": None}
-        row["robust"] = None  # per test image, robust under the worst case; dropped once compared
         if not trained(run):
             row["pending"] = "training"
             continue
@@ -210,15 +211,13 @@ def summarise(setting):
         if os.path.exists(sweep):
             row["gamma_by_steps"] = {str(g["steps"]): g["mean"] for g in read(sweep)["gamma_sweep"]}
         worst_case = r.get("worst_case_with_autoattack", r["worst_case"])
-        worst, row["robust"] = worst_case["accuracy"], worst_case["robust"]
+        worst, robust[name] = worst_case["accuracy"], worst_case["robust"]
         row.update(worst_case=worst, drop_fgsm20_to_worst=row.get("fgsm20", worst) - worst,
                    gamma_mean=report.get("gamma", {}).get("mean"),
                    flags_raised=[c["name"] for c in report["obfuscation"]["checks"] if not c["ok"]])
-    reference = rows.get(COLLAPSING, {}).get("robust")
-    for name, row in rows.items():
-        robust = row.pop("robust")
-        if reference and robust and name != COLLAPSING:
-            row[f"paired_vs_{COLLAPSING}"] = paired_test(robust, reference)
+    if COLLAPSING in robust:
+        for name in robust.keys() - {COLLAPSING}:
+            rows[name][f"paired_vs_{COLLAPSING}"] = paired_test(robust[name], robust[COLLAPSING])
     summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
                "eval_flags": setting["eval"], "surface_images": surface_images(setting), "runs": rows}
     with open(os.path.join(setting["out"], "summary.json"), "w") as f:
