@@ -33,6 +33,12 @@ Conventions, so that results match the authors' TensorFlow code
   statistics of the clean x (differentiably, as the authors' `set_stats`), and only
   the clean pass of `llr_loss` updates the running statistics. See
   `reuse_clean_batch_statistics`.
+
+Compiled (`CompiledLLR`): the same loss and weight gradients from code that torch.compile fuses,
+faster where kernel launches and memory traffic bound the eager double backward (GPUs):
+
+    llr = CompiledLLR(model, steps=2)                  # after model.to(device)
+    loss, info = llr(x, y, eps=8 / 255)                # as llr_loss(model, x, y, eps, steps=2)
 """
 import contextlib
 import functools
@@ -42,7 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linearity_gap", "local_linearity", "llr_loss", "reuse_clean_batch_statistics"]
+__all__ = ["linearity_gap", "local_linearity", "llr_loss", "CompiledLLR", "reuse_clean_batch_statistics",
+           "CleanBatchStatistics"]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -77,7 +84,11 @@ def _normalise_with_first_batch(layer, saved, update_running_stats, x):
         saved["mean"], saved["var"], count = _batch_moments(layer, x)
         if update_running_stats and layer.track_running_stats:
             _update_running_stats(layer, saved["mean"].detach(), saved["var"].detach(), count)
-    mean, var = saved["mean"], saved["var"]
+    return _normalise(layer, x, saved["mean"], saved["var"])
+
+
+def _normalise(layer, x, mean, var):
+    """Batch norm of x [N, C, *] with the given per-channel mean and biased variance (float32)."""
     scale = torch.rsqrt(var + layer.eps)  # [C], float32
     if layer.affine:
         scale = scale * layer.weight
@@ -296,6 +307,185 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     info = {"delta": delta, "gamma": gamma.detach(), "grad_term": grad_term.detach(),
             "clean_loss": clean_loss.detach(), "logits": logits.detach()}
     return loss, info
+
+
+# --------------------------------------------------------------------------- compiled
+class CleanBatchStatistics:
+    """`reuse_clean_batch_statistics` for compiled code, where a layer's forward cannot be patched
+    and restored inside the graph and running statistics cannot be updated inside `torch.func.grad`.
+
+        clean = CleanBatchStatistics(model)
+        with clean.installed() as layers:                  # outside the compiled function
+            logits, statistics = compiled_clean_pass(x)    # calls clean.record(), model(x), clean.recorded()
+            clean.update_running_stats(layers, statistics) # eagerly, once, from the clean pass
+            compiled_pass_on_x_adv(x_adv, statistics)      # calls clean.reuse(statistics), model(x_adv)
+
+    While installed, every batch-norm layer in train mode normalises with the statistics of the
+    clean pass: measured (mean, biased variance, float32, differentiable) in the pass between
+    `record()` and `recorded()`, which returns them as a list, one (mean, var) per layer in call
+    order, to be returned from the compiled function as ordinary tensors; given back to the same
+    layers in the same order by `reuse(statistics)` for every later pass. The layers' forwards
+    are the same objects at every call, so compiled code sees no change and does not recompile."""
+
+    def __init__(self, model):
+        self.model, self._forwards = model, {}
+        self._recording, self._counts, self._given, self._next = None, [], [], 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The train-mode batch-norm layers (yielded) normalise as above while inside."""
+        layers = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for layer in layers:
+            if layer not in self._forwards:
+                self._forwards[layer] = functools.partial(_normalise_with_clean_statistics, layer, self)
+            layer.forward = self._forwards[layer]
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                del layer.forward  # back to the class's forward
+            self.reuse([])  # keep no tensors alive between calls
+
+    def record(self):
+        self._recording, self._counts = [], []
+
+    def recorded(self):
+        recording, self._recording = self._recording, None
+        return recording
+
+    def reuse(self, statistics):
+        self._given, self._next = statistics, 0
+
+    def _take(self, layer, x):
+        if self._recording is not None:  # the clean pass: measure
+            mean, var, count = _batch_moments(layer, x)
+            self._recording.append((mean, var))
+            self._counts.append(count)  # values per channel: Python ints, kept here (a transform returns tensors)
+            return mean, var
+        mean, var = self._given[self._next]
+        self._next += 1
+        return mean, var
+
+    @torch.no_grad()
+    def update_running_stats(self, layers, statistics):
+        """The running statistics' update of the clean pass (once per step, as nn.BatchNorm's)."""
+        for layer, (mean, var), count in zip(layers, statistics, self._counts):
+            if layer.track_running_stats:
+                _update_running_stats(layer, mean.detach(), var.detach(), count)
+
+
+def _normalise_with_clean_statistics(layer, clean, x):
+    return _normalise(layer, x, *clean._take(layer, x))
+
+
+def compile_fullgraph(fn, backend="inductor", mode=None):
+    """torch.compile as the compiled paths use it: one graph (fullgraph), static shapes (a new batch
+    size compiles once more instead of switching to dynamic shapes, which Inductor fails on here)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+
+
+def refuse_sync_batch_norm(model, what):
+    """Compiled code here does not all-reduce SyncBatchNorm's statistics: refuse a multi-process run."""
+    if any(_sync_group(m) is not None for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        raise RuntimeError(f"{what} does not all-reduce SyncBatchNorm's statistics across processes: use the "
+                           f"eager path in a multi-process run")
+
+
+class CompiledLLR:
+    """`llr_loss(model, x, y, eps, lam, mu, steps, lr, generator, norm)` computed by compiled code,
+    with the same semantics: the same loss, weight gradients and `info` (up to rounding), the same
+    random start for the same generator, batch norm's clean statistics reused for every pass on
+    x + δ and the running statistics updated once from the clean pass; ℓ∞ and ℓ2; bf16 autocast
+    with the gap in float32.
+
+        llr = CompiledLLR(model, steps=2)   # build it after model.to(device); it holds the model
+        loss, info = llr(x, y, 8 / 255)     # the first call compiles (minutes for a large model)
+        loss.backward()
+
+    Why it can compile: torch.compile cannot trace `torch.autograd.grad(create_graph=True)`, but
+    it traces `torch.func.grad`: ∇ₓℓ(x) becomes ordinary operations of the graph and AOTAutograd
+    derives the weight gradient through it (the double backward) as a first-order backward.
+    Three compiled pieces, each one graph, so that compile time does not grow with `steps`: the
+    clean pass (ℓ(x), ∇ₓℓ(x) and the batch-norm statistics, `CleanBatchStatistics`), one step of
+    the search (Adam in pixel units with torch.optim.Adam(maximize=True)'s update written out, or
+    ℓ2's normalised step), and Eq. (8) at δ_LLR. The random start is drawn outside them from
+    `generator` (compiled code draws nothing); the running statistics are updated outside them.
+    ε, Adam's bias corrections, λ and μ enter as tensors: a new ε (warm-up) does not recompile.
+    A batch of another size, a change of train/eval mode, dtype or autocast compiles the pieces
+    once more (torch.compile keeps 8 versions): keep the batch size fixed (drop the last, smaller
+    batch). With `nn.SyncBatchNorm` in a multi-process run it raises: use `llr_loss` there.
+
+    backend, mode: torch.compile's ("inductor" needs a C++ compiler on a CPU and Triton on a GPU;
+    "aot_eager" traces without generating code, a quick check).
+    """
+
+    def __init__(self, model, lam=2.0, mu=0.6, steps=10, lr=0.1, norm="linf", backend="inductor", mode=None):
+        _check(0.0, norm)
+        if steps < 0:
+            raise ValueError(f"steps must be at least 0, got {steps}")
+        self.model, self.lam, self.mu, self.steps, self.lr, self.norm = model, lam, mu, steps, lr, norm
+        self.clean = CleanBatchStatistics(model)
+        self._clean_pass_c, self._search_step_c, self._eq8_c = (
+            compile_fullgraph(f, backend, mode) for f in (self._clean_pass, self._search_step, self._eq8))
+
+    def __call__(self, x, y, eps, generator=None):
+        """(loss, info) as `llr_loss`: the mean of Eq. (8) over the batch, and detached per-sample
+        `delta`, `gamma`, `grad_term`, `clean_loss` and the clean `logits`."""
+        _check(eps, self.norm)
+        refuse_sync_batch_norm(self.model, "CompiledLLR")
+        eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+        with self.clean.installed() as layers:
+            logits, clean_loss, grad, statistics = self._clean_pass_c(x, y)
+            self.clean.update_running_stats(layers, statistics)
+            x_adv = _random_start(x, eps, generator, self.norm)
+            with torch.no_grad():  # the search: no gradient flows to the weights
+                fixed = (clean_loss.detach(), grad.detach(), [(m.detach(), v.detach()) for m, v in statistics])
+                moments = (torch.zeros_like(x), torch.zeros_like(x))
+                for t in range(1, self.steps + 1):
+                    # Adam's bias-corrected step size and √(1 − β₂ᵗ) as torch.optim.Adam computes them; ℓ2's step/ε
+                    scalars = x.new_tensor([self.lr / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5, 2.5 / self.steps])
+                    x_adv, moments = self._search_step_c(x, y, x_adv, moments, eps, scalars, *fixed)
+            loss, gamma, grad_term = self._eq8_c(x, y, x_adv, clean_loss, grad, statistics,
+                                                 torch.tensor([self.lam, self.mu], device=x.device))
+        info = {"delta": x_adv - x, "gamma": gamma.detach(), "grad_term": grad_term.detach(),
+                "clean_loss": clean_loss.detach(), "logits": logits.detach()}
+        return loss, info
+
+    # the compiled pieces (every model call normalises with the clean statistics)
+    def _clean_pass(self, x, y):
+        """Clean logits, ℓ(x) [B], ∇ₓℓ(x) (differentiable in the weights) and the statistics."""
+        def summed_loss(x):
+            self.clean.record()
+            logits = self.model(x)
+            statistics = self.clean.recorded()
+            loss = F.cross_entropy(_float32_or_wider(logits), y, reduction="none")
+            return loss.sum(), (logits, loss, statistics)
+
+        grad, (logits, loss, statistics) = torch.func.grad(summed_loss, has_aux=True)(x)
+        return logits, loss, grad, statistics
+
+    def _gap(self, x, y, x_adv, clean_loss, grad, statistics):
+        self.clean.reuse(statistics)
+        return _gap(self.model, x, y, x_adv, clean_loss, grad)
+
+    def _search_step(self, x, y, x_adv, moments, eps, scalars, clean_loss, grad, statistics):
+        """One ascent step on g from x_adv, projected onto B(ε) ∩ [0, 1]."""
+        ascent = torch.func.grad(lambda x_adv: self._gap(x, y, x_adv, clean_loss, grad, statistics).sum())(x_adv)
+        m, v = moments
+        if self.norm == "linf":  # torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-9, maximize=True), one step
+            m = torch.lerp(m, -ascent, 0.1)
+            v = v * 0.999 + ascent * ascent * 0.001
+            x_adv = x_adv - scalars[0] * m / (v.sqrt() / scalars[1] + 1e-9)
+        else:  # ℓ2: a step of 2.5·ε/steps along the normalised gradient, as `_Search`
+            norm = ascent.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            x_adv = x_adv + scalars[2] * eps * ascent / norm
+        return _project(x_adv, x, eps, self.norm), (m, v)
+
+    def _eq8(self, x, y, x_adv, clean_loss, grad, statistics, weights):
+        """Eq. (8) at δ_LLR = x_adv − x: (mean loss, γ [B], |δᵀ∇ₓℓ(x)| [B])."""
+        gamma = self._gap(x, y, x_adv, clean_loss, grad, statistics)
+        grad_term = _directional(x_adv - x, grad).abs()
+        return (clean_loss + weights[0] * gamma + weights[1] * grad_term).mean(), gamma, grad_term
 
 
 def _check(eps, norm):

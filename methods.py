@@ -210,6 +210,105 @@ def check_lipschitz_options(last_layer, gamma, beta):
         raise ValueError("--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one")
 
 
+# --------------------------------------------------------------------------- compiled
+class CompiledLFR:
+    """`lfr_loss` by compiled code (`llr.CompiledLLR`'s route: torch.func.grad traced by
+    torch.compile, batch norm through `llr.CleanBatchStatistics`), with the same semantics: the
+    search's steps in eval mode from the same random start, then the clean pass (its statistics
+    normalise the pass on x_adv; the running statistics updated once, eagerly) and the flatness
+    term, double-differentiated. Two compiled pieces: one search step, and the loss."""
+
+    def __init__(self, model, weight=1.0, steps=2, step_size=None, norm="linf", backend="inductor", mode=None):
+        self.model, self.weight, self.steps, self.step_size, self.norm = model, weight, steps, step_size, norm
+        self.clean = llr.CleanBatchStatistics(model)
+        self._ascend = llr.compile_fullgraph(self._search_step, backend, mode)
+        self._objective = llr.compile_fullgraph(self._loss, backend, mode)
+
+    def _dual_norm_of_input_grad(self, x_adv, y):
+        grad = torch.func.grad(lambda x_adv: F.cross_entropy(self.model(x_adv), y, reduction="sum"))(x_adv)
+        return grad.flatten(1).abs().sum(1) if self.norm == "linf" else grad.flatten(1).norm(dim=1)
+
+    def _search_step(self, x, y, x_adv, eps, step_size):
+        ascent = torch.func.grad(lambda x_adv: self._dual_norm_of_input_grad(x_adv, y).sum())(x_adv)
+        return project(x_adv + step_size * steepest(ascent, self.norm), x, eps, self.norm)
+
+    def _loss(self, x, y, x_adv, eps, weight):
+        self.clean.record()
+        logits = self.model(x)
+        statistics = self.clean.recorded()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        self.clean.reuse(statistics)
+        flatness = eps * self._dual_norm_of_input_grad(x_adv, y)
+        return (loss + weight * flatness).mean(), logits, loss, flatness, statistics
+
+    def __call__(self, x, y, eps, generator=None):
+        llr.refuse_sync_batch_norm(self.model, "CompiledLFR")
+        step_size = 2.5 * eps / max(self.steps, 1) if self.step_size is None else self.step_size
+        eps_t, step_t = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (eps, step_size))
+        x_adv = random_point(x, eps_t, generator, self.norm)
+        with torch.no_grad(), _eval_mode(self.model):
+            for _ in range(self.steps):
+                x_adv = self._ascend(x, y, x_adv, eps_t, step_t)
+        with self.clean.installed() as layers:
+            total, logits, loss, flatness, statistics = self._objective(x, y, x_adv, eps_t,
+                                                                        x.new_tensor(self.weight))
+            self.clean.update_running_stats(layers, statistics)
+        return total, {"logits": logits.detach(), "clean_loss": loss.detach(), "flatness": flatness.detach()}
+
+
+class CompiledCURE:
+    """`cure_loss` by compiled code, with the same semantics: the clean pass in train mode (its
+    statistics measured by `llr.CleanBatchStatistics`, the running statistics updated eagerly
+    before the next pass reads them), then both input gradients in eval mode on those running
+    statistics, differentiated through (torch.func.grad traced by torch.compile). Two pieces, so
+    that no running statistic is updated inside a graph that then reads it."""
+
+    def __init__(self, model, weight=0.8, h=0.6, norm="linf", backend="inductor", mode=None):
+        self.model, self.weight, self.h = model, weight, h
+        self.clean = llr.CleanBatchStatistics(model)
+        self._clean_c = llr.compile_fullgraph(self._clean_pass, backend, mode)
+        self._curvature_c = llr.compile_fullgraph(self._curvature, backend, mode)
+
+    def _clean_pass(self, x, y):
+        self.clean.record()
+        logits = self.model(x)
+        return logits, F.cross_entropy(logits, y, reduction="none"), self.clean.recorded()
+
+    def _curvature(self, x, y, h):
+        def input_grad(x):
+            return torch.func.grad(lambda x: F.cross_entropy(self.model(x), y, reduction="sum"))(x)
+        grad = input_grad(x)
+        sign = grad.detach().sign()
+        z = h * sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        return (input_grad(x + z) - grad).flatten(1).norm(dim=1)
+
+    def __call__(self, x, y, eps, generator=None):
+        llr.refuse_sync_batch_norm(self.model, "CompiledCURE")
+        with self.clean.installed() as layers:
+            logits, loss, statistics = self._clean_c(x, y)
+            self.clean.update_running_stats(layers, statistics)
+        with _eval_mode(self.model):
+            curvature = self._curvature_c(x, y, x.new_tensor(self.h))
+        return (loss + self.weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
+                                                         "curvature": curvature.detach()}
+
+
+COMPILED = {"llr": llr.CompiledLLR, "lfr": CompiledLFR, "cure": CompiledCURE}  # the double-backprop methods
+
+
+def compiled(method, model, options, norm="linf", backend="inductor", mode=None):
+    """The training objective `method` with `options` as compiled code, called `fn(x, y, eps,
+    generator=None)` -> (loss, info) like `METHODS[method](model, x, y, eps, ...)`. LLR, LFR and
+    CURE go through torch.func.grad, traced by torch.compile (their classes above); plain, ADV,
+    TRADES and LIPSCHITZ run their own code on `torch.compile(model)` (no double backward). Build it
+    once, after the model is on its device (and prepared by Accelerate): the first call compiles."""
+    if method in COMPILED:
+        return COMPILED[method](model, **options, norm=norm, backend=backend, mode=mode)
+    net = torch.compile(model, backend=backend, mode=mode)
+    return lambda x, y, eps, generator=None: METHODS[method](net, x, y, eps, generator=generator, norm=norm,
+                                                              **options)
+
+
 TWICE_DIFFERENTIATED = ("llr", "cure", "lfr")  # through softplus: not through a lipconvnet's MaxMin and fast SOC
 
 

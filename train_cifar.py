@@ -81,7 +81,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
     the (images, labels) held out from them, evaluated after each epoch to choose best.safetensors."""
     device = accelerator.device
     steps_per_epoch = len(labels) // args.batch_size
-    loss_fn, options = methods.METHODS[args.method], training.method_options(args)
+    options = training.method_options(args)
     evaluate = None if args.val_n == 0 else functools.partial(
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     run = training.Run(args, accelerator, steps_per_epoch, eps,
@@ -90,14 +90,16 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
                                          f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, "
-                                         f"{run.total_steps} steps of {args.batch_size} images")
+                                         f"{run.total_steps} steps of {args.batch_size} images"
+                                         f"{', compiled' if args.compile else ''}")
+    loss_fn = training.loss_function(args, model)
     with run.progress(step):
         while step < run.total_steps:
             lr, eps_now = run.schedule(step, optimizer)
             x, y = batch_for(images, labels, args, step, steps_per_epoch, accelerator)
             optimizer.zero_grad(set_to_none=True)
-            loss, info = loss_fn(model, x, y, eps_now, **options, norm=args.norm,
-                                 generator=training.generator_for(args, step, device, "method", accelerator.process_index))
+            loss, info = loss_fn(x, y, eps_now, training.generator_for(args, step, device, "method",
+                                                                        accelerator.process_index))
             accelerator.backward(loss)  # with the double backward where the method has one
             training.clip_gradients(args, accelerator, model)
             optimizer.step()
@@ -119,6 +121,7 @@ def main(argv=None):
         cli.require(args.batch_size % accelerator.num_processes == 0,
                     f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
         models.build_model(args.arch)  # an unknown architecture fails here, before the data is read
+        training.check_compile(args, accelerator)
         training.claim_run_dir(args, accelerator)
         images, labels, classes = data.load_cifar10(args.data_dir, "train", download=args.download)
         train_indices, holdout_indices = data.holdout_split(len(labels), args.val_n)

@@ -160,6 +160,7 @@ def main(argv=None):
                                                      f"--per-device-batch {args.per_device_batch} x {processes} processes")
         accelerator.gradient_accumulation_steps = accumulation
         models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
+        training.check_compile(args, accelerator)
         training.claim_run_dir(args, accelerator)
         train_folder = os.path.join(args.data_dir, "train")
         train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
@@ -191,7 +192,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     after each epoch to choose best.safetensors) and `gamma_subset` (for γ, Fig. 2) are (uint8
     images, labels) on the device."""
     device = accelerator.device
-    loss_fn, options = methods.METHODS[args.method], training.method_options(args)
+    options = training.method_options(args)
     evaluate = None if args.val_n == 0 else functools.partial(
         training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
     metadata = {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
@@ -200,7 +201,9 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
         f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, {run.total_steps} steps of "
-        f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process")
+        f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process"
+        f"{', compiled' if args.compile else ''}")
+    loss_fn = training.loss_function(args, model)
     with run.progress(step):
         while step < run.total_steps:
             lr, eps_now = run.schedule(step, optimizer)
@@ -208,7 +211,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
                 with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch
                     stream = accelerator.process_index + accelerator.num_processes * micro
                     generator = training.generator_for(args, step, device, "method", stream)
-                    loss, info = loss_fn(model, x, y, eps_now, generator=generator, norm=args.norm, **options)
+                    loss, info = loss_fn(x, y, eps_now, generator)
                     accelerator.backward(loss)
                     training.clip_gradients(args, accelerator, model)
                     optimizer.step()

@@ -36,7 +36,8 @@ LOCK = "lock"  # held by the training process that writes the run directory
 RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", STATE)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption by a scheduler, Ctrl-C
 # flags that may change when a run is resumed (the rest are the run's setting, fixed in config.json)
-RESUMABLE = ("data_dir", "download", "workers", "log_every", "save_every", "save_minutes", "lr", "lr_per_256")
+RESUMABLE = ("data_dir", "download", "workers", "log_every", "save_every", "save_minutes", "lr", "lr_per_256",
+             "compile")
 
 
 # --------------------------------------------------------------------------- command line
@@ -67,6 +68,11 @@ def add_run_arguments(parser, out_prefix, val_n):
     validation images, logging, evaluation, checkpoints and --resume."""
     g = parser.add_argument_group("method")
     g.add_argument("--method", default="llr", choices=list(methods.METHODS), help="the training objective (methods.py)")
+    g.add_argument("--compile", type=boolean, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="compute the method's loss with compiled code (methods.compiled): llr, lfr and cure through "
+                        "torch.func.grad traced by torch.compile, the others on torch.compile(model); the same "
+                        "math, rounding aside. The first steps compile (minutes); one process only for llr, lfr "
+                        "and cure. May change on --resume")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
                    help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
                         "the evaluation after each epoch (every method); the paper's is linf")
@@ -125,7 +131,7 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
         changed = {k: getattr(args, k) for k in sorted(given)}
-        args = argparse.Namespace(**{"norm": "linf", **saved, **changed, "resume": args.resume, "out": args.resume,
+        args = argparse.Namespace(**{"norm": "linf", "compile": False, **saved, **changed, "resume": args.resume, "out": args.resume,
                                      "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
@@ -157,6 +163,41 @@ def check_run_args(args):
             continue
         require(value > 0 if name in ("lr", "step_size", "h") else value >= 0,
                 f"{flag} must be {'positive' if name in ('lr', 'step_size', 'h') else 'at least 0'}, got {value}")
+
+
+def check_compile(args, accelerator):
+    """--compile's requirements, before any work (ValueError): a compiler for Inductor's code (a C++
+    compiler on a CPU, Triton on a GPU), and one process for the methods compiled through torch.func
+    (their gradients bypass DistributedDataParallel's all-reduce, and SyncBatchNorm's statistics
+    would not be reduced)."""
+    if not args.compile:
+        return
+    if accelerator.device.type == "cpu":
+        import shutil
+        from torch._inductor import config as inductor_config
+
+        compiler = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else "g++"
+        require(shutil.which(os.environ.get("CXX", compiler)) or shutil.which("g++") or shutil.which("clang++"),
+                "--compile needs a C++ compiler on a CPU (torch.compile's Inductor builds C++): install g++, or "
+                "train without --compile")
+    elif accelerator.device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        require(has_triton(), "--compile needs Triton on a GPU (torch.compile's Inductor): pip install triton, or "
+                              "train without --compile")
+    require(accelerator.num_processes == 1 or args.method not in methods.COMPILED,
+            f"--compile with --method {args.method} runs in one process only (its torch.func gradients would not be "
+            f"all-reduced across {accelerator.num_processes} processes): train without --compile, or with one process")
+
+
+def loss_function(args, model):
+    """The method's loss with its options as `fn(x, y, eps, generator)` -> (loss, info): eager, or
+    compiled with --compile (`methods.compiled`, built on the model as prepared by Accelerate)."""
+    options = method_options(args)
+    if args.compile:
+        return methods.compiled(args.method, model, options, args.norm)
+    fn = methods.METHODS[args.method]
+    return lambda x, y, eps, generator=None: fn(model, x, y, eps, generator=generator, norm=args.norm, **options)
 
 
 # --------------------------------------------------------------------------- schedules and randomness
