@@ -3,7 +3,8 @@ intersected with the image box [0, 1], and ε as the command line writes it. Att
 methods and scripts take their geometry from here; `llr.py` keeps its own copy of what it needs,
 so that it can be copied alone (tests/test_llr.py checks that the copies agree).
 
-    eps = parse_eps("8/255")                      # 0.0314 (pixel units); "8" means 8/255 too
+    eps = parse_eps("8/255")                      # 0.0314 (pixel units); "8" means 8/255 too (ℓ∞ only)
+    eps = parse_eps("0.5", norm="l2")             # 0.5: in ℓ2 every number is in pixel units
     x_adv = project(x_adv, x, eps)                # nearest point of B(ε) ∩ [0, 1] (ℓ∞)
     x_adv = project(x_adv, x, eps, norm="l2")     # the same for the ℓ2 ball
     x0 = random_point(x, eps, generator)          # uniform in B(ε), then into [0, 1]
@@ -13,16 +14,18 @@ from fractions import Fraction
 import torch
 
 NORMS = ("linf", "l2")
-MAX_EPS = {"linf": 64 / 255, "l2": 2.0}  # larger radii are almost surely a unit mistake (the paper's: 16/255)
+# larger radii are almost surely a unit mistake (the paper's ℓ∞ radii reach 16/255; ℓ2 radii of 0.5 and 1.0 on
+# CIFAR-10 and 3.0 on ImageNet are RobustBench's)
+MAX_EPS = {"linf": 64 / 255, "l2": 4.0}
 MIN_EPS = 0.5 / 255  # smaller non-zero radii are too
 
 
 def parse_eps(text, norm="linf"):
-    """ε in pixel units from the command line, with one meaning in every script: a fraction
-    ("8/255") or a number below 1 ("0.0314") is in pixel units; a number of 1 or more ("8", "4")
-    is in units of 1/255. A value that is almost surely a unit mistake (non-zero below 0.5/255,
-    or above 64/255 in ℓ∞, 2 in ℓ2) is refused with one line that shows both readings, as is
-    anything unreadable."""
+    """ε in pixel units from the command line. ℓ∞: a fraction ("8/255") or a number below 1
+    ("0.0314") is in pixel units, a number of 1 or more ("8", "4") in units of 1/255 (the paper's
+    habit). ℓ2: every number is in pixel units ("0.5", "1.0", "3"), a fraction too ("36/255").
+    A value that is almost surely a unit mistake (non-zero below 0.5/255, or above 64/255 in ℓ∞,
+    4 in ℓ2) is refused with one line that shows both readings, as is anything unreadable."""
     check_norm(norm)
     text = str(text).strip()
     numerator, fraction, denominator = text.partition("/")
@@ -34,18 +37,23 @@ def parse_eps(text, norm="linf"):
         raise ValueError(f"cannot read eps {text!r}: write a fraction such as 8/255, or 8 (meaning 8/255)") from None
     if value < 0:
         raise ValueError(f"eps must not be negative, got {text}")
-    eps = float(value if fraction or value < 1 else value / 255)
+    eps = float(value if fraction or value < 1 or norm == "l2" else value / 255)
     if eps > MAX_EPS[norm] or 0 < eps < MIN_EPS:
         readings = "" if fraction else (f": as pixel units {text} is {255 * float(value):.4g}/255, as units of "
                                         f"1/255 it is {float(value):.4g}/255, and it is read as {255 * eps:.4g}/255")
         if eps > MAX_EPS[norm]:
-            bound = (f"more than {'64/255' if norm == 'linf' else '2'}, almost surely a unit mistake for an "
+            bound = (f"more than {'64/255' if norm == 'linf' else '4'}, almost surely a unit mistake for an "
                      f"{'ℓ∞' if norm == 'linf' else 'ℓ2'} radius")
         else:
             bound = "less than 0.5/255, almost surely a unit mistake"
         raise ValueError(f"eps {text} is {bound}{readings}; write the radius as a fraction, e.g. "
                          f"{'8/255' if norm == 'linf' else '36/255'}")
     return eps
+
+
+def describe_eps(eps, norm="linf"):
+    """The radius a script will use, as its header prints it: 'ℓ∞ eps 8/255 = 0.0314'."""
+    return f"{'ℓ∞' if norm == 'linf' else 'ℓ2'} eps {255 * eps:.4g}/255 = {eps:.4g}"
 
 
 def check_norm(norm):

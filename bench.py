@@ -2,6 +2,7 @@
 
     python bench.py                                   # GPU: PreAct ResNet-18, batch 128; CPU: wrn-10-2, batch 32
     python bench.py --bf16 --channels-last            # the fast path on a GPU
+    python bench.py --compile                         # each method eager and compiled, side by side
     python bench.py --arch resnet152 --image-size 224 --batch-size 32 --methods plain,llr-2,adv-30 --bf16
     make bench
 
@@ -11,6 +12,11 @@ random order each round, so that drift on a shared machine hits all of them alik
 each time is taken after device synchronisation, after warm-up steps. Reports the
 median and quartiles of the milliseconds per step, images/s, the ratio of the
 median to plain's, and (on CUDA) peak memory, as a table and as JSON.
+
+With --compile every method is also timed compiled (`methods.compiled`: LLR, LFR and CURE through
+torch.func traced by torch.compile, the others on torch.compile(model)), as `<name>+compiled`, in
+the same interleaved rounds: its ratio to plain is to plain+compiled (the same mode), its
+`ratio_to_eager` to its eager twin, and `first_call_s` (the first warm-up step) is the compile time.
 """
 import json
 import os
@@ -43,7 +49,7 @@ def suited(name, arch):
     return methods.trains(VARIANTS[name][0], arch)
 
 
-COMPILABLE = ("plain", "adv", "trades")  # no double backward: torch.compile applies
+COMPILED = "+compiled"  # the suffix of a method's compiled twin
 
 
 def get_args(argv=None):
@@ -61,9 +67,9 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     p.add_argument("--fused-optimizer", action="store_true", help="SGD's fused implementation (one kernel)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model for the methods without a double backward (plain, ADV, TRADES); "
-                        "the others run it eager (torch.compile does not support double backward)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: a quick check)")
+                   help="also time each method compiled (methods.compiled), as <name>+compiled, in the same run")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (aot_eager: a quick check of the tracing)")
     p.add_argument("--profile", action="store_true",
                    help="after the timing, where each method's time goes: torch.profiler's operator table of "
                         "--rounds more steps per method, written beside --out as .profile.txt")
@@ -79,26 +85,33 @@ def _sync(device):
 
 
 def make_step(args, device):
-    """A function running one full training step of a named variant; peak memory is tracked per call."""
+    """A function running one full training step of a named variant (`<name>+compiled`: compiled
+    by `methods.compiled`, on first use); peak memory is tracked per call."""
     torch.manual_seed(args.seed)
     model = models.build_model(args.arch, num_classes=args.num_classes,
                                normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
-    compiled = torch.compile(model, backend=args.compile_backend) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=args.fused_optimizer or None)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     x = x.to(device).contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    compiled = {}
+
+    def loss(name):
+        method, options = VARIANTS[name.removesuffix(COMPILED)]
+        if not name.endswith(COMPILED):
+            return methods.METHODS[method](model, x, y, 8 / 255, generator=generator, **options)
+        if name not in compiled:
+            compiled[name] = methods.compiled(method, model, options, backend=args.compile_backend)
+        return compiled[name](x, y, 8 / 255, generator=generator)
 
     def step(name):
-        method, options = VARIANTS[name]
-        net = compiled if method in COMPILABLE else model
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = methods.METHODS[method](net, x, y, 8 / 255, generator=generator, **options)
-        loss.backward()
+            value, _ = loss(name)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -112,7 +125,7 @@ def describe_setting(args, device_name):
     """One line naming what was measured: model, batch, image size, device and the fast-path options."""
     return (f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
             f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
-            f"{', fused SGD' if args.fused_optimizer else ''}{', compiled' if args.compile else ''}")
+            f"{', fused SGD' if args.fused_optimizer else ''}{', eager and compiled' if args.compile else ''}")
 
 
 def run(args):
@@ -131,12 +144,19 @@ def run(args):
             raise SystemExit(f"bench.py: error: --{flag.replace('_', '-')} must be at least 1")
     if "plain" not in names:
         names.insert(0, "plain")  # the reference of every ratio
+    if args.compile:
+        names += [n + COMPILED for n in names]
     step = make_step(args, device)
     times = {n: [] for n in names}
-    peak = {}
-    for name in names:  # warm-up: allocator, kernels, lazy imports
-        for _ in range(args.warmup):
+    peak, first_call = {}, {}
+    for name in names:  # warm-up: allocator, kernels, lazy imports; compiling (twice: a recompile, e.g. eval mode)
+        for i in range(max(args.warmup, 2 if name.endswith(COMPILED) else 0)):
+            _sync(device)
+            start = time.perf_counter()
             step(name)
+            _sync(device)
+            if i == 0:
+                first_call[name] = time.perf_counter() - start
     order = random.Random(args.seed)
     for _ in range(args.rounds):
         for name in order.sample(names, len(names)):
@@ -149,29 +169,36 @@ def run(args):
             times[name].append(1000 * (time.perf_counter() - start))
             if device.type == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(device))
-    plain_ms, plain_min = statistics.median(times["plain"]), min(times["plain"])
     results = {}
     for name in names:
         t = sorted(times[name])
+        plain = "plain" + (COMPILED if name.endswith(COMPILED) else "")  # the reference in the same mode
         q1, median, q3 = (statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3)
         results[name] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "ms_min": t[0], "ms_all": times[name],
-                         "images_per_s": args.batch_size / (median / 1000), "ratio_to_plain": median / plain_ms,
-                         "ratio_of_minima": t[0] / plain_min, "spread": t[-1] / t[0],
+                         "images_per_s": args.batch_size / (median / 1000),
+                         "ratio_to_plain": median / statistics.median(times[plain]),
+                         "ratio_of_minima": t[0] / min(times[plain]), "spread": t[-1] / t[0],
+                         "first_call_s": first_call.get(name),
                          "peak_memory_gib": peak[name] / 2**30 if name in peak else None}
-        if name in peak and "plain" in peak:
-            results[name]["memory_ratio_to_plain"] = peak[name] / peak["plain"]
+        if name.endswith(COMPILED):
+            eager = name.removesuffix(COMPILED)
+            results[name]["ratio_to_eager"] = median / results[eager]["ms_median"]
+            results[name]["ratio_to_eager_of_minima"] = t[0] / results[eager]["ms_min"]
+        if name in peak and plain in peak:
+            results[name]["memory_ratio_to_plain"] = peak[name] / peak[plain]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
               "bf16": args.bf16, "channels_last": args.channels_last, "fused_optimizer": args.fused_optimizer,
               "compile": args.compile and args.compile_backend, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     print(f"{describe_setting(args, device_name)}; median of {args.rounds} interleaved steps")
-    print(f"{'method':12s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
-          f"{'(minima)':>10s}{'peak GiB':>10s}")
+    print(f"{'method':21s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
+          f"{'(minima)':>10s}{'peak GiB':>10s}{'x eager':>9s}{'compile s':>11s}")
     for name, r in results.items():
         memory = f"{r['peak_memory_gib']:10.2f}" if r["peak_memory_gib"] is not None else f"{'-':>10s}"
-        print(f"{name:12s}{r['ms_median']:10.1f}{r['ms_q1']:8.1f}-{r['ms_q3']:<8.1f}{r['ms_min']:9.1f}"
-              f"{r['images_per_s']:11.1f}{r['ratio_to_plain']:9.2f}{r['ratio_of_minima']:10.2f}{memory}")
+        compiled = (f"{r['ratio_to_eager']:9.2f}{r['first_call_s']:11.1f}" if "ratio_to_eager" in r else "")
+        print(f"{name:21s}{r['ms_median']:10.1f}{r['ms_q1']:8.1f}-{r['ms_q3']:<8.1f}{r['ms_min']:9.1f}"
+              f"{r['images_per_s']:11.1f}{r['ratio_to_plain']:9.2f}{r['ratio_of_minima']:10.2f}{memory}{compiled}")
     busy = [name for name, r in results.items() if r["spread"] > BUSY_SPREAD]
     report["busy_machine"] = bool(busy)
     if busy:

@@ -50,7 +50,8 @@ def get_args(argv=None):
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
                    "directory (its best.safetensors, else its last.safetensors)")
-    p.add_argument("--eps", required=True, help="the radius: 8/255, or 8 meaning 8/255")
+    p.add_argument("--eps", help="the radius (ball.parse_eps): 8/255, or 8 meaning 8/255 in ℓ∞; in ℓ2 every number "
+                                  "is in pixel units (0.5, or 36/255) (unset: the ε the checkpoint was trained at)")
     p.add_argument("--norm", choices=["linf", "l2"],
                    help="the threat model (unset: the checkpoint's, else linf, the paper's); in l2 the gradient "
                         "attacks take normalised steps, and Square, DeepFool and --surface, which are ℓ∞ here, "
@@ -105,10 +106,21 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
-    g.add_argument("--out", help="JSON path (unset: CHECKPOINT with .eval.json, .surface.json or .strength.json); "
+    g.add_argument("--out", help="JSON path, or a directory to write eval.json (surface.json, ...) in (unset: "
+                                 "CHECKPOINT with .eval.json, .surface.json or .strength.json); "
                                  "each finished attack column is kept in OUT.partial.json until the end, and a run "
                                  "with the same settings continues from it")
     return p.parse_args(argv)
+
+
+def check_writable(path):
+    """Before any attack: `path` (and its .tmp) can be written; a one-line error otherwise."""
+    try:
+        with open(path + ".tmp", "w"):
+            pass
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror}") from None
 
 
 def check_args(args):
@@ -260,7 +272,7 @@ def run_attack(model, images, labels, eps, name, options, num_classes, batch_siz
     robust, counts = [], {"invalid": 0, "reattacked": 0, "unverified": 0}
     _sync(device)
     start = time.time()
-    bar = tqdm(total=len(labels), desc=desc or SUITE[name][0], unit="img", leave=False)
+    bar = tqdm(total=len(labels), desc=desc or SUITE[name][0], unit="img", leave=False)  # the images it attacks
     for i, x, y in batches(images, labels, batch_size, device):
         seed_i = seed + i  # another random stream for each batch
         target = attacks.random_targets(y, num_classes, seed_i) if name == "random-targeted" else None
@@ -365,9 +377,11 @@ def evaluate(model, images, labels, eps, args, num_classes, device, partial=None
     for name in names:
         if name not in finished:
             options = attack_options(name, args, num_classes)
+            every = name == "random-targeted"  # its success rate is over all images; the others attack the correct
             robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes,
-                                                 args.batch_size, device, args.seed,
-                                                 only=None if name == "random-targeted" else correct)
+                                                 args.batch_size, device, args.seed, only=None if every else correct,
+                                                 desc=f"{SUITE[name][0]} ({'all' if every else 'correctly classified'} "
+                                                      f"images)")
             defaults = inspect.signature(SUITE[name][1]).parameters  # the attack holds its defaults
             steps, restarts = (options.get(k, defaults[k].default)
                                for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
@@ -616,8 +630,9 @@ def print_table(report):
             continue
         e = r[name]
         budget = f"{e['steps']} x {e['restarts']}"
-        if name == "random-targeted":
-            print(f"{label:32s}{100 * e['success_rate']:9.2f}%{'':12s}{budget:>18s}{e['time_s']:8.1f}s")
+        if name == "random-targeted":  # not an accuracy: how often it reached its target, over all images
+            print(f"{label:32s}{100 * e['success_rate']:9.2f}%{'':12s}{budget:>18s}{e['time_s']:8.1f}s"
+                  f"  (target reached, over all {report['n_images']} images)")
         else:
             print(f"{label:32s}{100 * e['accuracy']:9.2f}%{100 * e['worst_case_accuracy']:11.2f}%"
                   f"{budget:>18s}{e['time_s']:8.1f}s")
@@ -663,7 +678,14 @@ def main(argv=None):
         meta = models.read_checkpoint_metadata(args.checkpoint)
         config = meta["config"]
         args.norm = args.norm or meta.get("norm", "linf")
-        eps = ball.parse_eps(args.eps, args.norm)
+        if args.eps is None:
+            cli.require(isinstance(meta.get("eps"), (int, float)),
+                        f"{args.checkpoint} does not record the ε it was trained at: give --eps (e.g. 8/255)")
+            eps = float(meta["eps"])
+            args.eps = f"{255 * eps:.4g}/255"
+            print(f"{ball.describe_eps(eps, args.norm)}, as the checkpoint was trained (--eps to change it)")
+        else:
+            eps = ball.parse_eps(args.eps, args.norm)
         radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks, args.norm)
         parse_strengths(args.strengths)
@@ -695,9 +717,10 @@ def main(argv=None):
         cli.require(not args.surface or max(args.surface) < len(labels),
                     f"--surface index {max(args.surface or [0])} is beyond the {len(labels)} images")
         out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
-        out_dir = os.path.dirname(os.path.abspath(out))
-        cli.require(os.path.isdir(out_dir) and os.access(out_dir, os.W_OK),
-                    f"cannot write {out}: {out_dir} is not a writable directory")
+        out = os.path.join(out, f"{mode}.json") if os.path.isdir(out) else out
+        check_writable(out)
+        if args.n > len(labels):
+            print(f"--n {args.n}: the {args.split} split has {len(labels)} images; evaluating all {len(labels)}")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model

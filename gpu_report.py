@@ -25,7 +25,15 @@ files, and the README's GPU tables are made from it.
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
    evaluated on 1,000 test images with the suite.
-7. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
+7. compiled-cifar: issue 23's measurement, `bench.py --compile` at bench-cifar's scale (WRN-28-8,
+   batch 128, bf16, channels-last): every method eager and compiled in the same run, ratios to
+   plain in the same mode, compile time and peak memory. Targets: compiled LLR-2 at most 5x plain,
+   0.7x ADV-10 and 0.25x ADV-30 (each at its fastest path), peak memory at most 3x plain.
+8. compiled-imagenet: the same for ResNet-152, batch 32, 224 px (plain, LLR-2, ADV-10, ADV-30;
+   target: LLR-2 at most 0.25x ADV-30).
+9. compiled-profile: torch.profiler's operator tables of a compiled plain and LLR-2 step on
+   bench-cifar's model (compiled-profile.txt), where the compiled LLR step's time goes.
+10. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
    1-process run on the same global batch.
 
@@ -53,7 +61,7 @@ REPRO = ["--arch", "preact-resnet18", "--epochs", str(REPRO_EPOCHS), "--batch-si
          "--eps", cpu_repro.EPS, "--log-every", "50"]
 FAST_PATH = [("baseline: bf16, channels-last", []), ("float32", ["--no-bf16"]),
              ("contiguous (not channels-last)", ["--no-channels-last"]), ("fused SGD", ["--fused-optimizer"]),
-             ("torch.compile (plain, ADV)", ["--compile"])]
+             ("torch.compile (each method beside its eager step)", ["--compile"])]
 
 
 def environment():
@@ -114,6 +122,31 @@ def step_profile(setting, work):
                        os.path.join(work, "profile.json"))
     shutil.copyfile(report["profile"], os.path.join(setting["out"], "profile.txt"))
     report["profile"] = "profile.txt"  # beside the step's JSON
+    return report
+
+
+def step_compiled_cifar(setting, work):
+    return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
+                               "--image-size", "32", "--methods", setting["cifar_methods"], *setting["fast"],
+                               "--compile", *setting["compile_backend"]],
+                     os.path.join(work, "compiled-cifar.json"))
+
+
+def step_compiled_imagenet(setting, work):
+    return run_bench(setting, ["--arch", setting["imagenet_arch"], "--batch-size", str(setting["imagenet_batch"]),
+                               "--image-size", str(setting["imagenet_size"]), "--num-classes", "1000",
+                               "--methods", setting["imagenet_methods"], *setting["fast"], "--compile",
+                               *setting["compile_backend"]],
+                     os.path.join(work, "compiled-imagenet.json"))
+
+
+def step_compiled_profile(setting, work):
+    report = run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
+                                 "--image-size", "32", "--methods", "plain,llr-2", *setting["fast"], "--compile",
+                                 *setting["compile_backend"], "--profile"],
+                       os.path.join(work, "compiled-profile.json"))
+    shutil.copyfile(report["profile"], os.path.join(setting["out"], "compiled-profile.txt"))
+    report["profile"] = "compiled-profile.txt"
     return report
 
 
@@ -227,7 +260,8 @@ def all_steps(setting):
     steps = {"bench-cifar": step_bench_cifar, "bench-imagenet": step_bench_imagenet, "projections": step_projections,
              "fast-path": step_fast_path, "profile": step_profile}
     steps.update(repro_steps(setting))
-    steps["sync-bn"] = step_sync_bn
+    steps.update({"compiled-cifar": step_compiled_cifar, "compiled-imagenet": step_compiled_imagenet,
+                  "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn})
     return steps
 
 
@@ -258,11 +292,13 @@ def summary(setting):
 
 
 def bench_table(report):
-    rows = ["| method | ms/step | images/s | × plain | peak GiB |", "| --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| method | ms/step | images/s | × plain (same mode) | peak GiB | × eager | compile s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["results"].items():
         memory = "–" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        compiled = (f"{r['ratio_to_eager']:.2f} | {r['first_call_s']:.0f}" if "ratio_to_eager" in r else "– | –")
         rows.append(f"| {name} | {r['ms_median']:.1f} | {r['images_per_s']:.1f} | {r['ratio_to_plain']:.2f} | "
-                    f"{memory} |")
+                    f"{memory} | {compiled} |")
     return (f"{report['arch']}, batch {report['batch_size']}, {report['image_size']} px, bf16 {report['bf16']}, "
             f"channels-last {report['channels_last']}\n\n" + "\n".join(rows) + "\n")
 

@@ -42,6 +42,7 @@ faster where kernel launches and memory traffic bound the eager double backward 
 """
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -202,6 +203,7 @@ def linearity_gap(model, x, y, delta):
     layers in train mode normalise x + δ with the statistics of x and do not update
     their running statistics (see `reuse_clean_batch_statistics`).
     """
+    _check(0.0, "linf", x)
     with reuse_clean_batch_statistics(model):
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
         return _gap(model, x, y, x + delta, clean_loss, grad)
@@ -239,8 +241,9 @@ def _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator, norm
     (detached; no gradient flows through the search)."""
     clean_loss, grad = clean_loss.detach(), grad.detach()
     search = _Search(x, eps, steps, lr, generator, norm)
-    for _ in range(steps):
-        search.step(_gap(model, x, y, search.x_adv, clean_loss, grad))
+    with torch.enable_grad():  # the search differentiates g in x + δ, even when the caller measures under no_grad
+        for _ in range(steps):
+            search.step(_gap(model, x, y, search.x_adv, clean_loss, grad))
     return search.x_adv.detach()
 
 
@@ -254,7 +257,7 @@ def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None, norm="li
     (gamma [B], delta [B, ...]), detached. Running batch-norm statistics are left
     untouched; in train mode the clean batch's statistics normalise every pass.
     """
-    _check(eps, norm)
+    _check(eps, norm, x)
     with reuse_clean_batch_statistics(model), torch.enable_grad():
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=False)
         clean_loss, grad = clean_loss.detach(), grad.detach()
@@ -296,7 +299,8 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     `gamma`, `grad_term` (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean
     `logits` [B, K] (for accuracy, with no extra forward pass).
     """
-    _check(eps, norm)
+    _check(eps, norm, x)
+    _warn_if_relu(model)
     with reuse_clean_batch_statistics(model, update_running_stats=True):
         logits, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
         x_adv = _search_delta(model, x, y, eps, steps, lr, clean_loss, grad, generator, norm)
@@ -378,10 +382,18 @@ def _normalise_with_clean_statistics(layer, clean, x):
     return _normalise(layer, x, *clean._take(layer, x))
 
 
-def compile_fullgraph(fn, backend="inductor", mode=None):
+def compile_fullgraph(fn, model, backend="inductor", mode=None):
     """torch.compile as the compiled paths use it: one graph (fullgraph), static shapes (a new batch
     size compiles once more instead of switching to dynamic shapes, which Inductor fails on here)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode,
+                         options=inductor_options(model, backend, mode))
+
+
+def inductor_options(model, backend="inductor", mode=None):
+    """For a model on the CPU, Inductor keeps the convolutions' memory layout: its channels-last
+    choice made mkldnn's convolutions slower (measured with bench.py on a 2-core CPU; our choice)."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return {"layout_optimization": False} if on_cpu and backend == "inductor" and mode is None else None
 
 
 def refuse_sync_batch_norm(model, what):
@@ -423,15 +435,16 @@ class CompiledLLR:
         _check(0.0, norm)
         if steps < 0:
             raise ValueError(f"steps must be at least 0, got {steps}")
+        _warn_if_relu(model)
         self.model, self.lam, self.mu, self.steps, self.lr, self.norm = model, lam, mu, steps, lr, norm
         self.clean = CleanBatchStatistics(model)
         self._clean_pass_c, self._search_step_c, self._eq8_c = (
-            compile_fullgraph(f, backend, mode) for f in (self._clean_pass, self._search_step, self._eq8))
+            compile_fullgraph(f, model, backend, mode) for f in (self._clean_pass, self._search_step, self._eq8))
 
     def __call__(self, x, y, eps, generator=None):
         """(loss, info) as `llr_loss`: the mean of Eq. (8) over the batch, and detached per-sample
         `delta`, `gamma`, `grad_term`, `clean_loss` and the clean `logits`."""
-        _check(eps, self.norm)
+        _check(eps, self.norm, x)
         refuse_sync_batch_norm(self.model, "CompiledLLR")
         eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
         with self.clean.installed() as layers:
@@ -488,8 +501,26 @@ class CompiledLLR:
         return (clean_loss + weights[0] * gamma + weights[1] * grad_term).mean(), gamma, grad_term
 
 
-def _check(eps, norm):
+def _check(eps, norm, x=None):
+    """The arguments every entry point shares, with one-line errors: the norm, ε as a number in pixel
+    units, and images x in [0, 1] (a cheap min/max: normalised inputs would be clamped silently)."""
     if norm not in ("linf", "l2"):
         raise ValueError(f"unknown norm {norm!r}; choose linf or l2")
-    if not 0 <= float(eps) <= (1 if norm == "linf" else 2):
-        raise ValueError(f"eps must lie in [0, {1 if norm == 'linf' else 2}] (pixel units, e.g. 8/255), got {eps}")
+    if isinstance(eps, str):
+        raise ValueError(f"eps must be a number in pixel units, e.g. 8 / 255, not the string {eps!r}")
+    if not 0 <= float(eps) <= (1 if norm == "linf" else 4):
+        raise ValueError(f"eps must lie in [0, {1 if norm == 'linf' else 4}] (pixel units, e.g. 8/255), got {eps}")
+    if x is not None and x.numel():
+        low, high = torch.aminmax(x.detach())
+        if low < 0 or high > 1:
+            raise ValueError(f"images must lie in [0, 1] (normalise inside the model), got values in "
+                             f"[{low.item():.3g}, {high.item():.3g}]")
+
+
+def _warn_if_relu(model):
+    if any(isinstance(m, nn.ReLU) for m in model.modules()):
+        warnings.warn("LLR on a model with ReLU: its curvature is zero almost everywhere, so the double backward "
+                      "sees only first-order terms (zero curvature almost everywhere); use a smooth activation such "
+                      "as softplus", stacklevel=3)
+
+

@@ -221,8 +221,8 @@ class CompiledLFR:
     def __init__(self, model, weight=1.0, steps=2, step_size=None, norm="linf", backend="inductor", mode=None):
         self.model, self.weight, self.steps, self.step_size, self.norm = model, weight, steps, step_size, norm
         self.clean = llr.CleanBatchStatistics(model)
-        self._ascend = llr.compile_fullgraph(self._search_step, backend, mode)
-        self._objective = llr.compile_fullgraph(self._loss, backend, mode)
+        self._ascend = llr.compile_fullgraph(self._search_step, model, backend, mode)
+        self._objective = llr.compile_fullgraph(self._loss, model, backend, mode)
 
     def _dual_norm_of_input_grad(self, x_adv, y):
         grad = torch.func.grad(lambda x_adv: F.cross_entropy(self.model(x_adv), y, reduction="sum"))(x_adv)
@@ -266,8 +266,8 @@ class CompiledCURE:
     def __init__(self, model, weight=0.8, h=0.6, norm="linf", backend="inductor", mode=None):
         self.model, self.weight, self.h = model, weight, h
         self.clean = llr.CleanBatchStatistics(model)
-        self._clean_c = llr.compile_fullgraph(self._clean_pass, backend, mode)
-        self._curvature_c = llr.compile_fullgraph(self._curvature, backend, mode)
+        self._clean_c = llr.compile_fullgraph(self._clean_pass, model, backend, mode)
+        self._curvature_c = llr.compile_fullgraph(self._curvature, model, backend, mode)
 
     def _clean_pass(self, x, y):
         self.clean.record()
@@ -304,7 +304,7 @@ def compiled(method, model, options, norm="linf", backend="inductor", mode=None)
     once, after the model is on its device (and prepared by Accelerate): the first call compiles."""
     if method in COMPILED:
         return COMPILED[method](model, **options, norm=norm, backend=backend, mode=mode)
-    net = torch.compile(model, backend=backend, mode=mode)
+    net = torch.compile(model, backend=backend, mode=mode, options=llr.inductor_options(model, backend, mode))
     return lambda x, y, eps, generator=None: METHODS[method](net, x, y, eps, generator=generator, norm=norm,
                                                               **options)
 

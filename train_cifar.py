@@ -89,7 +89,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
                         "method": args.method, "options": options, "eps": eps, "norm": args.norm},
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
-                                         f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, "
+                                         f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, "
                                          f"{run.total_steps} steps of {args.batch_size} images"
                                          f"{', compiled' if args.compile else ''}")
     loss_fn = training.loss_function(args, model)
@@ -123,6 +123,10 @@ def main(argv=None):
         models.build_model(args.arch)  # an unknown architecture fails here, before the data is read
         training.check_compile(args, accelerator)
         training.claim_run_dir(args, accelerator)
+        finished = training.finished_run(args)
+        if finished:
+            accelerator.print(finished)
+            return
         images, labels, classes = data.load_cifar10(args.data_dir, "train", download=args.download)
         train_indices, holdout_indices = data.holdout_split(len(labels), args.val_n)
         if args.train_n:

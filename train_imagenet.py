@@ -162,6 +162,10 @@ def main(argv=None):
         models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
         training.check_compile(args, accelerator)
         training.claim_run_dir(args, accelerator)
+        finished = training.finished_run(args)
+        if finished:
+            accelerator.print(finished)
+            return
         train_folder = os.path.join(args.data_dir, "train")
         train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
         train_indices, holdout_indices = data.holdout_split(len(train_set), args.val_n)
@@ -200,7 +204,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
-        f"{args.method} on {args.arch} ({model.config['activation']}), eps {args.eps}, {run.total_steps} steps of "
+        f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, {run.total_steps} steps of "
         f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process"
         f"{', compiled' if args.compile else ''}")
     loss_fn = training.loss_function(args, model)

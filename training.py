@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import attacks
+import ball
 import data
 import llr
 import methods
@@ -117,12 +118,6 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
     if args.resume:
         options = {option: action.dest for action in parser._actions for option in action.option_strings}
         given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume"}
-        fixed = sorted(given - set(RESUMABLE))
-        if fixed:
-            can = [o for o in options if o.startswith("--") and options[o] in RESUMABLE]
-            parser.error(f"--{fixed[0].replace('_', '-')} cannot change when a run is resumed (it is part of the "
-                         f"run's setting, saved in {os.path.join(args.resume, 'config.json')}); only "
-                         f"{', '.join(can)} can")
         try:
             with open(os.path.join(args.resume, "config.json")) as f:
                 saved = json.load(f)["args"]
@@ -130,11 +125,46 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
             parser.error(f"cannot resume from {args.resume}: {e.strerror}")
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
+        # a flag of the run's setting may be repeated with its recorded value (make cifar ARGS="--epochs 5" again)
+        differing = sorted(k for k in given - set(RESUMABLE) if not _same_setting(k, getattr(args, k), saved.get(k)))
+        if differing:
+            flag, can = differing[0], [o for o in options if o.startswith("--") and options[o] in RESUMABLE]
+            why = "; the learning-rate schedule depends on it: train longer in a new run" if flag == "epochs" else ""
+            parser.error(f"--{flag.replace('_', '-')} cannot change when a run is resumed (it is {saved.get(flag)!r} "
+                         f"in {os.path.join(args.resume, 'config.json')}, part of the run's setting{why}); only "
+                         f"{', '.join(can)} can")
+        given &= set(RESUMABLE)  # the others were repeated with their saved values
         changed = {k: getattr(args, k) for k in sorted(given)}
         args = argparse.Namespace(**{"norm": "linf", "compile": False, **saved, **changed, "resume": args.resume, "out": args.resume,
                                      "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
+
+
+def _same_setting(flag, given, saved):
+    """Whether a flag repeated on --resume names the recorded setting (ε compared as a radius)."""
+    if flag == "eps" and saved is not None:
+        try:
+            return abs(ball.parse_eps(given, "linf") - ball.parse_eps(saved, "linf")) < 1e-12 or given == saved
+        except ValueError:
+            return given == saved
+    return given == saved
+
+
+def finished_run(args):
+    """For --resume of a run that has trained all its epochs: the line saying so (else None)."""
+    path = os.path.join(args.out, "last.safetensors")
+    if not args.resume or not os.path.exists(path):
+        return None
+    try:
+        epoch = models.read_checkpoint_metadata(path).get("epoch", 0)
+    except ValueError:
+        return None
+    if epoch < args.epochs:
+        return None
+    return (f"{args.out} is finished ({args.epochs} of {args.epochs} epochs): nothing to resume. Its checkpoints are "
+            f"{os.path.join(args.out, 'best.safetensors')} and last.safetensors; to train longer, start a new run "
+            f"with more --epochs (the learning-rate schedule depends on the run's length)")
 
 
 def check_run_args(args):

@@ -103,6 +103,24 @@ def test_l2_projection_and_random_points():
     torch.testing.assert_close(ball.project(near, middle, 0.005, "l2"), near)
     radii = (ball.random_point(middle.repeat(50, 1, 1, 1), 0.005, g, "l2") - middle.repeat(50, 1, 1, 1)).flatten(1)
     assert radii.norm(dim=1).min() > 0.005 * 0.8  # uniform in a 48-dimensional ball: nearly all mass near the sphere
-    assert ball.parse_eps("0.5", "l2") == 0.5 and ball.parse_eps("36", "l2") == pytest.approx(36 / 255)
-    with pytest.raises(ValueError, match="more than 2"):
-        ball.parse_eps("600/255", "l2")
+    assert ball.parse_eps("0.5", "l2") == 0.5 and ball.parse_eps("36/255", "l2") == pytest.approx(36 / 255)
+    with pytest.raises(ValueError, match="more than 4"):
+        ball.parse_eps("1200/255", "l2")
+
+
+@pytest.mark.parametrize("text, value", [("0.5", 0.5), ("1.0", 1.0), ("1", 1.0), ("3", 3.0), ("36/255", 36 / 255)])
+def test_l2_numbers_are_pixel_units(text, value):
+    """ℓ2 radii of 0.5, 1.0 (CIFAR-10) and 3.0 (ImageNet) are common: they are not divided by 255."""
+    assert ball.parse_eps(text, "l2") == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["8", "36", "1200/255"])
+def test_l2_unit_mistakes_show_both_readings(text):
+    with pytest.raises(ValueError, match="more than 4, almost surely a unit mistake for an ℓ2 radius") as e:
+        ball.parse_eps(text, "l2")
+    assert "\n" not in str(e.value) and ("/" in text or f"as units of 1/255 it is {text}/255" in str(e.value))
+
+
+def test_headers_print_the_radius_used():
+    assert ball.describe_eps(8 / 255) == "ℓ∞ eps 8/255 = 0.03137"
+    assert ball.describe_eps(0.5, "l2") == "ℓ2 eps 127.5/255 = 0.5"

@@ -46,3 +46,25 @@ def test_bench_refuses_a_method_that_cannot_train_the_model():
 
     with pytest.raises(SystemExit, match="llr-2 cannot train lipconvnet-5-c4"):
         bench.run(bench.get_args(["--arch", "lipconvnet-5-c4", "--methods", "llr-2", "--device", "cpu"]))
+
+
+def test_bench_times_each_method_eager_and_compiled_in_one_run(tmp_path):
+    """--compile: every method's compiled twin in the same rounds, its ratio to plain in the same
+    mode and to its eager self, and its first (compiling) call's time."""
+    import torch
+
+    out = str(tmp_path / "bench.json")
+    torch._dynamo.reset()
+    bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
+                              "--warmup", "0", "--methods", "llr-1,adv-1,cure,lfr", "--compile",
+                              "--compile-backend", "aot_eager", "--device", "cpu", "--out", out]))
+    torch._dynamo.reset()
+    with open(out) as f:
+        results = json.load(f)["results"]
+    names = ["plain", "llr-1", "adv-1", "cure", "lfr"]
+    assert set(results) == set(names) | {n + "+compiled" for n in names}
+    assert results["plain+compiled"]["ratio_to_plain"] == 1.0
+    for name in names:
+        twin = results[name + "+compiled"]
+        assert twin["ratio_to_eager"] == twin["ms_median"] / results[name]["ms_median"]
+        assert twin["first_call_s"] > 0 and "ratio_to_eager" not in results[name]

@@ -79,7 +79,7 @@ def test_eval_bad_input(data_dir, tmp_path):
     common = [ckpt, "--eps", "8/255", "--data-dir", data_dir]
     for flags, message in ((["--n", "0"], "--n must be at least 1"), (["--n", "-5"], "--n must be at least 1"),
                            (["--batch-size", "0"], "--batch-size must be at least 1"),
-                           (["--out", str(tmp_path / "missing" / "e.json")], "is not a writable directory")):
+                           (["--out", str(tmp_path / "missing" / "e.json")], "e.json: No such file or directory")):
         assert message in _one_line_error(eval_script.main, [*common, *flags], "eval.py")
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in _one_line_error(eval_script.main, [*common, "--device", "cuda"], "eval.py")
@@ -201,6 +201,7 @@ def test_resume_errors(damage, message, data_dir, tmp_path, capsys):
     if damage == "state":
         with open(os.path.join(run, "state.pt"), "r+b") as f:
             f.truncate(100)
+        os.remove(os.path.join(run, "last.safetensors"))  # unfinished as far as the disk tells (else: "finished")
     elif damage == "config":
         with open(os.path.join(run, "config.json"), "w") as f:
             f.write("{not json")

@@ -25,6 +25,10 @@ def test_gpu_report_smoke(tmp_path):
         name for name, _ in gpu_report.FAST_PATH}
     profile = (out / "profile.txt").read_text()
     assert "== plain:" in profile and "== llr-2:" in profile and "[profile.txt](profile.txt)" in summary
+    compiled = json.loads((out / "compiled-cifar.json").read_text())["result"]["results"]
+    assert {"llr-2+compiled", "plain+compiled", "adv-10+compiled"} <= set(compiled)
+    assert compiled["llr-2+compiled"]["ratio_to_eager"] > 0 and "| llr-2+compiled |" in summary
+    assert "== llr-2+compiled:" in (out / "compiled-profile.txt").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
