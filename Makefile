@@ -54,10 +54,10 @@ data/cifar10-jpeg/train:  ## the JPEG copy of CIFAR-10, unpacked from CIFAR_TAR
 	mkdir -p data/cifar10-jpeg && tar xzf $(CIFAR_TAR) -C data/cifar10-jpeg
 
 cpu-repro: install install-extras data/cifar10-jpeg/train  ## the paper's central claim on a CPU: hours, resumable
-	$(PY) cpu_repro.py
+	$(PY) -m experiments.cpu_repro
 
 l2-compare: install data/cifar10-jpeg/train  ## certified (SOC) against empirical (LLR, ADV) l2 robustness: GPU for the evaluation
-	$(PY) l2_compare.py
+	$(PY) -m experiments.l2_compare
 
 gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU)
-	$(PY) gpu_report.py $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))
+	$(PY) -m experiments.gpu_report $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))

@@ -26,6 +26,15 @@ CIFAR10_HELP = ("download it with `python train_cifar.py --download --data-dir D
                 "(e.g. the JPEG copy: mkdir -p data/cifar10-jpeg && tar xzf cifar10-jpeg.tar.gz -C data/cifar10-jpeg)")
 
 
+def cifar10_class_count(data_dir):
+    """The number of classes of the CIFAR-10 at data_dir without reading it: an ImageFolder tree's
+    class folders in train/, else torchvision's 10."""
+    train = os.path.join(data_dir, "train")
+    if os.path.isdir(train):
+        return len([d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))]) or None
+    return 10
+
+
 def load_cifar10(data_dir, split, download=False):
     """CIFAR-10's `split` ("train" or "test") as (uint8 images [N, 3, 32, 32], int64 labels [N], class names)."""
     if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):

@@ -455,7 +455,8 @@ class CompiledLLR:
                 fixed = (clean_loss.detach(), grad.detach(), [(m.detach(), v.detach()) for m, v in statistics])
                 moments = (torch.zeros_like(x), torch.zeros_like(x))
                 for t in range(1, self.steps + 1):
-                    # Adam's bias-corrected step size and √(1 − β₂ᵗ) as torch.optim.Adam computes them; ℓ2's step/ε
+                    # Adam's bias-corrected step size and √(1 − β₂ᵗ), as torch.optim.Adam computes them;
+                    # the ℓ2 step over ε
                     scalars = x.new_tensor([self.lr / (1 - 0.9 ** t), (1 - 0.999 ** t) ** 0.5, 2.5 / self.steps])
                     x_adv, moments = self._search_step_c(x, y, x_adv, moments, eps, scalars, *fixed)
             loss, gamma, grad_term = self._eq8_c(x, y, x_adv, clean_loss, grad, statistics,

@@ -89,7 +89,8 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
                         "method": args.method, "options": options, "eps": eps, "norm": args.norm},
                        evaluate, selection, gamma_subset=(images[:args.gamma_n], labels[:args.gamma_n]))
     step, model, optimizer = run.prepare(model, training.make_optimizer(model, args),
-                                         f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, "
+                                         f"{args.method} on {args.arch} ({model.config['activation']}), "
+                                         f"{ball.describe_eps(eps, args.norm)}, "
                                          f"{run.total_steps} steps of {args.batch_size} images"
                                          f"{', compiled' if args.compile else ''}")
     loss_fn = training.loss_function(args, model)
@@ -118,6 +119,9 @@ def main(argv=None):
         eps = ball.parse_eps(args.eps, args.norm)
         training.check_run_args(args)
         cli.require(args.train_n >= 0, f"--train-n must not be negative, got {args.train_n}")
+        classes = data.cifar10_class_count(args.data_dir)  # before the data is read
+        cli.require(not args.train_n or not classes or args.train_n % classes == 0,
+                    f"--train-n {args.train_n} must be a multiple of the {classes} classes")
         cli.require(args.batch_size % accelerator.num_processes == 0,
                     f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
         models.build_model(args.arch)  # an unknown architecture fails here, before the data is read

@@ -204,7 +204,8 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
     step, model, optimizer = run.prepare(
         model, training.make_optimizer(model, args),
-        f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, {run.total_steps} steps of "
+        f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, "
+        f"{run.total_steps} steps of "
         f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process"
         f"{', compiled' if args.compile else ''}")
     loss_fn = training.loss_function(args, model)

@@ -135,8 +135,8 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
                          f"{', '.join(can)} can")
         given &= set(RESUMABLE)  # the others were repeated with their saved values
         changed = {k: getattr(args, k) for k in sorted(given)}
-        args = argparse.Namespace(**{"norm": "linf", "compile": False, **saved, **changed, "resume": args.resume, "out": args.resume,
-                                     "overwrite": False, "resume_changes": changed})
+        args = argparse.Namespace(**{"norm": "linf", "compile": False, **saved, **changed, "resume": args.resume,
+                                     "out": args.resume, "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
 

@@ -128,3 +128,12 @@ def test_llr_on_a_relu_model_warns_once():
         warnings.simplefilter("default")
         llr.llr_loss(TinyConvNet(), x, y, 8 / 255, steps=1)
     assert not [w for w in caught if "ReLU" in str(w.message)]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_n_is_checked_before_the_data_is_read(data_dir, tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.setattr(data, "load_cifar10", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit, match="--train-n 7 must be a multiple of the 3 classes"):
+        train_cifar.main(["--data-dir", data_dir, "--train-n", "7", "--out", str(tmp_path / "r"), *TINY])

@@ -1,13 +1,12 @@
-"""make gpu-report, make cpu-repro and make l2-compare run end to end on tiny settings (no numbers are asserted)."""
+"""make gpu-report, make cpu-repro and make l2-compare (experiments/) run end to end on tiny settings (no numbers
+are asserted), and each experiment's script runs by `python -m experiments.NAME` and by its path."""
 import json
 import os
 
 import pytest
 import torch
 
-import cpu_repro
-import gpu_report
-import l2_compare
+from experiments import cpu_repro, gpu_report, l2_compare
 
 
 def test_gpu_report_smoke(tmp_path):
@@ -112,3 +111,29 @@ def test_experiments_without_the_cifar_copy_fail_in_one_line(script, monkeypatch
     monkeypatch.setattr(cpu_repro, "DATA", "data/no-such-copy")
     with pytest.raises(SystemExit, match="no CIFAR-10 copy at data/no-such-copy: unpack it with"):
         script.main([])
+
+
+@pytest.mark.parametrize("invocation", [["-m", "experiments.cpu_repro"], ["experiments/cpu_repro.py"],
+                                        ["-m", "experiments.gpu_report"], ["experiments/l2_compare.py"]])
+def test_experiments_run_as_modules_and_by_path(invocation):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, *invocation, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--smoke" in result.stdout, result.stderr[-2000:]
+
+
+def test_experiment_folders_hold_their_write_ups():
+    from conftest import ROOT
+
+    for name in ("cpu-repro", "l2-compare", "gpu-report"):
+        readme = os.path.join(ROOT, "experiments", name, "README.md")
+        assert os.path.isfile(readme) and "# " in open(readme).read(200)
+    readme = open(os.path.join(ROOT, "experiments", "cpu-repro", "README.md")).read()
+    for begin, end in (cpu_repro.marked("table"), cpu_repro.marked("figures")):  # where cpu_repro.py writes
+        assert begin in readme and end in readme
+    assert all(l2 in open(os.path.join(ROOT, "experiments", "l2-compare", "README.md")).read()
+               for l2 in cpu_repro.marked("table", "l2-compare", "l2_compare.py"))

@@ -3,12 +3,12 @@ against a cheap attack can learn to hide its gradients (weak attacks fail, stron
 break it), while LLR with the same few inner steps keeps the loss locally linear, so that weak
 and strong attacks agree. `make cpu-repro` runs this file.
 
-    python cpu_repro.py                  # every step not done yet: train, evaluate, draw, write the results
-    python cpu_repro.py --only train     # just one stage (train, evaluate, surfaces, gamma-sweep, report)
-    python cpu_repro.py --smoke          # the whole pipeline on generated images in about a minute (the tests)
+    python -m experiments.cpu_repro                  # every step not done yet: train, evaluate, draw, write the results
+    python -m experiments.cpu_repro --only train     # just one stage (train, evaluate, surfaces, gamma-sweep, report)
+    python -m experiments.cpu_repro --smoke DIR      # the whole pipeline on generated images in a minute (tests)
 
 Every run trains with train_cifar.py into runs/cpu-repro/NAME (interrupted runs resume), is
-evaluated with eval.py on the test set, and lands in docs/cpu-repro/: its last checkpoint
+evaluated with eval.py on the test set, and lands in experiments/cpu-repro/: its last checkpoint
 (loadable with models.load_checkpoint), its training log and config, its evaluation JSON, γ
 found by searches of 1 to 50 steps (NAME.gamma.json), the figures, summary.json, and
 the README's section between the cpu-repro markers. The last checkpoint of each run is the one
@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 
-import cli
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/: the write-ups and their data
+ROOT = os.path.dirname(HERE)  # the repository: its scripts run from here
+sys.path.insert(0, ROOT)  # the project's modules, also when this file is run by its path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import cli  # noqa: E402
 PY = sys.executable
 
 # --------------------------------------------------------------------------- the experiment
@@ -85,7 +87,7 @@ def call(argv, jobs=1):
     this one, with its own message above."""
     print("+ " + " ".join(argv), flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    result = subprocess.run([PY, *argv], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads})
+    result = subprocess.run([PY, *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": threads})
     if result.returncode:
         raise SystemExit(f"cpu_repro.py: error: {' '.join(argv[:2])} ... failed (exit status {result.returncode})")
 
@@ -323,7 +325,7 @@ STAGES = {"train": lambda s: runs(s, [train]),
 
 def smoke_setting(root):
     """A tiny generated ImageFolder and settings that run every stage in about a minute."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import make_image_folder
 
     data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=16)
@@ -355,7 +357,7 @@ def parse_args(doc, script, stages, argv=None):
 
 def require_data(script):
     """Exit with a one-line error unless the JPEG copy of CIFAR-10 is unpacked at DATA."""
-    if not os.path.isdir(os.path.join(HERE, DATA)):
+    if not os.path.isdir(os.path.join(ROOT, DATA)):
         sys.exit(f"{script}: error: no CIFAR-10 copy at {DATA}: unpack it with `mkdir -p {DATA} && tar xzf "
                  f"../shared/data/cifar10-jpeg.tar.gz -C {DATA}` (or make data/cifar10-jpeg/train CIFAR_TAR=...)")
 
@@ -366,10 +368,10 @@ def main(argv=None):
         setting = smoke_setting(args.smoke)
     else:
         require_data("cpu_repro.py")
-        os.makedirs(os.path.join(HERE, "docs", "cpu-repro"), exist_ok=True)
-        setting = {"name": "cpu-repro", "root": HERE, "data": DATA, "out": os.path.join(HERE, "docs", "cpu-repro"),
+        os.makedirs(os.path.join(HERE, "cpu-repro"), exist_ok=True)
+        setting = {"name": "cpu-repro", "root": ROOT, "data": DATA, "out": os.path.join(HERE, "cpu-repro"),
                    "common": COMMON, "eval": EVAL, "gamma_sweep": GAMMA_SWEEP, "runs": RUNS, "surfaces": SURFACES,
-                   "grid": 41, "readme": os.path.join(HERE, "README.md"), "machine": machine()}
+                   "grid": 41, "readme": os.path.join(HERE, "cpu-repro", "README.md"), "machine": machine()}
     setting.update(jobs=args.jobs, order=COST_ORDER)
     start = time.time()
     if args.only:

@@ -1,11 +1,11 @@
 """Everything owed to a GPU, in one resumable command: `make gpu-report`.
 
-    python gpu_report.py                  # on a CUDA GPU: every unfinished step, each under 8 minutes
-    python gpu_report.py --list           # the steps, and which are done
-    python gpu_report.py --smoke DIR      # every step on the CPU with tiny sizes, in a minute (the tests)
+    python -m experiments.gpu_report                  # on a CUDA GPU: every unfinished step, each under 8 minutes
+    python -m experiments.gpu_report --list           # the steps, and which are done
+    python -m experiments.gpu_report --smoke DIR      # every step on the CPU with tiny sizes, in a minute (the tests)
 
 GPU time comes in short pieces, so the report is a list of steps, each under 8 minutes, each
-writing its own JSON into docs/gpu-report/ (with the device, torch and CUDA versions, and the git
+writing its own JSON into experiments/gpu-report/ (with the device, torch and CUDA versions, and the git
 commit) as soon as it is done; run the command again and it goes on with the first step whose
 JSON is missing. About 40 minutes on one H100 in all. Then summary.md is written from the JSON
 files, and the README's GPU tables are made from it.
@@ -20,7 +20,7 @@ files, and the README's GPU tables are made from it.
    off, float32 instead of bf16, fused SGD on, torch.compile on for the methods it supports),
    so that the defaults are chosen from numbers.
 5. profile: where the time of a plain and an LLR-2 step goes, on bench-cifar's model and fast path
-   (`bench.py --profile`: torch.profiler's operator tables, in docs/gpu-report/profile.txt).
+   (`bench.py --profile`: torch.profiler's operator tables, in experiments/gpu-report/profile.txt).
 6. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
@@ -48,11 +48,13 @@ import sys
 import tarfile
 import time
 
-import bench
-import cli
-import cpu_repro
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repository: its scripts run from here
+sys.path.insert(0, ROOT)  # the project's modules, also when this file is run by its path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import bench  # noqa: E402
+import cli  # noqa: E402
+from experiments import cpu_repro  # noqa: E402
 PY = sys.executable
 STEP_SECONDS = 7 * 60  # a training piece; the evaluation of a run comes in its own step
 REPRO_EPOCHS = 10
@@ -68,7 +70,7 @@ def environment():
     import torch
 
     # GIT_COMMIT first: a copy of the tree sent to a lent GPU machine may carry a stale .git
-    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"],
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"],
                                                             capture_output=True, text=True).stdout.strip()
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
@@ -80,7 +82,7 @@ def call(argv, timeout=None):
     """Run a project script; returns its exit status (124 if it ran past `timeout` and was stopped
     with SIGTERM, which the training scripts answer with a checkpoint)."""
     print("+ " + " ".join(argv), flush=True)
-    process = subprocess.Popen([PY, *argv], cwd=HERE)
+    process = subprocess.Popen([PY, *argv], cwd=ROOT)
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -127,7 +129,7 @@ def step_profile(setting, work):
 
 def step_compiled_cifar(setting, work):
     return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
-                               "--image-size", "32", "--methods", setting["cifar_methods"], *setting["fast"],
+                               "--image-size", "32", "--methods", setting["compiled_methods"], *setting["fast"],
                                "--compile", *setting["compile_backend"]],
                      os.path.join(work, "compiled-cifar.json"))
 
@@ -135,7 +137,7 @@ def step_compiled_cifar(setting, work):
 def step_compiled_imagenet(setting, work):
     return run_bench(setting, ["--arch", setting["imagenet_arch"], "--batch-size", str(setting["imagenet_batch"]),
                                "--image-size", str(setting["imagenet_size"]), "--num-classes", "1000",
-                               "--methods", setting["imagenet_methods"], *setting["fast"], "--compile",
+                               "--methods", setting["imagenet_compiled_methods"], *setting["fast"], "--compile",
                                *setting["compile_backend"]],
                      os.path.join(work, "compiled-imagenet.json"))
 
@@ -216,7 +218,7 @@ def step_sync_bn(setting, work):
 
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s) visible; this step needs 2"}
-    sys.path.insert(0, os.path.join(HERE, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import make_image_folder
 
     folder = make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
@@ -307,8 +309,10 @@ def smoke_setting(root):
     return {"root": root, "out": os.path.join(root, "gpu-report"), "data": os.path.join(root, "data"),
             "archive": "", "bench": ["--rounds", "1", "--warmup", "0", "--device", "cpu"], "fast": ["--channels-last"],
             "fast_path_methods": "plain,adv-1", "cifar_arch": "wrn-10-1", "cifar_batch": 4,
-            "cifar_methods": "plain,llr-2,llr-8,adv-10", "imagenet_arch": "resnet18", "imagenet_batch": 2,
+            "cifar_methods": "plain,llr-2,llr-8,adv-10", "compiled_methods": "plain,llr-2,adv-10",
+            "imagenet_arch": "resnet18", "imagenet_batch": 2,
             "imagenet_size": 32, "imagenet_methods": "plain,llr-2",
+            "imagenet_compiled_methods": "llr-2",
             "compile_backend": ["--compile-backend", "eager"],
             "repro": [*cpu_repro.SMOKE_COMMON, "--epochs", "1"], "eval": cpu_repro.SMOKE_EVAL,
             "runs": ["plain", cpu_repro.COLLAPSING],
@@ -320,7 +324,7 @@ def main(argv=None):
 
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("--data-dir", default="data/cifar10-jpeg", help="the CIFAR-10 copy for the reproduction")
-    p.add_argument("--archive", default=os.path.join(HERE, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
+    p.add_argument("--archive", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
                    help="unpacked into --data-dir when that is missing")
     p.add_argument("--list", action="store_true", help="list the steps and which are done")
     p.add_argument("--steps", metavar="NAMES", help="comma-separated: run only these steps (unset: every step)")
@@ -328,17 +332,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         setting = smoke_setting(args.smoke)
-        sys.path.insert(0, os.path.join(HERE, "tests"))
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
         from conftest import make_image_folder
 
         make_image_folder(setting["data"], classes=3, per_class=10, size=16)
     else:
-        setting = {"root": HERE, "out": os.path.join(HERE, "docs", "gpu-report"), "data": args.data_dir,
+        setting = {"root": ROOT, "out": os.path.join(HERE, "gpu-report"), "data": os.path.join(ROOT, args.data_dir),
                    "archive": args.archive, "bench": [], "fast": ["--bf16", "--channels-last"],
                    "fast_path_methods": "plain,llr-2,adv-10", "cifar_arch": "wrn-28-8", "cifar_batch": 128,
                    "cifar_methods": ",".join(n for n in bench.VARIANTS if bench.suited(n, "wrn-28-8")),
+                   "compiled_methods": ",".join(n for n in bench.VARIANTS if bench.suited(n, "wrn-28-8")),
                    "imagenet_arch": "resnet152", "imagenet_batch": 32,
-                   "imagenet_size": 224, "imagenet_methods": "plain,llr-2,adv-10,adv-30", "compile_backend": [],
+                   "imagenet_size": 224, "imagenet_methods": "plain,llr-2,adv-10,adv-30",
+                   "imagenet_compiled_methods": "plain,llr-2,adv-10,adv-30", "compile_backend": [],
                    "repro": REPRO,
                    "eval": ["--eps", cpu_repro.EPS, "--n", "1000", "--gamma"], "runs": list(cpu_repro.RUNS),
                    "step_seconds": STEP_SECONDS}

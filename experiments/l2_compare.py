@@ -3,9 +3,9 @@ LipConvNets (Singla & Feizi, NeurIPS 2022; soc.py) with the ortho, LLN and CRC-L
 against LLR and ADV trained in the ℓ2 ball of radius 36/255, on the CIFAR-10 copy. `make
 l2-compare` runs this file.
 
-    python l2_compare.py                 # every step not done yet: train, evaluate, write the results
-    python l2_compare.py --only train    # just one stage (train, evaluate, report)
-    python l2_compare.py --smoke DIR     # the whole pipeline on generated images (the tests)
+    python -m experiments.l2_compare                 # every step not done yet: train, evaluate, write the results
+    python -m experiments.l2_compare --only train    # just one stage (train, evaluate, report)
+    python -m experiments.l2_compare --smoke DIR     # the whole pipeline on generated images (the tests)
 
 Every run trains with train_cifar.py into runs/l2-compare/NAME (interrupted runs resume) and its
 last checkpoint is evaluated with eval.py on the first 1,000 test images: the ℓ2 attack suite for
@@ -13,7 +13,7 @@ every model (FGSM-20, Untargeted, Multi-Targeted, Random-Targeted and the sanity
 steps), and `--certify` for the LipConvNets (which also fails loudly if an attack breaks an image
 certified at 36/255). Training fits the development CPU (minutes per epoch); the LipConvNets'
 evaluation does not (hours per model there: run it on a GPU, as the README's table was). Results land in
-docs/l2-compare/ (evaluation JSONs, checkpoints, summary.json, table.md) and in the README between
+experiments/l2-compare/ (evaluation JSONs, checkpoints, summary.json, table.md) and in its README between
 the l2-compare markers. The machinery (resuming, parallel jobs, timing) is cpu_repro.py's. This is
 not the authors' headline: theirs needs their schedule (200 epochs of the full training set on a
 GPU) and their widths.
@@ -23,9 +23,11 @@ import os
 import sys
 import time
 
-import cpu_repro
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also when run by its path
 
-HERE = cpu_repro.HERE
+from experiments import cpu_repro  # noqa: E402
+
+HERE, ROOT = cpu_repro.HERE, cpu_repro.ROOT
 EPS = "36/255"
 COMMON = ["--norm", "l2", "--eps", EPS, "--train-n", "6000", "--epochs", "10", "--batch-size", "128", "--lr", "0.1",
           "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "300",
@@ -99,7 +101,7 @@ STAGES = {"train": lambda s: cpu_repro.runs(s, [cpu_repro.train]),
 
 def smoke_setting(root):
     """A tiny generated ImageFolder, one LipConvNet and LLR (as the tests run it)."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import make_image_folder
 
     data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=32)
@@ -121,10 +123,10 @@ def main(argv=None):
         setting = smoke_setting(args.smoke)
     else:
         cpu_repro.require_data("l2_compare.py")
-        out = os.path.join(HERE, "docs", "l2-compare")
+        out = os.path.join(HERE, "l2-compare")
         os.makedirs(out, exist_ok=True)
-        setting = {"name": "l2-compare", "root": HERE, "data": cpu_repro.DATA, "out": out, "common": COMMON,
-                   "eval": EVAL, "runs": RUNS, "readme": os.path.join(HERE, "README.md"),
+        setting = {"name": "l2-compare", "root": ROOT, "data": cpu_repro.DATA, "out": out, "common": COMMON,
+                   "eval": EVAL, "runs": RUNS, "readme": os.path.join(out, "README.md"),
                    "machine": cpu_repro.machine()}
     setting.update(jobs=args.jobs, order=ORDER,
                    eval_extra={name: ["--certify"] for name, (_, flags) in setting["runs"].items() if certifies(flags)})
