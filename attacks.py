@@ -114,11 +114,17 @@ def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, re
                 break
             if optimizer == "sign":
                 x_adv = x_adv + step_sizes(step) * steepest(grad, norm)
-            else:  # Adam, bias-corrected, eps 1e-9 as the authors' UnrolledAdam
-                m, v = m[keep].lerp(grad, 0.1), v[keep].lerp(grad * grad, 0.001)
-                m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
-                x_adv = x_adv + lr * m_hat / (v_hat.sqrt() + 1e-9)
+            else:
+                x_adv, m, v = adam_step(x_adv, grad, m[keep], v[keep], step, lr)
             x_adv = project(x_adv, x0, eps, norm)
+
+
+def adam_step(x_adv, grad, m, v, step, lr):
+    """One ascent step of Adam in pixel units (β = (0.9, 0.999), bias-corrected, eps 1e-9, as the
+    authors' UnrolledAdam) at step `step` (from 0): (x_adv, m, v) after it, not projected."""
+    m, v = m.lerp(grad, 0.1), v.lerp(grad * grad, 0.001)
+    m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
+    return x_adv + lr * m_hat / (v_hat.sqrt() + 1e-9), m, v
 
 
 def _setup(model, x, y, eps, optimizer, seed, norm="linf"):

@@ -17,7 +17,8 @@ from `generator`, so a run is reproducible and resumable step by step.
 
 Attack passes inside a method (ADV's and TRADES' inner maximisation, LFR's search)
 run with batch norm in eval mode, on running statistics, as TRADES' `trades.py`
-does, so that only the training passes update the statistics; the module is
+and the LLR authors' graph.py do (ADV's `bn="train"` keeps batch statistics, as fast
+adversarial training does), so that only the training passes update the statistics; the module is
 returned to train mode before the loss is computed. CURE's two gradient passes run
 in eval mode too (its official code); LFR's last pass and LLR's passes on x + δ use
 the clean batch's statistics (`llr.reuse_clean_batch_statistics`). Each method's
@@ -28,15 +29,19 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import attacks
 import llr
 from ball import project, random_point, steepest
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode for an attack's passes, restoring the previous mode on exit."""
+def _eval_mode(model, bn="eval"):
+    """Eval mode for an attack's passes (bn="eval": running statistics), restoring the previous mode
+    on exit; bn="train" leaves the model as it is (in training: batch statistics, and the attack's
+    passes update the running statistics, as fast adversarial training's train_fgsm.py does)."""
     was_training = model.training
-    model.eval()
+    if bn == "eval":
+        model.eval()
     try:
         yield
     finally:
@@ -47,16 +52,33 @@ def _input_grad(loss, x_adv, create_graph=False):
     return torch.autograd.grad(loss, x_adv, create_graph=create_graph)[0]
 
 
-def signed_ascent(model, x, x_adv, eps, steps, step_size, objective, norm="linf"):
+def signed_ascent(model, x, x_adv, eps, steps, step_size, objective, norm="linf", bn="eval"):
     """`steps` steepest-ascent steps of `step_size` (sign(∇) in ℓ∞, ∇/‖∇‖₂ in ℓ2) from x_adv up
     `objective(x_adv)` (a scalar, summed over the batch), each projected onto B(ε) ∩ [0, 1] around x;
-    batch norm in eval mode. The inner maximisation of ADV, TRADES and LFR. Returns x_adv detached."""
-    with _eval_mode(model), torch.enable_grad():
+    batch norm in eval mode (or as `_eval_mode`'s bn says). The inner maximisation of ADV, TRADES
+    and LFR. Returns x_adv detached."""
+    with _eval_mode(model, bn), torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             step = step_size * steepest(_input_grad(objective(x_adv), x_adv), norm)
             x_adv = project(x_adv.detach() + step, x, eps, norm)
     return x_adv.detach()
+
+
+def adam_ascent(model, x, x_adv, eps, steps, lr, objective, bn="eval"):
+    """`steps` steps of Adam in pixel units with learning rate `lr` (attacks.adam_step, the authors'
+    UnrolledAdam) up `objective(x_adv)`, each projected onto the ℓ∞ ball ∩ [0, 1] around x: the
+    authors' training attack (their `carlini_wagner_attack`, graph.py). Returns x_adv detached."""
+    with _eval_mode(model, bn), torch.enable_grad():
+        m = v = torch.zeros_like(x_adv)
+        for step in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            moved, m, v = attacks.adam_step(x_adv.detach(), _input_grad(objective(x_adv), x_adv), m, v, step, lr)
+            x_adv = project(moved, x, eps)
+    return x_adv.detach()
+
+
+CLIPPED_MARGIN = 30.0  # the authors' _margin_logit_loss clips the margin at -30 (graph.py)
 
 
 def plain_loss(model, x, y, eps, *, generator=None, norm="linf"):
@@ -66,7 +88,8 @@ def plain_loss(model, x, y, eps, *, generator=None, norm="linf"):
     return loss.mean(), {"logits": logits.detach(), "clean_loss": loss.detach()}
 
 
-def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, generator=None, norm="linf"):
+def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, bn="eval", optimizer="sign",
+             loss="ce", generator=None, norm="linf"):
     """PGD adversarial training (Madry et al. 2018): cross-entropy on x_adv after `steps` signed
     steps of `step_size` on the cross-entropy, projected onto B(ε) ∩ [0, 1], from a uniform random
     point of the ball (from x itself with random_start=False). step_size defaults to 2.5·ε/steps,
@@ -75,11 +98,30 @@ def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, g
     training: from x with step ε (Goodfellow et al. 2015), or with a random start and step 1.25·ε
     ("fast adversarial training", Wong et al. 2020). ADV-1 and ADV-2 are the cheap variants that
     the paper (Table 2, Fig. 4) shows to obfuscate gradients. In ℓ2 the steps follow ∇/‖∇‖₂ (ℓ2
-    PGD, as Madry et al.'s ℓ2 models)."""
-    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    PGD, as Madry et al.'s ℓ2 models).
+
+    The configurations of the sources the paper's contrast depends on (issue 24):
+    bn: batch norm during the attack's passes: "eval" (running statistics, as the LLR authors'
+    graph.py and TRADES) or "train" (batch statistics, the passes updating the running
+    statistics, as fast adversarial training's train_fgsm.py and GradAlign's train.py).
+    optimizer: "sign" (signed steps of step_size) or "adam" (ℓ∞: Adam in pixel units with
+    learning rate step_size, default 0.1, from the random start, projected after each step: the
+    LLR authors' training attack, graph.py's carlini_wagner_attack with UnrolledAdam(0.1)).
+    loss: the attack's objective: "ce" (cross-entropy) or "margin" (the authors'
+    _margin_logit_loss: max_{j≠y} f_j − f_y, clipped at 30, i.e. their −30 on its negative).
+    The training loss is the cross-entropy on x_adv either way."""
     start = random_point(x, eps, generator, norm) if random_start else x
-    x_adv = signed_ascent(model, x, start, eps, steps, step_size,
-                          lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum"), norm)
+    if loss == "margin":
+        objective = lambda x_adv: attacks.margin(model(x_adv), y).clamp(max=CLIPPED_MARGIN).sum()  # noqa: E731
+    else:
+        objective = lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="sum")  # noqa: E731
+    if optimizer == "adam":
+        if norm != "linf":
+            raise ValueError("--adv-optimizer adam is the authors' ℓ∞ attack; use sign steps in ℓ2")
+        x_adv = adam_ascent(model, x, start, eps, steps, 0.1 if step_size is None else step_size, objective, bn)
+    else:
+        step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+        x_adv = signed_ascent(model, x, start, eps, steps, step_size, objective, norm, bn=bn)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
     return loss.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach()}
@@ -319,6 +361,8 @@ def trains(method, arch):
         return method not in TWICE_DIFFERENTIATED
     return method != "lipschitz"
 
+
+CHOICES = {"bn": ("eval", "train"), "optimizer": ("sign", "adam"), "loss": ("ce", "margin")}  # text options
 
 METHODS = {"plain": plain_loss, "llr": llr.llr_loss, "adv": adv_loss, "trades": trades_loss,
            "cure": cure_loss, "lfr": lfr_loss, "lipschitz": lipschitz_loss}

@@ -51,10 +51,14 @@ def add_method_options(parser):
         for p in inspect.signature(fn).parameters.values():
             if p.default is p.empty or p.name in ("generator", "norm"):
                 continue
+            flag, dest = f"--{name}-{p.name.replace('_', '-')}", f"{name}_{p.name}"
+            helped = f"{p.name} of {fn.__name__}" + (" (unset: its own rule)" if p.default is None else "")
+            if isinstance(p.default, str):  # a text option: one of methods.CHOICES
+                group.add_argument(flag, default=p.default, dest=dest, choices=methods.CHOICES[p.name], help=helped)
+                continue
             kind = (boolean if isinstance(p.default, bool) else int if isinstance(p.default, int) else number)
-            group.add_argument(f"--{name}-{p.name.replace('_', '-')}", type=kind, default=p.default,
-                               dest=f"{name}_{p.name}", metavar={boolean: "BOOL", int: "N"}.get(kind, "X"),
-                               help=f"{p.name} of {fn.__name__}" + (" (unset: its own rule)" if p.default is None else ""))
+            group.add_argument(flag, type=kind, default=p.default, dest=dest,
+                               metavar={boolean: "BOOL", int: "N"}.get(kind, "X"), help=helped)
 
 
 def method_options(args):
@@ -98,6 +102,10 @@ def add_run_arguments(parser, out_prefix, val_n):
                    help="also checkpoint when this much wall time has passed since the last checkpoint (0: never)")
     g.add_argument("--log-gamma-every", type=int, default=0, metavar="STEPS",
                    help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
+    g.add_argument("--lr-schedule", default="step", choices=["step", "cyclic"],
+                   help="step: warm-up (--lr-warmup), then ÷10 at --lr-decay-at; cyclic: one cycle, linear from 0 "
+                        "to --lr at half of training and back to 0 (fast adversarial training's train_fgsm.py: "
+                        "CyclicLR stepped per batch)")
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR with its saved settings; of the other flags only those of "
                         "the data's location, logging, checkpoint cadence and the learning rate may be given too")
@@ -135,8 +143,9 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
                          f"{', '.join(can)} can")
         given &= set(RESUMABLE)  # the others were repeated with their saved values
         changed = {k: getattr(args, k) for k in sorted(given)}
-        args = argparse.Namespace(**{"norm": "linf", "compile": False, **saved, **changed, "resume": args.resume,
-                                     "out": args.resume, "overwrite": False, "resume_changes": changed})
+        defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}  # flags newer than the run
+        args = argparse.Namespace(**{**defaults, **saved, **changed, "resume": args.resume, "out": args.resume,
+                                     "overwrite": False, "resume_changes": changed})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
 
@@ -176,6 +185,8 @@ def check_run_args(args):
     for flag in ("lr_warmup", "eps_warmup", "weight_decay", "save_minutes"):
         require(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     require(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    require(args.lr_schedule != "cyclic" or args.lr_warmup == 0,
+            "--lr-schedule cyclic ramps the learning rate up by itself: give --lr-warmup 0 with it")
     require(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
     try:
         fractions_of_training(args.lr_decay_at)
@@ -189,7 +200,7 @@ def check_run_args(args):
         methods.check_lipschitz_options(soc.parse_arch(args.arch)["last"], args.lipschitz_gamma, args.lipschitz_beta)
     for name, value in method_options(args).items():
         flag = f"--{args.method}-{name.replace('_', '-')}"
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, (bool, str)) or value is None:
             continue
         require(value > 0 if name in ("lr", "step_size", "h") else value >= 0,
                 f"{flag} must be {'positive' if name in ('lr', 'step_size', 'h') else 'at least 0'}, got {value}")
@@ -197,9 +208,10 @@ def check_run_args(args):
 
 def check_compile(args, accelerator):
     """--compile's requirements, before any work (ValueError): a compiler for Inductor's code (a C++
-    compiler on a CPU, Triton on a GPU), and one process for the methods compiled through torch.func
-    (their gradients bypass DistributedDataParallel's all-reduce, and SyncBatchNorm's statistics
-    would not be reduced)."""
+    compiler on a CPU, Triton on a GPU), and one process: the methods compiled through torch.func
+    call the model past DistributedDataParallel's forward, so their gradients would not be
+    all-reduced, nor SyncBatchNorm's statistics; torch.compile of a DDP model (plain, ADV, TRADES)
+    has no multi-process test here yet."""
     if not args.compile:
         return
     if accelerator.device.type == "cpu":
@@ -215,9 +227,9 @@ def check_compile(args, accelerator):
 
         require(has_triton(), "--compile needs Triton on a GPU (torch.compile's Inductor): pip install triton, or "
                               "train without --compile")
-    require(accelerator.num_processes == 1 or args.method not in methods.COMPILED,
-            f"--compile with --method {args.method} runs in one process only (its torch.func gradients would not be "
-            f"all-reduced across {accelerator.num_processes} processes): train without --compile, or with one process")
+    require(accelerator.num_processes == 1,
+            f"--compile runs in one process only (with --method {args.method} across {accelerator.num_processes} "
+            f"processes its gradients would not be all-reduced, or it is untested): train without --compile")
 
 
 def loss_function(args, model):
@@ -232,7 +244,11 @@ def loss_function(args, model):
 
 # --------------------------------------------------------------------------- schedules and randomness
 def learning_rate(args, step, steps_per_epoch, total_steps):
-    """Linear warm-up over --lr-warmup epochs, then ÷10 after each fraction of training in --lr-decay-at."""
+    """--lr-schedule step: linear warm-up over --lr-warmup epochs, then ÷10 after each fraction of
+    training in --lr-decay-at. cyclic: 0 at step 0, --lr at half of training, towards 0 at the end
+    (torch's CyclicLR with base 0 and half the steps up, half down, as train_fgsm.py)."""
+    if getattr(args, "lr_schedule", "step") == "cyclic":
+        return args.lr * (1 - abs(2 * step / total_steps - 1))
     warmup = args.lr_warmup * steps_per_epoch
     if step < warmup:
         return args.lr * (step + 1) / warmup

@@ -135,6 +135,18 @@ def test_compiled_llr_under_bf16_autocast():
     assert torch.equal(compiled_model.bn.num_batches_tracked, eager.bn.num_batches_tracked)
 
 
+def test_compiled_paths_refuse_sync_batch_norm_across_processes(monkeypatch):
+    """In a multi-process run a SyncBatchNorm layer reduces over a group (llr._sync_group): the compiled
+    paths would not, so they refuse, naming the eager path."""
+    model = TinyConvNet()
+    x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 3, (4,))
+    monkeypatch.setattr(llr, "_sync_group", lambda layer: "group")
+    for compiled in (llr.CompiledLLR(model, backend="aot_eager"), methods.compiled("lfr", model, {}, backend="aot_eager"),
+                     methods.compiled("cure", model, {}, backend="aot_eager")):
+        with pytest.raises(RuntimeError, match="does not all-reduce SyncBatchNorm's statistics .* eager path"):
+            compiled(x, y, 0.1)
+
+
 def test_compiled_llr_refuses_bad_input():
     model = TinyConvNet()
     with pytest.raises(ValueError, match="unknown norm"):
@@ -209,7 +221,7 @@ def test_compile_errors_are_one_line(data_dir, tmp_path, monkeypatch):
     class TwoProcesses:
         num_processes, device = 2, torch.device("meta")
 
-    args = train_cifar.get_args(["--compile", "--method", "llr"])
-    with pytest.raises(ValueError, match="one process only"):
-        training.check_compile(args, TwoProcesses())
-    training.check_compile(train_cifar.get_args(["--compile", "--method", "adv"]), TwoProcesses())  # DDP compiles
+    for method in ("llr", "adv"):
+        with pytest.raises(ValueError, match="--compile runs in one process only"):
+            training.check_compile(train_cifar.get_args(["--compile", "--method", method]), TwoProcesses())
+    training.check_compile(train_cifar.get_args(["--method", "llr"]), TwoProcesses())  # eager: any number

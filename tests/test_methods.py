@@ -161,8 +161,8 @@ def test_l2_attacks_inside_the_methods_stay_in_the_l2_ball(method, monkeypatch):
     seen = []
     original = methods.signed_ascent
 
-    def recording(model, x, x_adv, eps, steps, step_size, objective, norm="linf"):
-        result = original(model, x, x_adv, eps, steps, step_size, objective, norm)
+    def recording(model, x, x_adv, eps, steps, step_size, objective, norm="linf", **kwargs):
+        result = original(model, x, x_adv, eps, steps, step_size, objective, norm, **kwargs)
         seen.append((x, result, norm))
         return result
 
@@ -172,3 +172,80 @@ def test_l2_attacks_inside_the_methods_stay_in_the_l2_ball(method, monkeypatch):
     (clean, x_adv, norm), = seen
     assert norm == "l2" and ball.inside(x_adv, clean, 0.3, norm="l2").all()
     assert not ball.inside(x_adv, clean, 0.3 / 10, norm="l2").all()  # it did move
+
+
+# --------------------------------------------------------------------------- the configurations of issue 24
+def test_adv_with_train_mode_batch_norm_attacks_on_batch_statistics():
+    """--adv-bn train: the attack's passes normalise with the batch's statistics (a different
+    perturbation from the running statistics' on a model with batch norm) and update the running
+    statistics, as train_fgsm.py; eval (the default) leaves them to the training pass."""
+    x, y = _data()
+    results = {}
+    for bn in ("eval", "train"):
+        model, _ = _pair()
+        before = model.bn.num_batches_tracked.item()
+        _, info = methods.adv_loss(model, x, y, EPS, steps=3, bn=bn, generator=_seeded())
+        results[bn] = (info["adv_logits"], model.bn.num_batches_tracked.item() - before)
+    assert results["eval"][1] == 1 and results["train"][1] == 4  # 3 attack passes + the training pass
+    assert not torch.allclose(results["eval"][0], results["train"][0])
+
+
+def test_adam_adv_first_step_is_the_clipped_sign_step():
+    """The authors' attack (Adam, lr 0.1 in pixel units): its first bias-corrected step is lr·g/|g|,
+    which at lr 0.1 > 2ε lands, after the projection, where a sign step of 0.1 does; the second differs."""
+    model, _ = _pair()
+    x, y = _data()
+    start = ball.random_point(x, EPS / 4, _seeded(1))
+
+    def objective(x_adv):
+        return F.cross_entropy(model(x_adv), y, reduction="sum")
+
+    eps = EPS / 4
+    adam = methods.adam_ascent(model, x, start, eps, 1, 0.1, objective)
+    sign = methods.signed_ascent(model, x, start, eps, 1, 0.1, objective)
+    torch.testing.assert_close(adam, sign, rtol=0, atol=1e-12)
+    assert ((adam - x).abs() > eps - 1e-9).float().mean() > 0.5  # at the ball's corners: the step was clipped
+    adam2 = methods.adam_ascent(model, x, start, eps, 2, 0.01, objective)
+    sign2 = methods.signed_ascent(model, x, start, eps, 2, 0.01, objective)
+    assert not torch.allclose(adam2, sign2)
+    _, info = methods.adv_loss(model, x, y, eps, steps=2, optimizer="adam", generator=_seeded())
+    assert torch.isfinite(info["adv_loss"]).all()
+    with pytest.raises(ValueError, match="authors' ℓ∞ attack"):
+        methods.adv_loss(model, x, y, eps, steps=2, optimizer="adam", norm="l2")
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(48, 3).double()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_adv_margin_loss_steps_toward_the_best_other_class():
+    """--adv-loss margin on a linear model: one sign step of ε from x moves every pixel along
+    sign(w_j − w_y), j the best other class at x, the closed-form optimum of the margin in the ball
+    (box permitting), where the cross-entropy's step mixes every class."""
+    torch.manual_seed(0)
+    model = _Linear()
+    x, y = _data()
+    x = 0.25 + 0.5 * x  # inside the box by more than ε: the box does not clip
+    recorded = []
+    original = methods.signed_ascent
+
+    def record(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    import unittest.mock
+    with unittest.mock.patch.object(methods, "signed_ascent", record):
+        methods.adv_loss(model, x, y, EPS, steps=1, step_size=EPS, random_start=False, loss="margin")
+    logits = model(x).detach()
+    j = logits.scatter(1, y[:, None], float("-inf")).argmax(1)
+    w = model.fc.weight.detach()
+    expected = x + EPS * (w[j] - w[y]).sign().view_as(x)
+    torch.testing.assert_close(recorded[0], expected)
+    with unittest.mock.patch.object(methods, "signed_ascent", record):
+        methods.adv_loss(model, x, y, EPS, steps=1, step_size=EPS, random_start=False, loss="ce")
+    assert not torch.allclose(recorded[1], expected)  # the cross-entropy's step is another one here

@@ -304,3 +304,38 @@ def test_a_subset_of_training_images_is_class_balanced(data_dir, tmp_path, monke
                       "--train-n", "18", "--batch-size", "6"])
     assert seen == [6, 6, 6]  # 18 images in batches of 6
     assert json.load(open(os.path.join(run, "config.json")))["args"]["train_n"] == 18
+
+
+def test_cyclic_learning_rate_schedule():
+    """--lr-schedule cyclic: 0 at the first step, --lr at half of training, back towards 0 at the end
+    (torch's CyclicLR with base 0 and half the steps up, as train_fgsm.py); step is unchanged."""
+    import argparse
+
+    import training
+
+    args = argparse.Namespace(lr=0.2, lr_schedule="cyclic", lr_warmup=0, lr_decay_at="0.5")
+    rates = [training.learning_rate(args, s, 10, 100) for s in range(100)]
+    assert rates[0] == 0 and rates[50] == pytest.approx(0.2) and rates[99] == pytest.approx(0.2 * 2 / 100)
+    assert rates[25] == pytest.approx(0.1) and rates[75] == pytest.approx(0.1)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    cyclic = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0, max_lr=0.2, step_size_up=50, step_size_down=50)
+    for s in range(100):  # the same values as torch's CyclicLR, stepped per batch
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(rates[s])
+        optimizer.step()
+        cyclic.step()
+    args.lr_schedule = "step"
+    assert training.learning_rate(args, 49, 10, 100) == 0.2 and training.learning_rate(args, 50, 10, 100) == \
+        pytest.approx(0.02)
+
+
+def test_issue_24_flags_train_end_to_end(data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    train_cifar.main(["--method", "adv", "--adv-steps", "2", "--adv-bn", "train", "--adv-optimizer", "adam",
+                      "--adv-loss", "margin", "--lr-schedule", "cyclic", "--activation", "relu", "--data-dir",
+                      data_dir, "--epochs", "1", "--out", run, *TINY])
+    config = json.load(open(os.path.join(run, "config.json")))["args"]
+    assert (config["adv_bn"], config["adv_optimizer"], config["adv_loss"], config["lr_schedule"]) == (
+        "train", "adam", "margin", "cyclic")
+    assert [e["lr"] for e in read_log(run) if e["kind"] == "train"][0] == 0.0
+    message = _one_line_error(train_cifar.main, ["--adv-bn", "sometimes", "--data-dir", data_dir], "train_cifar.py")
+    assert "--adv-bn" in message and "invalid choice" in message
