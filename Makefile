@@ -15,7 +15,7 @@ LAUNCH     = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/accelerate launch --num_pr
 
 CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro l2-compare gpu-report
+.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro l2-compare gpu-report positive-control
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,8 @@ l2-compare: install data/cifar10-jpeg/train  ## certified (SOC) against empirica
 
 gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU)
 	$(PY) -m experiments.gpu_report $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))
+
+positive-control: install install-extras data/cifar10-jpeg/train  ## can this pipeline overfit catastrophically? GradAlign's CNN, ~35 min on 2 cores
+	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation relu & \
+	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation softplus; wait
+	$(PY) -m experiments.positive_control --only report

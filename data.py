@@ -126,12 +126,13 @@ def indices_digest(indices):
     return hashlib.sha256(torch.as_tensor(indices, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def crop_and_flip(images, padding=4, generator=None):
+def crop_and_flip(images, padding=4, generator=None, mode="reflect"):
     """Standard CIFAR augmentation on the device for a batch [B, C, H, W]: reflect-pad by
-    `padding` (the authors' `datasets.py`), take a random H x W crop, flip half the batch."""
+    `padding` (the authors' `datasets.py`; mode="constant": zeros, as torchvision's RandomCrop),
+    take a random H x W crop, flip half the batch."""
     b, _, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    padded = F.pad(images, (padding,) * 4, mode=mode)
     top = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
     rows = (top + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)  # [B, H, W]

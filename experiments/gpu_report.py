@@ -33,7 +33,14 @@ files, and the README's GPU tables are made from it.
    target: LLR-2 at most 0.25x ADV-30).
 9. compiled-profile: torch.profiler's operator tables of a compiled plain and LLR-2 step on
    bench-cifar's model (compiled-profile.txt), where the compiled LLR step's time goes.
-10. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
+10. contrast-*: issue 24's experiment, the paper's contrast with a positive control, on the full
+   CIFAR-10 copy with PreAct ResNet-18, 15 epochs, the one-cycle learning rate peaking at 0.2
+   (CONTRAST): P1 ReLU with train-mode batch norm in the attack, FGSM-RS at step 2ε and FGSM
+   from x at step ε, and FGSM-RS with eval-mode batch norm; P2 softplus in P1's setting and at
+   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); then P4,
+   each one's evaluation on 1,000 test images (the suite, APGD-T, γ). The validation curves of
+   each run come back in its training step's JSON.
+11. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
    1-process run on the same global batch.
 
@@ -177,34 +184,85 @@ def repro_steps(setting):
     """The training pieces and evaluations of the GPU-scale reproduction, one step each."""
     steps = {}
     for name in setting["runs"]:
-        steps[f"repro-train-{name}"] = lambda s, w, name=name: train_piece(s, name)
+        flags = [*setting["repro"], *cpu_repro.RUNS[name][1]]
+        steps[f"repro-train-{name}"] = lambda s, w, name=name, flags=flags: train_piece(s, name, flags)
         steps[f"repro-eval-{name}"] = lambda s, w, name=name: evaluate_run(s, name)
     return steps
 
 
-def train_piece(setting, name):
+# issue 24's GPU experiment: PreAct ResNet-18 on the full CIFAR-10 copy, 15 epochs, the one-cycle learning rate
+# peaking at 0.2 (fast adversarial training's setting, locuslab/fast_adversarial train_fgsm.py)
+CONTRAST_COMMON = ["--arch", "preact-resnet18", "--epochs", "15", "--batch-size", "128", "--lr", "0.2",
+                   "--lr-schedule", "cyclic", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
+                   "--eval-steps", "20", "--log-every", "50"]
+FGSM_RS = ["--method", "adv", "--adv-steps", "1", "--adv-random-start", "true"]  # step 2ε, given per run
+CONTRAST = {  # name: (what it tests, flags after CONTRAST_COMMON)
+    # P1, the positive control: ReLU, batch norm in train mode during the attack, as train_fgsm.py
+    "p1-relu-fgsm-rs": ("P1 ReLU, FGSM-RS step 2ε, train-mode BN", [
+        "--activation", "relu", "--eps", "8/255", *FGSM_RS, "--adv-step-size", "16/255", "--adv-bn", "train"]),
+    "p1-relu-fgsm-zero": ("P1 ReLU, FGSM from x, step ε, train-mode BN", [
+        "--activation", "relu", "--eps", "8/255", "--method", "adv", "--adv-steps", "1", "--adv-step-size", "8/255",
+        "--adv-random-start", "false", "--adv-bn", "train"]),
+    "p1-relu-fgsm-rs-evalbn": ("P1 ReLU, FGSM-RS step 2ε, eval-mode BN", [
+        "--activation", "relu", "--eps", "8/255", *FGSM_RS, "--adv-step-size", "16/255", "--adv-bn", "eval"]),
+    # P2: softplus in P1's setting, and at 16/255 (twice the radius: the most collapse-prone we can justify)
+    "p2-softplus-fgsm-rs": ("P2 softplus, FGSM-RS step 2ε, train-mode BN", [
+        "--activation", "softplus", "--eps", "8/255", *FGSM_RS, "--adv-step-size", "16/255", "--adv-bn", "train"]),
+    "p2-softplus-fgsm-rs-16": ("P2 softplus, ε 16/255, FGSM-RS step 2ε, train-mode BN", [
+        "--activation", "softplus", "--eps", "16/255", *FGSM_RS, "--adv-step-size", "32/255", "--adv-bn", "train"]),
+    # P3: LLR and the authors' ADV-2 at the same cost, softplus at 16/255 (to be moved to whichever softplus
+    # setting P2 finds most collapse-prone; LLR needs curvature, which ReLU has not)
+    "p3-llr1": ("P3 LLR-1 (μ = 0), softplus, ε 16/255", [
+        "--activation", "softplus", "--eps", "16/255", "--method", "llr", "--llr-steps", "1", "--llr-mu", "0"]),
+    "p3-llr2": ("P3 LLR-2 (μ = 0), softplus, ε 16/255", [
+        "--activation", "softplus", "--eps", "16/255", "--method", "llr", "--llr-steps", "2", "--llr-mu", "0"]),
+    "p3-adv2-authors": ("P3 ADV-2, the authors' Adam steps on the clipped margin, softplus, ε 16/255", [
+        "--activation", "softplus", "--eps", "16/255", "--method", "adv", "--adv-steps", "2", "--adv-optimizer",
+        "adam", "--adv-loss", "margin"]),
+}
+CONTRAST_EVAL = ["--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"]
+
+
+def contrast_steps(setting):
+    """P1-P3's training pieces and P4's evaluation of each (at the ε it was trained at), one step each."""
+    steps = {}
+    for name in setting["contrast"]:
+        flags = [*setting["contrast_common"], *CONTRAST[name][1]]
+        steps[f"contrast-train-{name}"] = lambda s, w, name=name, flags=flags: train_piece(s, name, flags, "gpu-contrast")
+    for name in setting["contrast"]:
+        steps[f"contrast-eval-{name}"] = lambda s, w, name=name: evaluate_run(s, name, "gpu-contrast", "contrast",
+                                                                             s["contrast_eval"])
+    return steps
+
+
+def train_piece(setting, name, flags, group="gpu-repro"):
     """Train (or resume) one run for at most STEP_SECONDS; None (not done) if it must go on."""
-    run = os.path.join(setting["root"], "runs", "gpu-repro", name)
+    run = os.path.join(setting["root"], "runs", group, name)
     if not cpu_repro.trained(run):
         data = ensure_data(setting)
         argv = (["train_cifar.py", "--resume", run] if os.path.exists(os.path.join(run, "state.pt")) else
-                ["train_cifar.py", "--data-dir", data, "--out", run, "--overwrite", *setting["repro"],
-                 *cpu_repro.RUNS[name][1]])
+                ["train_cifar.py", "--data-dir", data, "--out", run, "--overwrite", *flags])
         status = call(argv, timeout=setting["step_seconds"])
         if status not in (0, 124):
             raise RuntimeError(f"train_cifar.py failed (exit status {status})")
         if not cpu_repro.trained(run):
             return None
     with open(os.path.join(run, "config.json")) as f:
-        return {"run": name, "flags": cpu_repro.RUNS[name][1], "config": json.load(f)["args"],
-                "epoch_seconds": cpu_repro.epoch_seconds(run)}
+        return {"run": name, "flags": flags, "config": json.load(f)["args"],
+                "epoch_seconds": cpu_repro.epoch_seconds(run), "log": read_lines(os.path.join(run, "log.jsonl"))}
 
 
-def evaluate_run(setting, name):
-    run = os.path.join(setting["root"], "runs", "gpu-repro", name)
-    out = os.path.join(setting["out"], f"repro-{name}.eval.json")
+def read_lines(path):
+    """A run's log.jsonl (its validation curves come back with the step's JSON)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate_run(setting, name, group="gpu-repro", prefix="repro", flags=None):
+    run = os.path.join(setting["root"], "runs", group, name)
+    out = os.path.join(setting["out"], f"{prefix}-{name}.eval.json")
     status = call(["eval.py", os.path.join(run, "last.safetensors"), "--data-dir", ensure_data(setting),
-                   *setting["eval"], "--out", out])
+                   *(setting["eval"] if flags is None else flags), "--out", out])
     if status:
         raise RuntimeError(f"eval.py failed (exit status {status})")
     report = read(out)
@@ -262,6 +320,7 @@ def all_steps(setting):
     steps = {"bench-cifar": step_bench_cifar, "bench-imagenet": step_bench_imagenet, "projections": step_projections,
              "fast-path": step_fast_path, "profile": step_profile}
     steps.update(repro_steps(setting))
+    steps.update(contrast_steps(setting))
     steps.update({"compiled-cifar": step_compiled_cifar, "compiled-imagenet": step_compiled_imagenet,
                   "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn})
     return steps
@@ -315,6 +374,10 @@ def smoke_setting(root):
             "imagenet_compiled_methods": "llr-2",
             "compile_backend": ["--compile-backend", "eager"],
             "repro": [*cpu_repro.SMOKE_COMMON, "--epochs", "1"], "eval": cpu_repro.SMOKE_EVAL,
+            "contrast": ["p1-relu-fgsm-rs", "p3-adv2-authors"],
+            "contrast_common": [*cpu_repro.SMOKE_COMMON, "--epochs", "1", "--lr-schedule", "cyclic"],
+            "contrast_eval": ["--n", "8", "--steps", "2", "--restarts", "1", "--attacks", "fgsm20,untargeted",
+                              "--no-sanity", "--gamma"],
             "runs": ["plain", cpu_repro.COLLAPSING],
             "step_seconds": 120}
 
@@ -345,7 +408,8 @@ def main(argv=None):
                    "imagenet_arch": "resnet152", "imagenet_batch": 32,
                    "imagenet_size": 224, "imagenet_methods": "plain,llr-2,adv-10,adv-30",
                    "imagenet_compiled_methods": "plain,llr-2,adv-10,adv-30", "compile_backend": [],
-                   "repro": REPRO,
+                   "repro": REPRO, "contrast": list(CONTRAST), "contrast_common": CONTRAST_COMMON,
+                   "contrast_eval": CONTRAST_EVAL,
                    "eval": ["--eps", cpu_repro.EPS, "--n", "1000", "--gamma"], "runs": list(cpu_repro.RUNS),
                    "step_seconds": STEP_SECONDS}
     steps = all_steps(setting)
