@@ -185,9 +185,10 @@ def report(setting):
                                                        "best_pgd": best_pgd, "collapse_from_epoch": collapsed}
         verdict = f"yes, from epoch {collapsed}" if collapsed else "no" if done else "running"
         rows.append(f"| {activation} | {seed} | {last['epoch']} | {100 * last['clean']:.1f} | "
-                    f"{100 * last['fgsm']:.1f} | {100 * last['pgd']:.1f} | {100 * best_pgd:.1f} | {verdict} |")
-    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n")
+                    f"{100 * last['fgsm']:.1f} | {100 * last['pgd']:.1f} | {100 * best_pgd:.1f} (epoch "
+                    f"{max(log, key=lambda e: e['pgd'])['epoch']}) | {verdict} |")
+    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed (the issue's rule) |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n")
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(setting["out"], "summary.json"), "w") as f:
@@ -212,7 +213,7 @@ def curves(setting):
             epochs = [e["epoch"] for e in log]
             for key, color in (("clean", "tab:green"), ("fgsm", "tab:blue"), ("pgd", "tab:red")):
                 ax.plot(epochs, [100 * e[key] for e in log], color=color, alpha=0.8,
-                        label=f"{key.upper() if key != 'pgd' else 'PGD-20'}" if seed == 0 else None)
+                        label={"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20"}[key] if seed == 0 else None)
         ax.set_title(f"single-layer CNN, {activation}, ε = 10/255 (3 seeds)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -9,7 +9,8 @@ from conftest import ROOT
 
 
 DOCUMENTS = ["README.md", "docs/training.md", "docs/evaluation.md", "docs/bench/README.md",
-             "experiments/cpu-repro/README.md", "experiments/l2-compare/README.md", "experiments/gpu-report/README.md"]
+             "experiments/cpu-repro/README.md", "experiments/l2-compare/README.md", "experiments/gpu-report/README.md",
+             "experiments/positive-control/README.md"]
 
 
 def _readme(name="README.md"):
