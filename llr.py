@@ -295,6 +295,9 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     ∇ₓℓ(x) (double backprop). Costs: one clean forward and input backward with
     graph, `steps` forward + input-backward passes, one forward on x + δ_LLR.
 
+    Under torch.no_grad() the loss is measured, not differentiable (the search still differentiates
+    g in x + δ). Images outside [0, 1], or a string ε, raise ValueError; a model with ReLU warns once.
+
     Returns (loss, info); info holds detached per-sample tensors: `delta` [B, ...],
     `gamma`, `grad_term` (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean
     `logits` [B, K] (for accuracy, with no extra forward pass).
@@ -520,8 +523,7 @@ def _check(eps, norm, x=None):
 
 def _warn_if_relu(model):
     if any(isinstance(m, nn.ReLU) for m in model.modules()):
-        warnings.warn("LLR on a model with ReLU: its curvature is zero almost everywhere, so the double backward "
-                      "sees only first-order terms (zero curvature almost everywhere); use a smooth activation such "
-                      "as softplus", stacklevel=3)
+        warnings.warn("LLR on a model with ReLU: zero curvature almost everywhere, so the double backward sees "
+                      "only first-order terms; use a smooth activation such as softplus", stacklevel=3)
 
 

@@ -74,9 +74,9 @@ def test_the_cpu_recipe_runs_as_written(tmp_path):
     make_image_folder(str(tmp_path / "data" / "cifar10-jpeg"), classes=10, per_class=12, size=32)
     for command in commands:
         argv = shlex.split(command)
-        if argv[1] == "train_cifar.py":  # the tiny folder has 120 training images, not 50,000
-            i = argv.index("--train-n")
-            argv[i + 1], argv[argv.index("--val-n") + 1] = "60", "20"
+        if argv[1] == "train_cifar.py":  # the tiny folder has 120 training images, not 50,000; 2 epochs
+            for flag, value in (("--train-n", "60"), ("--val-n", "20"), ("--epochs", "2")):
+                argv[argv.index(flag) + 1] = value
         result = subprocess.run([sys.executable, os.path.join(ROOT, argv[1]), *argv[2:]], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
