@@ -43,6 +43,7 @@ faster where kernel launches and memory traffic bound the eager double backward 
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -521,8 +522,12 @@ def _check(eps, norm, x=None):
                              f"[{low.item():.3g}, {high.item():.3g}]")
 
 
+_WARNED_RELU = weakref.WeakSet()  # the models warned about already: once each
+
+
 def _warn_if_relu(model):
-    if any(isinstance(m, nn.ReLU) for m in model.modules()):
+    if model not in _WARNED_RELU and any(isinstance(m, nn.ReLU) for m in model.modules()):
+        _WARNED_RELU.add(model)
         warnings.warn("LLR on a model with ReLU: zero curvature almost everywhere, so the double backward sees "
                       "only first-order terms; use a smooth activation such as softplus", stacklevel=3)
 

@@ -288,7 +288,7 @@ def test_llr_keeps_its_own_copy_of_the_ball_geometry():
     tree = ast.parse(open(llr.__file__).read())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "contextlib", "functools", "warnings"}, imported  # the standard library and torch
+    assert imported <= {"torch", "contextlib", "functools", "warnings", "weakref"}, imported  # the standard library and torch
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64)
     x[0], x[1, :, :2] = 0.0, 1.0  # pixels on the box boundary
