@@ -204,7 +204,7 @@ def linearity_gap(model, x, y, delta):
     layers in train mode normalise x + δ with the statistics of x and do not update
     their running statistics (see `reuse_clean_batch_statistics`).
     """
-    _check(0.0, "linf", x)
+    _check_images(x)
     with reuse_clean_batch_statistics(model):
         _, clean_loss, grad = _loss_and_input_grad(model, x, y, create_graph=torch.is_grad_enabled())
         return _gap(model, x, y, x + delta, clean_loss, grad)
@@ -515,7 +515,12 @@ def _check(eps, norm, x=None):
         raise ValueError(f"eps must be a number in pixel units, e.g. 8 / 255, not the string {eps!r}")
     if not 0 <= float(eps) <= (1 if norm == "linf" else 4):
         raise ValueError(f"eps must lie in [0, {1 if norm == 'linf' else 4}] (pixel units, e.g. 8/255), got {eps}")
-    if x is not None and x.numel():
+    if x is not None:
+        _check_images(x)
+
+
+def _check_images(x):
+    if x.numel():
         low, high = torch.aminmax(x.detach())
         if low < 0 or high > 1:
             raise ValueError(f"images must lie in [0, 1] (normalise inside the model), got values in "

@@ -48,6 +48,11 @@ def _eval_mode(model, bn="eval"):
         model.train(was_training)
 
 
+def _default_step(eps, steps, step_size):
+    """step_size, or the common rule 2.5·ε/steps when it is None (ADV and LFR)."""
+    return 2.5 * eps / max(steps, 1) if step_size is None else step_size
+
+
 def _input_grad(loss, x_adv, create_graph=False):
     return torch.autograd.grad(loss, x_adv, create_graph=create_graph)[0]
 
@@ -120,8 +125,8 @@ def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, b
             raise ValueError("--adv-optimizer adam is the authors' ℓ∞ attack; use sign steps in ℓ2")
         x_adv = adam_ascent(model, x, start, eps, steps, 0.1 if step_size is None else step_size, objective, bn)
     else:
-        step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-        x_adv = signed_ascent(model, x, start, eps, steps, step_size, objective, norm, bn=bn)
+        x_adv = signed_ascent(model, x, start, eps, steps, _default_step(eps, steps, step_size), objective, norm,
+                              bn=bn)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
     return loss.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach()}
@@ -165,13 +170,22 @@ def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None, norm="linf
     with _eval_mode(model), torch.enable_grad():
         x0 = x.detach().requires_grad_(True)
         grad = _input_grad(F.cross_entropy(model(x0), y, reduction="sum"), x0, create_graph=True)
-        sign = grad.detach().sign()
-        z = h * sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        x_z = (x0 + z).detach().requires_grad_(True)
+        x_z = (x0 + _cure_step(grad, h)).detach().requires_grad_(True)
         grad_z = _input_grad(F.cross_entropy(model(x_z), y, reduction="sum"), x_z, create_graph=True)
         curvature = (grad_z - grad).flatten(1).norm(dim=1)
     return (loss + weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                 "curvature": curvature.detach()}
+
+
+def _cure_step(grad, h):
+    """CURE's z = h·sign(∇ₓℓ) / ‖sign(∇ₓℓ)‖₂ (‖z‖₂ = h), no gradient through it."""
+    sign = grad.detach().sign()
+    return h * sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+
+
+def _dual_norm(grad, norm):
+    """‖∇‖₁ for the ℓ∞ ball, ‖∇‖₂ for the ℓ2 ball, per sample [B]."""
+    return grad.flatten(1).abs().sum(1) if norm == "linf" else grad.flatten(1).norm(dim=1)
 
 
 def _input_grad_dual_norm(model, x_adv, y, norm):
@@ -180,8 +194,7 @@ def _input_grad_dual_norm(model, x_adv, y, norm):
     with respect to x_adv (the search's objective)."""
     if not x_adv.requires_grad:
         x_adv = x_adv.detach().requires_grad_(True)
-    grad = _input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True).flatten(1)
-    return grad.abs().sum(1) if norm == "linf" else grad.norm(dim=1)
+    return _dual_norm(_input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True), norm)
 
 
 def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None, norm="linf"):
@@ -194,8 +207,8 @@ def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator
     is normalised with the clean batch's statistics (`llr.reuse_clean_batch_statistics`, as LLR),
     so it sees the normalisation of x, and SyncBatchNorm stays twice differentiable.
     step_size defaults to 2.5·ε/steps."""
-    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    x_adv = signed_ascent(model, x, random_point(x, eps, generator, norm), eps, steps, step_size,
+    x_adv = signed_ascent(model, x, random_point(x, eps, generator, norm), eps, steps,
+                          _default_step(eps, steps, step_size),
                           lambda x_adv: _input_grad_dual_norm(model, x_adv, y, norm).sum(), norm)
     with llr.reuse_clean_batch_statistics(model, update_running_stats=True):
         logits = model(x)  # the clean pass: its statistics normalise the pass on x_adv
@@ -268,7 +281,7 @@ class CompiledLFR:
 
     def _dual_norm_of_input_grad(self, x_adv, y):
         grad = torch.func.grad(lambda x_adv: F.cross_entropy(self.model(x_adv), y, reduction="sum"))(x_adv)
-        return grad.flatten(1).abs().sum(1) if self.norm == "linf" else grad.flatten(1).norm(dim=1)
+        return _dual_norm(grad, self.norm)
 
     def _search_step(self, x, y, x_adv, eps, step_size):
         ascent = torch.func.grad(lambda x_adv: self._dual_norm_of_input_grad(x_adv, y).sum())(x_adv)
@@ -285,8 +298,8 @@ class CompiledLFR:
 
     def __call__(self, x, y, eps, generator=None):
         llr.refuse_sync_batch_norm(self.model, "CompiledLFR")
-        step_size = 2.5 * eps / max(self.steps, 1) if self.step_size is None else self.step_size
-        eps_t, step_t = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (eps, step_size))
+        eps_t, step_t = (torch.as_tensor(v, dtype=x.dtype, device=x.device)
+                         for v in (eps, _default_step(eps, self.steps, self.step_size)))
         x_adv = random_point(x, eps_t, generator, self.norm)
         with torch.no_grad(), _eval_mode(self.model):
             for _ in range(self.steps):
@@ -320,9 +333,7 @@ class CompiledCURE:
         def input_grad(x):
             return torch.func.grad(lambda x: F.cross_entropy(self.model(x), y, reduction="sum"))(x)
         grad = input_grad(x)
-        sign = grad.detach().sign()
-        z = h * sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        return (input_grad(x + z) - grad).flatten(1).norm(dim=1)
+        return (input_grad(x + _cure_step(grad, h)) - grad).flatten(1).norm(dim=1)
 
     def __call__(self, x, y, eps, generator=None):
         llr.refuse_sync_batch_norm(self.model, "CompiledCURE")
@@ -335,7 +346,7 @@ class CompiledCURE:
                                                          "curvature": curvature.detach()}
 
 
-COMPILED = {"llr": llr.CompiledLLR, "lfr": CompiledLFR, "cure": CompiledCURE}  # the double-backprop methods
+COMPILED = {"llr": llr.CompiledLLR, "lfr": CompiledLFR, "cure": CompiledCURE}  # one per double-backprop method
 
 
 def compiled(method, model, options, norm="linf", backend="inductor", mode=None):
@@ -351,7 +362,7 @@ def compiled(method, model, options, norm="linf", backend="inductor", mode=None)
                                                               **options)
 
 
-TWICE_DIFFERENTIATED = ("llr", "cure", "lfr")  # through softplus: not through a lipconvnet's MaxMin and fast SOC
+TWICE_DIFFERENTIATED = tuple(COMPILED)  # through softplus: not through a lipconvnet's MaxMin and fast SOC
 
 
 def trains(method, arch):

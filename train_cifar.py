@@ -119,9 +119,9 @@ def main(argv=None):
         eps = ball.parse_eps(args.eps, args.norm)
         training.check_run_args(args)
         cli.require(args.train_n >= 0, f"--train-n must not be negative, got {args.train_n}")
-        classes = data.cifar10_class_count(args.data_dir)  # before the data is read
-        cli.require(not args.train_n or not classes or args.train_n % classes == 0,
-                    f"--train-n {args.train_n} must be a multiple of the {classes} classes")
+        class_count = data.cifar10_class_count(args.data_dir)  # before the data is read
+        cli.require(not args.train_n or not class_count or args.train_n % class_count == 0,
+                    f"--train-n {args.train_n} must be a multiple of the {class_count} classes")
         cli.require(args.batch_size % accelerator.num_processes == 0,
                     f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
         models.build_model(args.arch)  # an unknown architecture fails here, before the data is read

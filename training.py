@@ -76,8 +76,8 @@ def add_run_arguments(parser, out_prefix, val_n):
     g.add_argument("--compile", type=boolean, nargs="?", const=True, default=False, metavar="BOOL",
                    help="compute the method's loss with compiled code (methods.compiled): llr, lfr and cure through "
                         "torch.func.grad traced by torch.compile, the others on torch.compile(model); the same "
-                        "math, rounding aside. The first steps compile (minutes); one process only for llr, lfr "
-                        "and cure. May change on --resume")
+                        "math, rounding aside. The first steps compile (minutes); one process only. May change on "
+                        "--resume")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
                    help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
                         "the evaluation after each epoch (every method); the paper's is linf")
