@@ -134,7 +134,8 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
         # a flag of the run's setting may be repeated with its recorded value (make cifar ARGS="--epochs 5" again)
-        differing = sorted(k for k in given - set(RESUMABLE) if not _same_setting(k, getattr(args, k), saved.get(k)))
+        differing = sorted(k for k in given - set(RESUMABLE)
+                           if not _same_setting(k, getattr(args, k), saved.get(k), saved.get("norm", "linf")))
         if differing:
             flag, can = differing[0], [o for o in options if o.startswith("--") and options[o] in RESUMABLE]
             why = "; the learning-rate schedule depends on it: train longer in a new run" if flag == "epochs" else ""
@@ -150,11 +151,12 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
     return args
 
 
-def _same_setting(flag, given, saved):
-    """Whether a flag repeated on --resume names the recorded setting (ε compared as a radius)."""
+def _same_setting(flag, given, saved, norm):
+    """Whether a flag repeated on --resume names the recorded setting (ε compared as a radius, read
+    in the run's norm: "3" is 3/255 in ℓ∞ but 3 in ℓ2)."""
     if flag == "eps" and saved is not None:
         try:
-            return abs(ball.parse_eps(given, "linf") - ball.parse_eps(saved, "linf")) < 1e-12 or given == saved
+            return abs(ball.parse_eps(given, norm) - ball.parse_eps(saved, norm)) < 1e-12 or given == saved
         except ValueError:
             return given == saved
     return given == saved

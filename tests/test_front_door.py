@@ -47,6 +47,17 @@ def test_resume_accepts_the_run_flags_repeated_and_says_when_the_run_is_finished
         train_cifar.main(["--resume", run, "--epochs", "3"])
 
 
+def test_a_repeated_radius_is_read_in_the_runs_norm():
+    """On --resume, ε repeated in another spelling is the same setting only if it is the same radius in
+    the run's norm: "3" equals "3/255" in ℓ∞, but is 3 (not 3/255) in ℓ2."""
+    import training
+
+    assert training._same_setting("eps", "3", "3/255", "linf")
+    assert not training._same_setting("eps", "3", "3/255", "l2")
+    assert training._same_setting("eps", "0.5", "1/2", "l2")
+    assert not training._same_setting("epochs", 3, 2, "linf")
+
+
 # --------------------------------------------------------------------------- eval.py
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
