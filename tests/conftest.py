@@ -107,3 +107,41 @@ def nan_from(call):
     def hook(n, loss, info):
         return (loss * float("nan"), info) if n >= call else None
     return hook
+
+
+def _gloo_process(rank, world, port, worker, args):
+    """One process of `spawn_gloo`: join the group, run `worker(rank, world, *args)`, then leave.
+
+    The exit is `os._exit(0)`, after a barrier and destroy_process_group, not the interpreter's
+    shutdown, because of a race in torch's gloo backend (pytorch/pytorch#190489, open; seen here
+    as SIGABRT with "terminate called without an active exception" in 1 run of 5): destroy_process_group
+    does not join gloo's worker threads, and a worker can drop the last reference to a finished
+    collective's tensor after the main thread has begun finalising Python; freeing that tensor's
+    Python object then takes the GIL in a finalising interpreter, which ends the thread through a
+    noexcept destructor: std::terminate. (Core dump: ProcessGroupGloo::runLoop →
+    ~AsyncAllreduceWork → TensorImpl::decref_pyobject → take_gil → PyThread_exit_thread.) A
+    failing worker raises as usual, and mp.spawn reports it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_gloo(worker, *args, world=2):
+    """Run `worker(rank, world, *args)` in `world` CPU processes joined in a gloo group (a free
+    local port), each leaving as `_gloo_process` says."""
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_process, args=(world, port, worker, args), nprocs=world)
