@@ -4,24 +4,25 @@
     python eval.py runs/cifar-llr/best.safetensors --eps 8/255 --n 10000 --gamma
     python eval.py CKPT --eps 4/255 --data-dir /data/imagenet --num-targets 20 --bf16   # ImageNet
 
-Columns: Nominal, FGSM-20 (weak), Untargeted (strong), Multi-Targeted (very strong),
-each as its own accuracy and as the per-sample worst case over it and every
-column before it (a sample a weaker attack broke is never counted robust), plus
-the Random-Targeted success rate. Every counted adversarial example is checked
-first: inside the ε-ball and [0, 1], and misclassified by a fresh forward pass.
-The obfuscation report lists the drop from the weak attack to the worst case
-and the sanity checks of Athalye et al. (2018) and Carlini et al. (2019), each
-flagged when violated.
+Columns: Nominal, FGSM (one step of ε, the attack a model that masks its gradients from single
+steps resists), FGSM-20 (weak), Untargeted (strong), Multi-Targeted (very strong), Square
+(gradient-free), each as its own accuracy and as the per-sample worst case over it and every
+column before it (a sample an earlier column broke is never counted robust), plus the Random-Targeted
+success rate. Every counted adversarial example is checked first: inside the ε-ball and [0, 1],
+and misclassified by a fresh forward pass. The obfuscation report lists the drops from the weak
+attacks to the worst case and the sanity checks of Athalye et al. (2018) and Carlini et al.
+(2019), each flagged when violated.
+
+Beside the suite: `--autoattack` cross-checks it (autoattack_check.py); `--surface`, `--strength`
+and `--gamma-sweep` replace it with the data behind plots.py's figures (probe.py).
 """
 import inspect
 import json
-import logging
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import attacks
@@ -32,6 +33,7 @@ import llr
 import models
 
 SUITE = {  # name: (table label, attack); the order is the worst-case order
+    "fgsm": ("FGSM (one step)", attacks.fgsm_k),  # options in attack_options: one step of ε on the cross-entropy
     "fgsm20": ("FGSM-20 (weak)", attacks.fgsm_k),
     "untargeted": ("Untargeted (strong)", attacks.untargeted),
     "multi-targeted": ("Multi-Targeted (very strong)", attacks.multi_targeted),
@@ -39,14 +41,18 @@ SUITE = {  # name: (table label, attack); the order is the worst-case order
     "random-targeted": ("Random-Targeted success", attacks.random_targeted),
     "deepfool": ("DeepFool", attacks.deepfool_linf),
 }
-DEFAULT_SUITE = "fgsm20,untargeted,multi-targeted,square,random-targeted"
+DEFAULT_SUITE = "fgsm,fgsm20,untargeted,multi-targeted,square,random-targeted"
 GRADIENT_FREE_MISS_SHARE = 0.01  # flag the model when Square breaks more than 1% of the gradient attacks' survivors
-AUTOATTACK_VERSION = "0.2.0"  # the pyautoattack release this was tested with (requirements-extras.txt)
-AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-AUTOATTACK_MISS_SHARE = 0.005  # flag the model when AutoAttack breaks more than 0.5% of images the suite did not
+# Flag single-step masking (catastrophic overfitting) when the worst case of the other attacks is at most
+# SINGLE_STEP_RATIO of one FGSM step's accuracy (issue 28's collapse rule: PGD at most half of FGSM) and at
+# least SINGLE_STEP_GAP_POINTS percentage points below it (a few images of difference are noise, not masking).
+SINGLE_STEP_RATIO = 0.5
+SINGLE_STEP_GAP_POINTS = 5
 
 
 def get_args(argv=None):
+    import autoattack_check  # here, not at the top: it builds on this module (imports it)
+
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
                    "directory (its best.safetensors, else its last.safetensors)")
@@ -85,7 +91,8 @@ def get_args(argv=None):
                    help="also run AutoAttack on the same images; resumable (state in OUT.autoattack-state.json)")
     g.add_argument("--aa-version", default="standard", choices=["standard", "plus", "rand", "custom"],
                    help="AutoAttack's attack set")
-    g.add_argument("--aa-attacks", help="with --aa-version custom: comma-separated, from " + ", ".join(AA_ATTACKS))
+    g.add_argument("--aa-attacks", help="with --aa-version custom: comma-separated, from "
+                                        + ", ".join(autoattack_check.AA_ATTACKS))
     g = p.add_argument_group("extra measurements")
     g.add_argument("--gamma", action="store_true", help="γ(ε, x) with 50 Adam steps, lr 0.1 (Fig. F3)")
     g.add_argument("--no-sanity", action="store_true", help="skip the sanity checks' extra attacks")
@@ -106,21 +113,31 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
-    g.add_argument("--out", help="JSON path, or a directory to write eval.json (surface.json, ...) in (unset: "
+    g.add_argument("--out", help="JSON path, or a directory to write eval.json (surface.json, ...) in (a path "
+                                 "ending in / is a directory, created if missing) (unset: "
                                  "CHECKPOINT with .eval.json, .surface.json or .strength.json); "
                                  "each finished attack column is kept in OUT.partial.json until the end, and a run "
                                  "with the same settings continues from it")
     return p.parse_args(argv)
 
 
-def check_writable(path):
-    """Before any attack: `path` (and its .tmp) can be written; a one-line error otherwise."""
+def output_path(out, checkpoint, mode):
+    """The JSON path of --out `out` (None: beside the checkpoint, CHECKPOINT.MODE.json; a directory,
+    existing or named with a trailing separator and then created: MODE.json in it), checked writable
+    before any attack (ValueError, one line). A file path in a missing directory stays an error:
+    more likely a typo than a wish."""
+    path = out or os.path.splitext(checkpoint)[0] + f".{mode}.json"
     try:
+        if path.endswith(("/", os.sep)):
+            os.makedirs(path, exist_ok=True)
+        if os.path.isdir(path):
+            path = os.path.join(path, f"{mode}.json")
         with open(path + ".tmp", "w"):
             pass
         os.remove(path + ".tmp")
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror}") from None
+    return path
 
 
 def check_args(args):
@@ -129,7 +146,6 @@ def check_args(args):
                         ("fgsm_steps", 1), ("square_queries", 1), ("surface_grid", 2)):
         value = getattr(args, flag)
         cli.require(value is None or value >= least, f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
-    cli.require(not args.surface or min(args.surface) >= 0, f"--surface indices must not be negative: {args.surface}")
     cli.require(not str(args.device).startswith("cuda") or torch.cuda.is_available(),
                 f"--device {args.device}: no CUDA GPU is available here (use --device cpu)")
 
@@ -225,8 +241,10 @@ def verify(model, x, x_adv, eps, y, target=None, norm="linf"):
     return valid, broken, ~broken & (~valid | (score > -attacks.MARGIN))
 
 
-def attack_options(name, args, num_classes):
+def attack_options(name, args, num_classes, eps):
     """Keyword options of each attack from the command line (absent: the attack's default)."""
+    if name == "fgsm":  # one signed step of ε from x on the cross-entropy, as training.evaluate's FGSM
+        return {"steps": 1, "step_size": eps, "loss": "ce", "norm": args.norm}
     if name == "fgsm20":
         return {"steps": args.fgsm_steps, "norm": args.norm}
     if name == "deepfool":
@@ -301,7 +319,7 @@ def clean_correct(model, images, labels, batch_size, device):
         return torch.cat([(model(x).argmax(1) == y).cpu() for _, x, y in batches(images, labels, batch_size, device)])
 
 
-def measure_gamma(model, images, labels, eps, batch_size, device, seed, norm="linf", steps=50):
+def gamma_of_images(model, images, labels, eps, batch_size, device, seed, norm="linf", steps=50):
     """γ(ε, x) per image with `llr.local_linearity` (`steps` Adam steps, lr 0.1; 50 as the paper's
     Fig. F3). The random starts depend on `seed` and the batch alone, so calls with more steps
     continue the same searches and never find less (`--gamma-sweep`)."""
@@ -323,7 +341,9 @@ def measure_gamma(model, images, labels, eps, batch_size, device, seed, norm="li
 def sanity_checks(model, images, labels, eps, results, args, num_classes, device):
     """Checks a reviewer asks for (Athalye et al. 2018, Carlini et al. 2019), each with ok=False
     when violated: accuracy reaches 0 as ε grows; fewer steps do not beat more; a stronger
-    attack is not weaker than a weaker one, in total or per sample."""
+    attack is not weaker than a weaker one, in total or per sample; the gradient-free attack
+    finds little the gradient attacks missed; and one FGSM step is not far weaker than the other
+    attacks (a model that resists single steps only: catastrophic overfitting)."""
     checks = []
     correct = torch.tensor(results["nominal"]["robust"])
     if not args.no_sanity:
@@ -337,7 +357,7 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
         if "untargeted" in results:
             full = results["untargeted"]
             steps = max(1, full["steps"] // 4)
-            weak_options = {**attack_options("untargeted", args, num_classes), "steps": steps, "restarts": 1}
+            weak_options = {**attack_options("untargeted", args, num_classes, eps), "steps": steps, "restarts": 1}
             robust, _, _ = run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
                                       args.batch_size, device, args.seed + 10**6, only=correct,
                                       desc=f"sanity check: Untargeted, {steps} steps")
@@ -345,7 +365,7 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
             checks.append({"name": "more steps never help the model", "ok": weak_acc >= full["accuracy"],
                            "detail": f"Untargeted {steps} steps x 1: {100 * weak_acc:.1f}% vs "
                                      f"{full['steps']} x {full['restarts']}: {100 * full['accuracy']:.1f}%"})
-    gradient = [n for n in ("fgsm20", "untargeted", "multi-targeted", "deepfool") if n in results]
+    gradient = [n for n in ("fgsm", "fgsm20", "untargeted", "multi-targeted", "deepfool") if n in results]
     if "square" in results and gradient:
         survivors = [all(results[n]["robust"][i] for n in gradient) for i in range(len(correct))]
         square_only = sum(s and not q for s, q in zip(survivors, results["square"]["robust"]))
@@ -354,6 +374,7 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
                        "detail": f"Square broke {square_only} of the {sum(survivors)} images that survived "
                                  f"{', '.join(gradient)} (flag above {100 * GRADIENT_FREE_MISS_SHARE:g}%): "
                                  f"{'consistent with masked or noisy gradients' if square_only else 'none'}"})
+    # not fgsm: FGSM-20 need not break every image one step breaks; the last check compares with it
     order = [n for n in ("fgsm20", "untargeted", "multi-targeted") if n in results]
     for weaker, stronger in zip(order, order[1:]):
         w, s = results[weaker], results[stronger]
@@ -362,10 +383,22 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
                        "ok": s["accuracy"] <= w["accuracy"],
                        "detail": f"{100 * w['accuracy']:.1f}% -> {100 * s['accuracy']:.1f}%; "
                                  f"{only_weaker} samples broken by {weaker} only"})
+    others = [n for n in SUITE if n in results and n not in ("fgsm", "random-targeted")]
+    if "fgsm" in results and others:
+        n = len(correct)  # the rule on image counts: exact, no rounding at its edges
+        single = sum(results["fgsm"]["robust"])
+        strong = sum(all(robust) for robust in zip(*(results[name]["robust"] for name in others)))  # per image
+        masked = strong <= SINGLE_STEP_RATIO * single and 100 * (single - strong) >= SINGLE_STEP_GAP_POINTS * n
+        checks.append({"name": "the other attacks are not far stronger than one FGSM step", "ok": not masked,
+                       "detail": f"one FGSM step {100 * single / n:.1f}% -> worst case of {', '.join(others)} "
+                                 f"{100 * strong / n:.1f}% (flagged at or below {SINGLE_STEP_RATIO:g} x the first and "
+                                 f"{SINGLE_STEP_GAP_POINTS} or more points below it): "
+                                 + ("gradients masked from single steps (catastrophic overfitting)" if masked
+                                    else "no sign of single-step masking")})
     return checks
 
 
-def evaluate(model, images, labels, eps, args, num_classes, device, partial=None):
+def run_suite(model, images, labels, eps, args, num_classes, device, partial=None):
     """The suite on (images, labels): the results dict written as JSON. With `partial` = (path,
     settings), each finished column is saved at once in `path`, and the columns a previous call
     with the same settings finished are taken from there instead of being attacked again."""
@@ -376,7 +409,7 @@ def evaluate(model, images, labels, eps, args, num_classes, device, partial=None
     worst = correct.clone()
     for name in names:
         if name not in finished:
-            options = attack_options(name, args, num_classes)
+            options = attack_options(name, args, num_classes, eps)
             every = name == "random-targeted"  # its success rate is over all images; the others attack the correct
             robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes,
                                                  args.batch_size, device, args.seed, only=None if every else correct,
@@ -389,7 +422,7 @@ def evaluate(model, images, labels, eps, args, num_classes, device, partial=None
                               "invalid_examples": counts["invalid"], "reattacked": counts["reattacked"],
                               "unverified": counts["unverified"], "time_s": round(seconds, 2), "robust": robust.tolist()}
             if partial:
-                write_json(partial[0], {"settings": partial[1], "columns": finished})
+                write_compact_json(partial[0], {"settings": partial[1], "columns": finished})
         entry = dict(finished[name])
         robust = torch.tensor(entry["robust"], dtype=torch.bool)
         if name == "random-targeted":
@@ -415,184 +448,6 @@ def read_partial(path, settings):
     return saved["columns"]
 
 
-def loss_surface(model, x, y, eps, radius, grid, seed, batch_size):
-    """The loss ℓ(x + a·u + b·v) and predicted class on a grid × grid lattice of a, b in
-    [−radius, radius] (the paper's Fig. 1 and 4): u = sign(∇ₓℓ(x)), the model's own adversarial
-    direction, and v a random sign vector drawn from `seed` (the same for every model). Each
-    point is projected onto the ε-ball around x and [0, 1]: x + a·u + b·v moves |a| + |b| where
-    u and v agree, so with radius = ε the grid's corners lie on the ball's boundary.
-    x: one image [1, C, H, W]; returns a dict of JSON-able lists."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
-    u = grad.sign()
-    v = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(x)
-    a = torch.linspace(-radius, radius, grid, dtype=torch.float64)
-    coefficients = torch.cartesian_prod(a, a).to(x.device, x.dtype)  # [grid², 2]: (a, b), a major
-    losses, preds = [], []
-    with torch.no_grad():
-        for chunk in coefficients.split(batch_size):
-            points = x.detach() + chunk[:, 0, None, None, None] * u + chunk[:, 1, None, None, None] * v
-            points = ball.project(points, x.detach(), eps)
-            logits = model(points)
-            losses.append(F.cross_entropy(logits, y.expand(len(chunk)), reduction="none").cpu())
-            preds.append(logits.argmax(1).cpu())
-    shape = (grid, grid)
-    return {"a": a.tolist(), "b": a.tolist(), "loss": torch.cat(losses).view(shape).tolist(),
-            "pred": torch.cat(preds).view(shape).tolist(), "label": int(y.item()), "radius": radius, "eps": eps,
-            "v_seed": seed}
-
-
-def parse_strengths(text):
-    """'20x1,50x1' -> [(20, 1), (50, 1)]: (steps, restarts), each at least 1."""
-    try:
-        strengths = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
-        if all(len(s) == 2 and min(s) >= 1 for s in strengths):
-            return strengths
-    except ValueError:
-        pass
-    raise ValueError(f"cannot read --strengths {text!r}: write steps x restarts, e.g. 20x1,50x1,100x5")
-
-
-def parse_gamma_sweep(text):
-    """'1,2,10,50' -> [1, 2, 10, 50]: step counts, each at least 1, in increasing order."""
-    try:
-        steps = [int(v) for v in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1 or steps != sorted(set(steps)):
-        raise ValueError(f"cannot read --gamma-sweep {text!r}: write increasing step counts, e.g. 1,2,10,50")
-    return steps
-
-
-def strength_sweep(model, images, labels, eps, args, num_classes, device):
-    """Untargeted and Multi-Targeted accuracy at growing strengths (steps x restarts; the paper's
-    Fig. 3). Each point attacks only the samples still robust after the weaker points, with a new
-    seed, so the per-sample worst case carries over and a curve never rises."""
-    correct = clean_correct(model, images, labels, args.batch_size, device)
-    curves = {}
-    for name in ("untargeted", "multi-targeted"):
-        robust, points = correct.clone(), []
-        for k, (steps, restarts) in enumerate(parse_strengths(args.strengths)):
-            options = {**attack_options(name, args, num_classes), "steps": steps, "restarts": restarts}
-            rows = robust.nonzero().squeeze(1)
-            seconds = 0.0
-            if len(rows):
-                still, _, seconds = run_attack(model, images[rows], labels[rows], eps, name, options, num_classes,
-                                               args.batch_size, device, args.seed + 1000 * k,
-                                               desc=f"strength {steps}x{restarts}: {name}")
-                robust[rows] = still
-            targets = options.get("num_targets", 1)
-            points.append({"steps": steps, "restarts": restarts, "gradient_evaluations": steps * restarts * targets,
-                           "accuracy": robust.float().mean().item(), "time_s": round(seconds, 2),
-                           "robust": robust.tolist()})
-        curves[name] = points
-    return {"nominal": correct.float().mean().item(), "curves": curves}
-
-
-def import_autoattack():
-    """pyautoattack's AutoAttack, or a one-line error saying how to install it."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise ValueError(f"--autoattack needs the optional package pyautoattack: run `make install-extras` "
-                         f"(or pip install pyautoattack=={AUTOATTACK_VERSION})") from None
-    return AutoAttack
-
-
-def autoattack_options(args):
-    if args.aa_version == "custom":
-        attacks = [a.strip() for a in (args.aa_attacks or "").split(",") if a.strip()]
-        if not attacks or any(a not in AA_ATTACKS for a in attacks):
-            raise ValueError(f"--aa-version custom needs --aa-attacks from {', '.join(AA_ATTACKS)}")
-        return {"version": "custom", "attacks": attacks}
-    if args.aa_attacks:
-        raise ValueError("--aa-attacks goes with --aa-version custom")
-    return {"version": args.aa_version}
-
-
-class _Warnings(logging.Handler):
-    """Collects AutoAttack's own warnings (its checks for randomised defences, probabilities as
-    outputs, dynamic models...)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        if record.getMessage() not in self.messages:
-            self.messages.append(record.getMessage())
-
-
-def run_autoattack(model, images, labels, eps, args, device, state_path):
-    """AutoAttack on the same images, chunk by chunk. Each chunk's adversarial examples are
-    verified as the suite's are (ball, box, a fresh forward pass) and its verified per-sample
-    result is saved in `state_path` at once, so an interrupted run continues with the next chunk.
-    (pyautoattack's own state file cannot serve: after a resume it returns only the examples of
-    the current run, which could then not be verified.)"""
-    AutoAttack = import_autoattack()
-    options = autoattack_options(args)
-    config = {"checkpoint": args.checkpoint, "norm": args.norm, "eps": eps, "n": len(labels), "seed": args.seed,
-              "chunk": args.batch_size, "bf16": args.bf16, **options}
-    state = {"config": config, "chunks": {}}
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            saved = json.load(f)
-        if saved["config"] != config:
-            raise ValueError(f"{state_path} belongs to another evaluation ({saved['config']}); delete it or use --out")
-        state = saved
-        tqdm.write(f"AutoAttack: continuing from {state_path} ({len(state['chunks'])} chunks done)")
-    log = _Warnings()
-    logging.getLogger("auto-attack").addHandler(log)
-    try:
-        for start in tqdm(range(0, len(labels), args.batch_size), desc=f"AutoAttack ({options['version']})", leave=False):
-            if str(start) in state["chunks"]:
-                continue
-            begin = time.time()
-            x = images[start:start + args.batch_size].to(device).float() / 255
-            y = labels[start:start + args.batch_size].to(device)
-            adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[args.norm], eps=eps, seed=args.seed + start,
-                                   device=device, **options)
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=args.batch_size)
-            valid, broken, _ = verify(model, x, x_adv, eps, y, norm=args.norm)
-            state["chunks"][str(start)] = {"robust": (~broken).tolist(), "invalid": int((~valid).sum()),
-                                           "time_s": time.time() - begin, "warnings": list(log.messages)}
-            write_json(state_path, state)
-    finally:
-        logging.getLogger("auto-attack").removeHandler(log)
-    chunks = [state["chunks"][str(start)] for start in range(0, len(labels), args.batch_size)]
-    robust = [r for c in chunks for r in c["robust"]]
-    warnings = sorted({w for c in chunks for w in c["warnings"]})
-    return {**options, "package_version": AUTOATTACK_VERSION, "accuracy": sum(robust) / len(robust),
-            "robust": robust, "invalid_examples": sum(c["invalid"] for c in chunks),
-            "time_s": round(sum(c["time_s"] for c in chunks), 2), "warnings": warnings}
-
-
-def cross_check(suite_robust, autoattack_robust):
-    """Per-sample agreement of the suite's worst case and AutoAttack's result."""
-    pairs = list(zip(suite_robust, autoattack_robust))
-    return {"autoattack_only": sum(s and not a for s, a in pairs),  # broken by AutoAttack, not by the suite
-            "suite_only": sum(a and not s for s, a in pairs),
-            "both": sum(not s and not a for s, a in pairs),
-            "autoattack_only_indices": [i for i, (s, a) in enumerate(pairs) if s and not a]}
-
-
-def add_autoattack(results, autoattack, checks, n):
-    """Worst case over the suite and AutoAttack, the cross-check, and its two report lines."""
-    worst = [s and a for s, a in zip(results["worst_case"]["robust"], autoattack["robust"])]
-    results["autoattack"] = autoattack
-    results["worst_case_with_autoattack"] = {"accuracy": sum(worst) / n, "robust": worst}
-    counts = cross_check(results["worst_case"]["robust"], autoattack["robust"])
-    checks.append({"name": "AutoAttack finds little that the suite missed",
-                   "ok": counts["autoattack_only"] <= AUTOATTACK_MISS_SHARE * n,
-                   "detail": f"AutoAttack broke {counts['autoattack_only']} images the suite did not (flag above "
-                             f"{100 * AUTOATTACK_MISS_SHARE:g}% of {n}); the suite broke {counts['suite_only']} "
-                             f"that AutoAttack did not"})
-    checks.append({"name": "AutoAttack's own checks (randomised defence, output range, dynamic model, classes)",
-                   "ok": not autoattack["warnings"], "detail": "; ".join(autoattack["warnings"]) or "no warnings"})
-    return counts
-
-
 CERTIFY_RADII = {"36/255": 36 / 255, "72/255": 72 / 255, "108/255": 108 / 255}
 
 
@@ -611,8 +466,9 @@ def certify(model, images, labels, eps, worst_robust, batch_size, device):
             "features_lipschitz": constants["features_lipschitz"]}
 
 
-def write_json(path, obj):
-    """`obj` as JSON at `path`, atomically (a temporary file, then a rename)."""
+def write_compact_json(path, obj):
+    """`obj` as JSON at `path`, atomically (a temporary file, then a rename), without indentation:
+    reports carry per-image lists (training.write_json indents its small files)."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
     os.replace(path + ".tmp", path)
@@ -653,8 +509,10 @@ def print_table(report):
         g = report["gamma"]
         print(f"gamma(eps, x): mean {g['mean']:.4f}  median {g['median']:.4f}  p90 {g['p90']:.4f}  max {g['max']:.4f}")
     o = report["obfuscation"]
-    if o["drop_weak_to_worst"] is not None:
-        print(f"obfuscation report: FGSM-20 to worst case drops {100 * o['drop_weak_to_worst']:.2f} points")
+    drops = [f"{label} to worst case drops {100 * o[key]:.2f} points" for key, label in
+             (("drop_fgsm_to_worst", "one FGSM step"), ("drop_weak_to_worst", "FGSM-20")) if o.get(key) is not None]
+    if drops:
+        print("obfuscation report: " + "; ".join(drops))
     for check in o["checks"]:
         print(f"  [{'ok' if check['ok'] else 'FLAG'}] {check['name']}: {check['detail']}")
     if "certificates" in report:
@@ -670,8 +528,10 @@ def print_table(report):
 
 
 def main(argv=None):
+    import autoattack_check, probe  # here, not at the top: both build on this module (import it)
+
     args = get_args(argv)
-    mode = "surface" if args.surface else "strength" if args.strength else "gamma" if args.gamma_sweep else "eval"
+    mode = probe.mode_of(args)
     try:  # set-up errors are the user's to fix: one line, non-zero exit
         check_args(args)
         args.checkpoint = resolve_checkpoint(args.checkpoint)
@@ -686,19 +546,13 @@ def main(argv=None):
             print(f"{ball.describe_eps(eps, args.norm)}, as the checkpoint was trained (--eps to change it)")
         else:
             eps = ball.parse_eps(args.eps, args.norm)
-        radius = ball.parse_eps(args.surface_radius) if args.surface_radius else eps
         parse_suite(args.attacks, args.norm)
-        parse_strengths(args.strengths)
-        gamma_steps = parse_gamma_sweep(args.gamma_sweep) if args.gamma_sweep else []
-        cli.require(sum(map(bool, (args.surface, args.strength, args.gamma_sweep))) <= 1,
-                    "--surface, --strength and --gamma-sweep each replace the suite: choose one")
-        cli.require(not (args.surface and args.norm == "l2"), "--surface draws the ℓ∞ ball (sign directions); "
-                                                               "it has no --norm l2")
+        probe.check_args(args)
         cli.require(not args.certify or (args.norm == "l2" and config["arch"].startswith("lipconvnet")),
                     "--certify gives ℓ2 certificates of a lipconvnet model: it needs one, and --norm l2")
         if args.autoattack:
-            import_autoattack()
-            autoattack_options(args)
+            autoattack_check.import_autoattack()
+            autoattack_check.autoattack_options(args)
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
         recorded = meta.get("data_dir") if meta.get("data_dir") and os.path.isdir(meta["data_dir"]) else None
         data_dir = args.data_dir or recorded or ("data/cifar10" if dataset == "cifar10" else None)
@@ -716,9 +570,7 @@ def main(argv=None):
                     f"trained on ({', '.join(meta.get('classes', [])[:4])}, ...): labels would not match")
         cli.require(not args.surface or max(args.surface) < len(labels),
                     f"--surface index {max(args.surface or [0])} is beyond the {len(labels)} images")
-        out = args.out or os.path.splitext(args.checkpoint)[0] + f".{mode}.json"
-        out = os.path.join(out, f"{mode}.json") if os.path.isdir(out) else out
-        check_writable(out)
+        out = output_path(args.out, args.checkpoint, mode)
         if args.n > len(labels):
             print(f"--n {args.n}: the {args.split} split has {len(labels)} images; evaluating all {len(labels)}")
     except (ValueError, OSError, data.DataError) as e:
@@ -730,55 +582,40 @@ def main(argv=None):
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "device_name": device_name(args.device), "torch": torch.__version__,
               "training": {k: v for k, v in meta.items() if k != "config"}}
-    if mode == "surface":
-        report["surface"] = [{"index": i, **loss_surface(evaluated, images[i:i + 1].to(args.device).float() / 255,
-                                                         labels[i:i + 1].to(args.device), eps, radius,
-                                                         args.surface_grid, args.seed, args.batch_size)}
-                             for i in args.surface]
-        print(f"loss surfaces of {args.checkpoint} around test images {args.surface}: "
-              f"{args.surface_grid}x{args.surface_grid} grid, radius {radius:.5f}, eps {args.eps}")
-    elif mode == "gamma":
-        report["gamma_sweep"] = [measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed,
-                                               args.norm, steps) for steps in gamma_steps]
-        print(f"{args.checkpoint}  eps = {args.eps}  {len(labels)} images; γ(ε, x) found by k steps of the search:")
-        for g in report["gamma_sweep"]:
-            print(f"  {g['steps']:4d} steps: mean {g['mean']:.4f}  median {g['median']:.4f}  p90 {g['p90']:.4f}")
-    elif mode == "strength":
-        report["strength"] = strength_sweep(evaluated, images, labels, eps, args, config["num_classes"], args.device)
-        print(f"{args.checkpoint}  eps = {args.eps}  {len(labels)} images; accuracy (worst case so far):")
-        for name, points in report["strength"]["curves"].items():
-            print(f"  {name:15s}" + "  ".join(f"{p['steps']}x{p['restarts']}: {100 * p['accuracy']:.2f}%"
-                                                for p in points))
+    if mode != "eval":
+        report.update(probe.measure(mode, model, evaluated, images, labels, eps, args, config["num_classes"]))
     else:
         report["labels"] = labels.tolist()
         settings = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
         settings.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
-                        options={name: attack_options(name, args, config["num_classes"])
+                        options={name: attack_options(name, args, config["num_classes"], eps)
                                  for name in parse_suite(args.attacks, args.norm)})
-        results = evaluate(evaluated, images, labels, eps, args, config["num_classes"], args.device,
-                           partial=(out + ".partial.json", settings))
+        results = run_suite(evaluated, images, labels, eps, args, config["num_classes"], args.device,
+                            partial=(out + ".partial.json", settings))
         report["results"] = results
         if args.gamma:
-            report["gamma"] = measure_gamma(model, images, labels, eps, args.batch_size, args.device, args.seed,
-                                            args.norm)
-        weak = results.get("fgsm20", {}).get("accuracy")
+            report["gamma"] = gamma_of_images(model, images, labels, eps, args.batch_size, args.device, args.seed,
+                                              args.norm)
+        drops = {key: results[name]["accuracy"] - results["worst_case"]["accuracy"] if name in results else None
+                 for key, name in (("drop_weak_to_worst", "fgsm20"), ("drop_fgsm_to_worst", "fgsm"))}
         report["obfuscation"] = {
-            "drop_weak_to_worst": None if weak is None else weak - results["worst_case"]["accuracy"],
+            **drops,
             "checks": sanity_checks(evaluated, images, labels, eps, results, args, config["num_classes"], args.device)}
         if args.autoattack:
-            state_path = out + ".autoattack-state.json"
             try:
-                autoattack = run_autoattack(evaluated, images, labels, eps, args, args.device, state_path)
+                autoattack = autoattack_check.run_autoattack(evaluated, images, labels, eps, args, args.device,
+                                                             out + autoattack_check.STATE_SUFFIX)
             except ValueError as e:
                 sys.exit(f"eval.py: error: {e}")
-            report["cross_check"] = add_autoattack(results, autoattack, report["obfuscation"]["checks"], len(labels))
+            checks = report["obfuscation"]["checks"]
+            report["cross_check"] = autoattack_check.add_autoattack(results, autoattack, checks, len(labels))
         if args.certify:
             worst = results.get("worst_case_with_autoattack", results["worst_case"])["robust"]
             report["certificates"] = certify(model, images, labels, eps, worst, args.batch_size, args.device)
         print_table(report)
     report["time_s"] = round(time.time() - start, 2)
-    write_json(out, report)
-    for leftover in (out + ".autoattack-state.json", out + ".partial.json"):  # their results are in the report now
+    write_compact_json(out, report)
+    for leftover in (out + autoattack_check.STATE_SUFFIX, out + ".partial.json"):  # their results are in the report now
         if os.path.exists(leftover):
             os.remove(leftover)
     print(f"wrote {out}")

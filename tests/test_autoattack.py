@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import autoattack_check
 import eval as eval_script
 import models
 import train_cifar
@@ -72,15 +73,15 @@ def _args(**kw):
 def test_verification_and_cross_check_on_a_constructed_case(fake, tmp_path):
     images = torch.full((8, 3, 2, 2), int(0.55 * 255), dtype=torch.uint8)  # first row mean 0.549: class 0
     labels = torch.zeros(8, dtype=torch.long)
-    aa = eval_script.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", str(tmp_path / "s.json"))
+    aa = autoattack_check.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", str(tmp_path / "s.json"))
     assert aa["robust"] == [False, True, True, True] * 2  # only the valid misclassified examples count
     assert aa["invalid_examples"] == 2 and aa["accuracy"] == 0.75
     suite = [True, True, False, False, True, False, True, False]
-    counts = eval_script.cross_check(suite, aa["robust"])
+    counts = autoattack_check.cross_check(suite, aa["robust"])
     assert counts == {"autoattack_only": 2, "suite_only": 4, "both": 0, "autoattack_only_indices": [0, 4]}
     results = {"worst_case": {"robust": suite}}
     checks = []
-    eval_script.add_autoattack(results, aa, checks, 8)
+    autoattack_check.add_autoattack(results, aa, checks, 8)
     assert results["worst_case_with_autoattack"]["robust"] == [a and b for a, b in zip(suite, aa["robust"])]
     assert checks[0]["ok"] is False and "broke 2 images the suite did not" in checks[0]["detail"]
 
@@ -91,14 +92,14 @@ def test_interrupted_autoattack_continues_where_it_stopped(fake, tmp_path):
     state = str(tmp_path / "state.json")
     fake.fail_on_call = 2  # interrupted during the second of three chunks
     with pytest.raises(KeyboardInterrupt):
-        eval_script.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", state)
+        autoattack_check.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", state)
     assert list(json.load(open(state))["chunks"]) == ["0"]
     fake.calls, fake.fail_on_call = 0, None
-    aa = eval_script.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", state)
+    aa = autoattack_check.run_autoattack(Threshold(), images, labels, EPS, _args(), "cpu", state)
     assert fake.calls == 2  # only the two chunks left
     assert aa["robust"] == [False, True, True, True] * 3
     with pytest.raises(ValueError, match="belongs to another evaluation"):
-        eval_script.run_autoattack(Threshold(), images, labels, 2 * EPS, _args(), "cpu", state)
+        autoattack_check.run_autoattack(Threshold(), images, labels, 2 * EPS, _args(), "cpu", state)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_autoattack_end_to_end(checkpoint, tmp_path, capsys):
     report = json.load(open(out))
     r = report["results"]
     assert r["autoattack"]["attacks"] == ["apgd-ce", "apgd-t"] and len(r["autoattack"]["robust"]) == 12
-    assert r["autoattack"]["package_version"] == eval_script.AUTOATTACK_VERSION
+    assert r["autoattack"]["package_version"] == autoattack_check.AUTOATTACK_VERSION
     both = r["worst_case_with_autoattack"]["accuracy"]
     assert both <= r["worst_case"]["accuracy"] and both <= r["autoattack"]["accuracy"]
     assert r["autoattack"]["accuracy"] <= r["nominal"]["accuracy"]

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,3 +132,142 @@ def test_missing_data_gives_one_line_and_nonzero_exit(setup, tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CIFAR-10" in lines[0] and "--data-dir" in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- the single-step FGSM column
+def _suite_args(attacks, **kw):
+    """The flags run_suite and sanity_checks read, as eval.py's defaults, with --no-sanity."""
+    defaults = dict(attacks=attacks, norm="linf", batch_size=16, seed=0, fgsm_steps=20, steps=None, restarts=None,
+                    optimizer="sign", num_targets=None, square_queries=10, no_sanity=True)
+    return SimpleNamespace(**{**defaults, **kw})
+
+
+def _margin_after_one_step(x, W, labels, direction, eps):
+    """max_{j≠y} f_j − f_y of the linear model f = W x at clip(x + ε·sign(direction), 0, 1), by hand."""
+    f = (x + eps * direction.view_as(x).sign()).clamp(0, 1).flatten(1) @ W.T
+    return f.scatter(1, labels[:, None], float("-inf")).amax(1) - f.gather(1, labels[:, None]).squeeze(1)
+
+
+def test_the_fgsm_column_is_one_signed_step_of_eps_on_the_cross_entropy():
+    """On a linear model f = W x the column's robust images are, exactly, those correctly classified
+    whose margin stays ≤ 0 at clip(x + ε·sign(∇ₓ CE), 0, 1), with ∇ₓ CE = Wᵀ(softmax(f) − e_y). The
+    same step on the margin's gradient, or a step of ε/4, gives another column here."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 2, 2), dtype=torch.uint8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10, bias=False))
+    with torch.no_grad():
+        model[1].weight.mul_(0).add_(3 * torch.randn(10, 12))
+    x, W = images.double() / 255, model[1].weight.detach().double()
+    f = x.flatten(1) @ W.T
+    labels = f.argmax(1)
+    labels[::8] = (labels[::8] + 1) % 10  # misclassified: never robust, never attacked
+    eps = 8 / 255
+    ce_gradient = (f.softmax(1) - torch.nn.functional.one_hot(labels, 10).double()) @ W
+    margin = _margin_after_one_step(x, W, labels, ce_gradient, eps)
+    assert margin.abs().min() > 1e-3  # no image so near the boundary that float32 could decide it
+    expected = (f.argmax(1) == labels) & (margin <= 0)
+    results = eval_script.run_suite(model, images, labels, eps, _suite_args("fgsm"), 10, "cpu")
+    assert results["fgsm"]["robust"] == expected.tolist()
+    assert results["fgsm"]["options"] == {"steps": 1, "step_size": eps, "loss": "ce", "norm": "linf"}
+    assert results["fgsm"]["steps"] == 1 and results["fgsm"]["restarts"] == 1
+    best_other = f.scatter(1, labels[:, None], float("-inf")).argmax(1)
+    margin_gradient = W[best_other] - W[labels]
+    on_the_margin = (f.argmax(1) == labels) & (_margin_after_one_step(x, W, labels, margin_gradient, eps) <= 0)
+    quarter_step = (f.argmax(1) == labels) & (_margin_after_one_step(x, W, labels, ce_gradient, eps / 4) <= 0)
+    assert on_the_margin.tolist() != expected.tolist() and quarter_step.tolist() != expected.tolist()
+
+
+class SingleStepMasking(torch.nn.Module):
+    """Two classes; class 1 leads class 0 by m(u) = −1 + 2·exp(−(u − ε/2)² / (2 (ε/4)²)), u the mean of
+    x − 128/255. The images are 128/255 (u = 0, m = −1 + 2e⁻² < 0: correct). ∇ₓ points to larger u,
+    so one signed step of ε lands at u = ε, where m = −1 + 2e⁻² again: FGSM fails. FGSM-20's first
+    step of ε/4 lands at u = ε/4, m = −1 + 2e^(−1/2) = 0.21: broken. A toy of catastrophic overfitting."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        u = (x - 128 / 255).flatten(1).mean(1)
+        m = -1 + 2 * torch.exp(-0.5 * ((u - self.eps / 2) / (self.eps / 4)) ** 2)
+        return torch.stack([torch.zeros_like(m), m], 1)
+
+
+def _single_step_check(results):
+    checks = eval_script.sanity_checks(None, None, None, None, results, _suite_args(""), 2, "cpu")
+    (check,) = [c for c in checks if "one FGSM step" in c["name"]]
+    return check
+
+
+def test_a_model_that_resists_only_single_steps_is_flagged():
+    eps = 8 / 255
+    images, labels = torch.full((4, 3, 2, 2), 128, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    results = eval_script.run_suite(SingleStepMasking(eps), images, labels, eps,
+                                    _suite_args("fgsm,fgsm20,untargeted", steps=20, restarts=1), 2, "cpu")
+    assert results["nominal"]["accuracy"] == 1 and results["fgsm"]["accuracy"] == 1
+    assert results["fgsm20"]["accuracy"] == 0 and results["worst_case"]["accuracy"] == 0
+    assert results["fgsm"]["worst_case_accuracy"] == 1  # the worst case is the minimum over the columns so far
+    check = _single_step_check(results)
+    assert check["ok"] is False and "one FGSM step 100.0% -> worst case of fgsm20, untargeted 0.0%" in check["detail"]
+
+
+def test_a_linear_model_is_not_flagged():
+    """For f = w·x the corner clip(x + ε·sign(w), 0, 1) maximises the margin over the ball and the box, and one
+    FGSM step, FGSM-20 and PGD all reach it: the same images survive each, so nothing is flagged."""
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (32, 3, 2, 2), dtype=torch.uint8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.copy_(-model[1].weight.sum(1) / 2)  # the boundary through the middle of the box
+        labels = model(images.float() / 255).argmax(1)
+    results = eval_script.run_suite(model, images, labels, 8 / 255,
+                                    _suite_args("fgsm,fgsm20,untargeted", steps=5, restarts=1), 2, "cpu")
+    assert results["fgsm"]["robust"] == results["fgsm20"]["robust"] == results["untargeted"]["robust"]
+    assert 0 < results["fgsm"]["accuracy"] < 1
+    assert _single_step_check(results)["ok"] is True
+
+
+def test_the_threshold_rule():
+    """Flag when the others' worst case is at most half of one step's accuracy and 5 or more points below it."""
+    def results(single, others):
+        n = 100
+        return {"nominal": {"robust": [True] * n},
+                "fgsm": {"accuracy": single / n, "robust": [i < single for i in range(n)]},
+                "untargeted": {"accuracy": others / n, "robust": [i < others for i in range(n)]}}
+    assert _single_step_check(results(20, 10))["ok"] is False  # half, 10 points below
+    assert _single_step_check(results(20, 11))["ok"] is True  # more than half
+    assert _single_step_check(results(8, 3))["ok"] is False  # under half, 5 points below
+    assert _single_step_check(results(8, 4))["ok"] is True and _single_step_check(results(6, 2))["ok"] is True  # < 5
+
+
+def test_the_default_suite_reports_the_fgsm_column(setup, capsys):
+    out = str(setup / "default.json")
+    report = eval_script.main([str(setup / "model.safetensors"), "--eps", "8/255", "--data-dir", str(setup / "data"),
+                               "--n", "10", "--steps", "2", "--restarts", "1", "--num-targets", "2",
+                               "--square-queries", "5", "--no-sanity", "--out", out])
+    printed = capsys.readouterr().out
+    assert "FGSM (one step)" in printed and "one FGSM step to worst case drops" in printed
+    with open(out) as f:
+        saved = json.load(f)
+    r = saved["results"]
+    columns = ["fgsm", "fgsm20", "untargeted", "multi-targeted", "square"]
+    assert [k for k in r if k not in ("nominal", "worst_case")] == columns + ["random-targeted"]
+    assert r["fgsm"]["steps"] == 1 and r["fgsm"]["options"]["step_size"] == pytest.approx(8 / 255)
+    assert r["worst_case"]["robust"] == [all(v) for v in zip(*(r[n]["robust"] for n in ["nominal"] + columns))]
+    assert r["fgsm"]["worst_case_accuracy"] == pytest.approx(r["fgsm"]["accuracy"])  # the first column
+    o = saved["obfuscation"]
+    assert o["drop_fgsm_to_worst"] == pytest.approx(r["fgsm"]["accuracy"] - r["worst_case"]["accuracy"])
+    assert "the other attacks are not far stronger than one FGSM step" in {c["name"] for c in o["checks"]}
+    assert report["results"]["fgsm"]["robust"] == r["fgsm"]["robust"]
+
+
+# --------------------------------------------------------------------------- --out
+@pytest.mark.parametrize("out, written", [("results/", "results/eval.json"), ("new/dir/", "new/dir/eval.json")])
+def test_a_missing_output_directory_is_created(setup, tmp_path, out, written):
+    """The README's `--out results/` on a fresh clone (a file in a missing directory stays an error:
+    test_reliability)."""
+    eval_script.main([str(setup / "model.safetensors"), "--eps", "8/255", "--data-dir", str(setup / "data"), "--n", "4",
+                      "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(tmp_path, out)])
+    with open(tmp_path / written) as f:
+        assert json.load(f)["n_images"] == 4

@@ -14,6 +14,7 @@ import eval as eval_script
 import llr
 import models
 import plots
+import probe
 import train_cifar
 from conftest import ROOT, make_image_folder
 from test_llr import LinearLossModel
@@ -25,7 +26,7 @@ def test_surface_of_a_linear_loss_is_a_plane():
     model = LinearLossModel(3 * 4 * 4)
     x, y = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
     eps = 0.1
-    s = eval_script.loss_surface(model, x, y, eps, radius=eps / 2, grid=9, seed=3, batch_size=16)  # no clipping
+    s = probe.loss_surface(model, x, y, eps, radius=eps / 2, grid=9, seed=3, batch_size=16)  # no clipping
     loss = torch.tensor(s["loss"], dtype=torch.float64)
     assert loss.shape == (9, 9)
     for second_difference in (loss[2:] - 2 * loss[1:-1] + loss[:-2], loss[:, 2:] - 2 * loss[:, 1:-1] + loss[:, :-2],
@@ -40,7 +41,7 @@ def test_surface_values_equal_the_loss_at_the_grid_points(tiny_net):
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(1, 3, 4, 4, generator=g, dtype=torch.float64), torch.tensor([1])
     eps = 0.2
-    s = eval_script.loss_surface(tiny_net, x, y, eps, radius=eps, grid=7, seed=5, batch_size=10)
+    s = probe.loss_surface(tiny_net, x, y, eps, radius=eps, grid=7, seed=5, batch_size=10)
     xr = x.clone().requires_grad_(True)
     u = torch.autograd.grad(F.cross_entropy(tiny_net(xr), y), xr)[0].sign()
     v = (torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1).double()
@@ -70,7 +71,7 @@ def test_every_grid_point_is_in_the_ball_and_the_box(tiny_net):
     x[0, 1] = 1.0
     eps = 0.3
     recording = Recording(tiny_net)
-    eval_script.loss_surface(recording, x, torch.tensor([0]), eps, radius=eps, grid=11, seed=0, batch_size=50)
+    probe.loss_surface(recording, x, torch.tensor([0]), eps, radius=eps, grid=11, seed=0, batch_size=50)
     points = torch.cat(recording.inputs[1:])  # the first call is the gradient at x
     assert points.shape[0] == 121
     assert (points - x).abs().max() <= eps + 1e-12 and points.min() >= 0 and points.max() <= 1
@@ -125,7 +126,7 @@ def test_gamma_sweep_continues_the_same_searches(outputs):
         assert len(fewer["values"]) == 10 and all(a <= b for a, b in zip(fewer["values"], more["values"]))
     model = models.load_checkpoint(report["checkpoint"]).eval()
     images, labels, _ = eval_script.load_images("cifar10", report["data_dir"], "test", 10, 32, 0)
-    again = eval_script.measure_gamma(model, images, labels, 8 / 255, 4, "cpu", 0, steps=8)
+    again = eval_script.gamma_of_images(model, images, labels, 8 / 255, 4, "cpu", 0, steps=8)
     assert again["values"] == pytest.approx(sweep[-1]["values"], rel=1e-5)
 
 

@@ -84,7 +84,7 @@ def test_eval_out_may_be_a_directory_and_eps_defaults_to_the_checkpoints(checkpo
 
 def test_eval_refuses_an_unwritable_out_before_any_attack(checkpoint, tmp_path, monkeypatch):
     ckpt, data = checkpoint
-    monkeypatch.setattr(eval_script, "evaluate", lambda *a, **k: pytest.fail("an attack ran"))
+    monkeypatch.setattr(eval_script, "run_suite", lambda *a, **k: pytest.fail("an attack ran"))
     with pytest.raises(SystemExit) as e:
         eval_script.main([ckpt, "--data-dir", data, "--n", "4", *QUICK, "--out", "/proc/x.json"])
     assert str(e.value.code).startswith("eval.py: error: cannot write /proc/x.json") and "\n" not in str(e.value.code)
