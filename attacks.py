@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import llr
 from ball import check_eps, check_norm, project, random_point, steepest
 
 __all__ = ["untargeted", "multi_targeted", "random_targeted", "fgsm_k", "square", "deepfool_linf",
@@ -121,10 +122,9 @@ def _ascent(model, x, y, eps, objective, score, best_x, best_score, *, steps, re
 
 def adam_step(x_adv, grad, m, v, step, lr):
     """One ascent step of Adam in pixel units (β = (0.9, 0.999), bias-corrected, eps 1e-9, as the
-    authors' UnrolledAdam) at step `step` (from 0): (x_adv, m, v) after it, not projected."""
-    m, v = m.lerp(grad, 0.1), v.lerp(grad * grad, 0.001)
-    m_hat, v_hat = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
-    return x_adv + lr * m_hat / (v_hat.sqrt() + 1e-9), m, v
+    authors' UnrolledAdam) at step `step` (from 0): (x_adv, m, v) after it, not projected. LLR's
+    search step (llr._adam_step, torch.optim.Adam's arithmetic)."""
+    return llr._adam_step(x_adv, grad, m, v, *llr._adam_scalars(step + 1, lr))
 
 
 def _setup(model, x, y, eps, optimizer, seed, norm="linf"):

@@ -5,7 +5,8 @@ batch of [0, 1] images (the losses are float32 under autocast, which runs
 cross-entropy, softmax and KL in float32) and returns `(loss, info)`: the scalar to minimise and a
 dict of detached per-sample tensors for logging (`logits` are the clean logits
 when the method computes them; `adv` for ADV is on x_adv). All randomness comes
-from `generator`, so a run is reproducible and resumable step by step.
+from `generator`, so a run is reproducible and resumable step by step. A method with state across
+steps (ELLE-A's λ) is a class instead; `bind` gives every method one interface, `BoundLoss`.
 
     plain    cross-entropy on x                                  (the reference for cost)
     llr      Eq. (8) of Qin et al. 2019                          (llr.llr_loss)
@@ -14,6 +15,10 @@ from `generator`, so a run is reproducible and resumable step by step.
     cure     CURE curvature regularisation, Moosavi-Dezfooli et al. 2019
     lfr      local flatness: the largest input-gradient norm in the ball (double backprop; ours)
     lipschitz  a LipConvNet's training for ℓ2 certificates, Singla & Feizi 2022 (soc.py)
+    n-fgsm   N-FGSM: one noisy FGSM step, no projection, de Jorge et al. 2022
+    gradalign  FGSM + GradAlign's gradient alignment, Andriushchenko & Flammarion 2020 (double backprop)
+    elle     FGSM + ELLE's linear-approximation error, Abad Rocamora et al. 2024
+    elle-a   ELLE with its adaptive λ (AdaptiveELLE, a class: λ is state)
 
 Attack passes inside a method (ADV's and TRADES' inner maximisation, LFR's search)
 run with batch norm in eval mode, on running statistics, as TRADES' `trades.py`
@@ -21,12 +26,14 @@ and the LLR authors' graph.py do (ADV's `bn="train"` keeps batch statistics, as 
 adversarial training does), so that only the training passes update the statistics; the module is
 returned to train mode before the loss is computed. CURE's two gradient passes run
 in eval mode too (its official code); LFR's last pass and LLR's passes on x + δ use
-the clean batch's statistics (`llr.reuse_clean_batch_statistics`). Each method's
+the clean batch's statistics (`llr.reuse_clean_batch_statistics`). N-FGSM, GradAlign, ELLE and
+ELLE-A run every pass in train mode, as their authors' code. Each method's
 docstring names its source and any deliberate difference from it.
 """
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import attacks
@@ -49,8 +56,8 @@ def _eval_mode(model, bn="eval"):
 
 
 def _default_step(eps, steps, step_size):
-    """step_size, or the common rule 2.5·ε/steps when it is None (ADV and LFR)."""
-    return 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    """step_size, or the common rule 2.5·ε/steps when it is None (ADV and LFR; LLR's ℓ2 search)."""
+    return llr._step_size(eps, steps) if step_size is None else step_size
 
 
 def _input_grad(loss, x_adv, create_graph=False):
@@ -265,7 +272,213 @@ def check_lipschitz_options(last_layer, gamma, beta):
         raise ValueError("--lipschitz-gamma needs the ortho or lln last layer, --lipschitz-beta the crc one")
 
 
+# --------------------------------------------------------------------------- single-step methods against CO
+# N-FGSM, GradAlign, ELLE and ELLE-A: the methods that claim to prevent catastrophic overfitting (CO) of
+# single-step adversarial training more cheaply than LLR (issue 28). Each follows its authors' code, with
+# every pass in train mode (batch statistics, running statistics updated), as theirs; all are ℓ∞ methods.
+# FGSM and FGSM-RS are ADV's configurations (`adv_loss` with steps=1; docs/training.md).
+
+def _uniform(x, radius, generator, copies=1):
+    """radius·U(−1, 1) of the shape of `copies` stacked copies of x [copies·B, ...]."""
+    shape = (copies * x.shape[0], *x.shape[1:])
+    return radius * (2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1)
+
+
+def _ce_input_grad(model, x, y, create_graph=False):
+    """∇ₓ of the summed cross-entropy at x [B, ...], in the model's current mode."""
+    x = x.detach().requires_grad_(True)
+    return _input_grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph)
+
+
+def _fgsm_from_x(model, x, y, eps):
+    """FGSM from x: (x + ε·sign(∇ₓℓ(x))) clipped to [0, 1], and that gradient [B, ...] (detached)."""
+    grad = _ce_input_grad(model, x, y)
+    return (x + eps * grad.sign()).clamp(0, 1), grad
+
+
+def _require_linf(norm, method):
+    if norm != "linf":
+        raise ValueError(f"--method {method} is an ℓ∞ method (its authors' code): use --norm linf")
+
+
+def nfgsm_loss(model, x, y, eps, *, noise=2.0, step_size=None, generator=None, norm="linf"):
+    """N-FGSM (de Jorge et al. 2022, pdejorge/N-FGSM `train.py:216-243`): η ~ U(−kε, kε) with
+    k = `noise` (their --unif 2), x + η clipped to [0, 1]; one signed step of `step_size` (their
+    --alpha, unset: ε, as every run of their experiments.sh) on the cross-entropy at x + η; x + δ
+    clipped to [0, 1] and NOT projected onto the ε-ball (their --clip -1, the default: ‖δ‖∞ ≤ (k + 1)ε);
+    loss CE(f(x + δ)). Both passes in train mode, as theirs. No deliberate difference."""
+    _require_linf(norm, "n-fgsm")
+    x_noisy = (x + _uniform(x, noise * eps, generator)).clamp(0, 1)
+    grad = _ce_input_grad(model, x_noisy, y)
+    x_adv = (x_noisy + (eps if step_size is None else step_size) * grad.sign()).clamp(0, 1)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    return loss.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach()}
+
+
+def gradalign_weight(eps):
+    """GradAlign's λ at ε: 0.02·10^(ε·255/8), the rule of their sh/exps_diff_eps_cifar10.sh (0.2 at
+    8/255, 2.0 at 16/255; the script writes it to 3 decimals)."""
+    return 0.02 * 10 ** (eps * 255 / 8)
+
+
+def gradalign_loss(model, x, y, eps, *, weight=None, generator=None, norm="linf"):
+    """FGSM + GradAlign (Andriushchenko & Flammarion 2020, tml-epfl/understanding-fast-adv-training
+    `train.py:141-207`, `utils.py:70-91`): zero-init FGSM (their clamp(1.25ε·sign(∇), −ε, ε) = ε·sign(∇)),
+    x + δ clipped to [0, 1]; plus λ(1 − mean cosine) between g₁ = ∇ₓℓ(x), the FGSM gradient reused
+    and detached, and g₂ = ∇ₓℓ(x + η), η ~ U(−ε, ε), differentiated through (double backprop; x + η
+    is NOT clipped to [0, 1], as their code: it probes the loss surface, it is not trained on).
+    Examples where g₁ or g₂ has zero norm are dropped from the mean, as theirs. λ = `weight`, unset:
+    `gradalign_weight(ε)`. Passes in their order (FGSM, CE on x + δ, g₂), all in train mode.
+    Deliberate difference (ours): when every example is dropped the regulariser is 0, where theirs
+    is the NaN of an empty mean."""
+    _require_linf(norm, "gradalign")
+    x_adv, grad1 = _fgsm_from_x(model, x, y, eps)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    grad2 = _ce_input_grad(model, x + _uniform(x, eps, generator), y, create_graph=True)
+    g1, g2 = grad1.flatten(1), grad2.flatten(1)
+    n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
+    kept = (n1 != 0) & (n2 != 0)
+    cos = ((g1[kept] / n1[kept, None]) * (g2[kept] / n2[kept, None])).sum(1)  # [kept]
+    weight = gradalign_weight(eps) if weight is None else weight
+    regulariser = weight * (1 - cos.mean()) if kept.any() else loss.new_zeros(())
+    return loss.mean() + regulariser, {"adv_logits": logits.detach(), "adv_loss": loss.detach(),
+                                       "grad_cos": cos.detach()}
+
+
+def elle_weight(eps):
+    """ELLE's λ at ε, as their scripts/run_elle_cifar10.sh: 1000 for ε ≤ 8/255, 5000 up to 20/255,
+    10000 above (their runs: 22–26/255; beyond 26/255 and between their even ε: ours)."""
+    pixels = eps * 255
+    return 1000.0 if pixels <= 8 + 1e-6 else 5000.0 if pixels <= 20 + 1e-6 else 10000.0
+
+
+def elle_loss(model, x, y, eps, *, weight=None, generator=None, norm="linf"):
+    """FGSM + ELLE (Abad Rocamora et al. 2024, LIONS-EPFL/ELLE `core/utils/train.py:288-339`, --reg ELLE
+    --lambda_schedule constant): FGSM from x with step ε (their --attack-step ε, --input_noise_rate 0),
+    loss CE(f(x_adv)) + λ·E_lin with, from ONE train-mode pass on the 3B batch cat(x_a, x_b, x_c)
+    (the three share batch statistics), x_a, x_b = x + ε·U(−1, 1) drawn independently (one draw of
+    [2B, ...]), α ~ U(0, 1) per example, x_c = (1 − α)x_a + αx_b:
+
+        E_lin = mean over the batch of (ℓ(x_c) − (1 − α)ℓ(x_a) − αℓ(x_b))²   (per-example CE ℓ)
+
+    differentiated by one ordinary backward (no double backprop). λ = `weight`, unset: `elle_weight(ε)`.
+    Deliberate differences (ours): x_adv is clipped to [0, 1] (theirs clips nothing), so ELLE's
+    adversarial term is exactly the FGSM baseline's (`adv_loss` zero init, step ε) and its examples
+    lie in the threat model B(ε) ∩ [0, 1] that every method here trains and is evaluated on; the
+    triplet is not clipped, as theirs (it probes the loss's linearity in the ball, it is not trained
+    on). Their extra train-mode pass on clean x (`:362`, for logging) is left out."""
+    _require_linf(norm, "elle")
+    x_adv, _ = _fgsm_from_x(model, x, y, eps)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    b = len(x)
+    x_ab = x.repeat(2, *[1] * (x.dim() - 1)) + _uniform(x, eps, generator, copies=2)  # [2B, ...]: x_a, x_b
+    alpha = torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)
+    a = alpha.view(-1, *[1] * (x.dim() - 1))
+    x_c = (1 - a) * x_ab[:b] + a * x_ab[b:]
+    loss_a, loss_b, loss_c = F.cross_entropy(model(torch.cat([x_ab, x_c])), y.repeat(3), reduction="none").split(b)
+    lin_err = (loss_c - (1 - alpha) * loss_a - alpha * loss_b) ** 2  # [B]
+    weight = elle_weight(eps) if weight is None else weight
+    return loss.mean() + weight * lin_err.mean(), {"adv_logits": logits.detach(), "adv_loss": loss.detach(),
+                                                   "lin_err": lin_err.detach()}
+
+
+# --------------------------------------------------------------------------- the bound loss
+class BoundLoss:
+    """A training objective bound to its model: the one interface the training loops and bench.py
+    call (built by `bind`). `loss_fn(x, y, eps, generator)` -> (loss, info) on a (micro-)batch;
+    `after_optimizer_step()` once after each optimiser step, however many micro-batches it had;
+    `state_dict()` / `load_state_dict()`, kept in state.pt so that --resume continues bit for bit.
+    This class wraps a stateless method `fn(x, y, eps, generator)`: no state, nothing after a step."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x, y, eps, generator=None):
+        return self.fn(x, y, eps, generator)
+
+    def after_optimizer_step(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        if state:
+            raise ValueError(f"a method without state was given a saved state ({', '.join(state)})")
+
+
+class AdaptiveELLE(BoundLoss):
+    """ELLE-A (Abad Rocamora et al. 2024, LIONS-EPFL/ELLE `core/utils/train.py:216-227`, `train.py:122-127`,
+    `parser.py:75-77`, scripts/run_elle-a_cifar10.sh): `elle_loss` bound to its model with an adaptive
+    λ. λ starts at 0; after each optimiser step, with e_t that step's E_lin and H the earlier values
+    (population std): if |H| > 2 and e_t > mean(H) + sensitivity·std(H), λ ← lambda_max (their 4000
+    at every ε), else λ ← decay·λ; then e_t joins H. The new λ applies from the next step; E_lin is
+    computed at every step, λ = 0 included. e_t is the mean E_lin of the step's micro-batches and,
+    when torch.distributed is initialised, of every process (an all-reduce before the rule), so all
+    processes hold the same λ and H; both are the state (`state_dict`).
+    Deliberate differences (ours): one update and one optimiser step per batch, where their trainer
+    calls `optimizer.step()` twice on the same gradients (`core/utils/train.py:229-237`, a defect
+    that doubles the effective learning rate; not copied); H survives a resume (theirs starts
+    empty); x_adv clipped to [0, 1], as `elle_loss`."""
+
+    def __init__(self, model, *, lambda_max=4000.0, decay=0.99, sensitivity=2.0, norm="linf"):
+        _require_linf(norm, "elle-a")
+        self.model, self.lambda_max, self.decay, self.sensitivity = model, lambda_max, decay, sensitivity
+        self.weight, self.history, self._step_errors = 0.0, torch.zeros(0, dtype=torch.float64), []
+
+    def __call__(self, x, y, eps, generator=None):
+        loss, info = elle_loss(self.model, x, y, eps, weight=self.weight, generator=generator)
+        self._step_errors.append(info["lin_err"].mean())  # on the device: no synchronisation per micro-batch
+        return loss, {**info, "elle_lambda": x.new_tensor(self.weight)}
+
+    def after_optimizer_step(self):
+        error = torch.stack(self._step_errors).double().mean()
+        self._step_errors = []
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(error)
+            error /= dist.get_world_size()
+        self.update(error.item())
+
+    def update(self, error):
+        """ELLE-A's rule, given this step's E_lin (a float)."""
+        spike = False
+        if len(self.history) > 2:
+            std, mean = torch.std_mean(self.history, correction=0)
+            spike = error > (mean + self.sensitivity * std).item()
+        self.weight = self.lambda_max if spike else self.decay * self.weight
+        self.history = torch.cat([self.history, self.history.new_tensor([error])])
+
+    def state_dict(self):
+        return {"weight": self.weight, "history": self.history.clone()}
+
+    def load_state_dict(self, state):
+        self.weight, self.history = float(state["weight"]), state["history"].to("cpu", torch.float64)
+
+
 # --------------------------------------------------------------------------- compiled
+def compile_fullgraph(fn, backend="inductor", mode=None, options=None):
+    """torch.compile as the compiled paths use it (llr.CompiledLLR too): one graph (fullgraph), static shapes (a
+    new batch size compiles once more instead of switching to dynamic shapes, which Inductor fails on here)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
+
+
+def inductor_options(model, backend="inductor", mode=None):
+    """For a model on the CPU, Inductor keeps the convolutions' memory layout: its channels-last
+    choice made mkldnn's convolutions slower (measured with bench.py on a 2-core CPU; our choice)."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return {"layout_optimization": False} if on_cpu and backend == "inductor" and mode is None else None
+
+
+def refuse_sync_batch_norm(model, what):
+    """Compiled code here does not all-reduce SyncBatchNorm's statistics: refuse a multi-process run."""
+    if any(llr._sync_group(m) is not None for m in model.modules()):
+        raise RuntimeError(f"{what} does not all-reduce SyncBatchNorm's statistics across processes: use the "
+                           f"eager path in a multi-process run")
+
+
 class CompiledLFR:
     """`lfr_loss` by compiled code (`llr.CompiledLLR`'s route: torch.func.grad traced by
     torch.compile, batch norm through `llr.CleanBatchStatistics`), with the same semantics: the
@@ -273,11 +486,12 @@ class CompiledLFR:
     normalise the pass on x_adv; the running statistics updated once, eagerly) and the flatness
     term, double-differentiated. Two compiled pieces: one search step, and the loss."""
 
-    def __init__(self, model, weight=1.0, steps=2, step_size=None, norm="linf", backend="inductor", mode=None):
+    def __init__(self, model, weight=1.0, steps=2, step_size=None, norm="linf", backend="inductor", mode=None,
+                 options=None):
         self.model, self.weight, self.steps, self.step_size, self.norm = model, weight, steps, step_size, norm
         self.clean = llr.CleanBatchStatistics(model)
-        self._ascend = llr.compile_fullgraph(self._search_step, model, backend, mode)
-        self._objective = llr.compile_fullgraph(self._loss, model, backend, mode)
+        self._ascend = compile_fullgraph(self._search_step, backend, mode, options)
+        self._objective = compile_fullgraph(self._loss, backend, mode, options)
 
     def _dual_norm_of_input_grad(self, x_adv, y):
         grad = torch.func.grad(lambda x_adv: F.cross_entropy(self.model(x_adv), y, reduction="sum"))(x_adv)
@@ -297,17 +511,17 @@ class CompiledLFR:
         return (loss + weight * flatness).mean(), logits, loss, flatness, statistics
 
     def __call__(self, x, y, eps, generator=None):
-        llr.refuse_sync_batch_norm(self.model, "CompiledLFR")
+        refuse_sync_batch_norm(self.model, "CompiledLFR")
         eps_t, step_t = (torch.as_tensor(v, dtype=x.dtype, device=x.device)
                          for v in (eps, _default_step(eps, self.steps, self.step_size)))
         x_adv = random_point(x, eps_t, generator, self.norm)
         with torch.no_grad(), _eval_mode(self.model):
             for _ in range(self.steps):
                 x_adv = self._ascend(x, y, x_adv, eps_t, step_t)
-        with self.clean.installed() as layers:
+        with self.clean.installed():
             total, logits, loss, flatness, statistics = self._objective(x, y, x_adv, eps_t,
                                                                         x.new_tensor(self.weight))
-            self.clean.update_running_stats(layers, statistics)
+            self.clean.update_running_stats(statistics)
         return total, {"logits": logits.detach(), "clean_loss": loss.detach(), "flatness": flatness.detach()}
 
 
@@ -318,11 +532,11 @@ class CompiledCURE:
     statistics, differentiated through (torch.func.grad traced by torch.compile). Two pieces, so
     that no running statistic is updated inside a graph that then reads it."""
 
-    def __init__(self, model, weight=0.8, h=0.6, norm="linf", backend="inductor", mode=None):
+    def __init__(self, model, weight=0.8, h=0.6, norm="linf", backend="inductor", mode=None, options=None):
         self.model, self.weight, self.h = model, weight, h
         self.clean = llr.CleanBatchStatistics(model)
-        self._clean_c = llr.compile_fullgraph(self._clean_pass, model, backend, mode)
-        self._curvature_c = llr.compile_fullgraph(self._curvature, model, backend, mode)
+        self._clean_c = compile_fullgraph(self._clean_pass, backend, mode, options)
+        self._curvature_c = compile_fullgraph(self._curvature, backend, mode, options)
 
     def _clean_pass(self, x, y):
         self.clean.record()
@@ -336,10 +550,10 @@ class CompiledCURE:
         return (input_grad(x + _cure_step(grad, h)) - grad).flatten(1).norm(dim=1)
 
     def __call__(self, x, y, eps, generator=None):
-        llr.refuse_sync_batch_norm(self.model, "CompiledCURE")
-        with self.clean.installed() as layers:
+        refuse_sync_batch_norm(self.model, "CompiledCURE")
+        with self.clean.installed():
             logits, loss, statistics = self._clean_c(x, y)
-            self.clean.update_running_stats(layers, statistics)
+            self.clean.update_running_stats(statistics)
         with _eval_mode(self.model):
             curvature = self._curvature_c(x, y, x.new_tensor(self.h))
         return (loss + self.weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
@@ -355,14 +569,17 @@ def compiled(method, model, options, norm="linf", backend="inductor", mode=None)
     CURE go through torch.func.grad, traced by torch.compile (their classes above); plain, ADV,
     TRADES and LIPSCHITZ run their own code on `torch.compile(model)` (no double backward). Build it
     once, after the model is on its device (and prepared by Accelerate): the first call compiles."""
+    inductor = inductor_options(model, backend, mode)
     if method in COMPILED:
-        return COMPILED[method](model, **options, norm=norm, backend=backend, mode=mode)
-    net = torch.compile(model, backend=backend, mode=mode, options=llr.inductor_options(model, backend, mode))
+        return COMPILED[method](model, **options, norm=norm, backend=backend, mode=mode, options=inductor)
+    net = torch.compile(model, backend=backend, mode=mode, options=inductor)
     return lambda x, y, eps, generator=None: METHODS[method](net, x, y, eps, generator=generator, norm=norm,
                                                               **options)
 
 
-TWICE_DIFFERENTIATED = tuple(COMPILED)  # through softplus: not through a lipconvnet's MaxMin and fast SOC
+# the methods whose loss holds an input gradient and is differentiated again (double backprop, through
+# softplus: not through a lipconvnet's MaxMin and fast SOC); those without a class in COMPILED cannot compile
+TWICE_DIFFERENTIATED = frozenset({"llr", "lfr", "cure", "gradalign"})
 
 
 def trains(method, arch):
@@ -375,5 +592,33 @@ def trains(method, arch):
 
 CHOICES = {"bn": ("eval", "train"), "optimizer": ("sign", "adam"), "loss": ("ce", "margin")}  # text options
 
+# a function fn(model, x, y, eps, *, generator, norm, **options) for a method without state across steps, a
+# BoundLoss class built as cls(model, *, norm, **options) for one with state (the flags come from either signature)
 METHODS = {"plain": plain_loss, "llr": llr.llr_loss, "adv": adv_loss, "trades": trades_loss,
-           "cure": cure_loss, "lfr": lfr_loss, "lipschitz": lipschitz_loss}
+           "cure": cure_loss, "lfr": lfr_loss, "lipschitz": lipschitz_loss,
+           "n-fgsm": nfgsm_loss, "gradalign": gradalign_loss, "elle": elle_loss, "elle-a": AdaptiveELLE}
+
+LINF_ONLY = frozenset({"n-fgsm", "gradalign", "elle", "elle-a"})  # their authors' code is ℓ∞ only
+
+
+def compilable(method):
+    """Whether `method` can run compiled: one differentiated twice needs its torch.func class in COMPILED
+    (torch.compile cannot trace autograd.grad(create_graph=True)); GradAlign has none."""
+    return method in COMPILED or method not in TWICE_DIFFERENTIATED
+
+
+def bind(method, model, options, norm="linf", compile=False, backend="inductor", mode=None):
+    """The training objective `method` with `options`, bound to `model` as a `BoundLoss`: the one
+    interface of the training loops and bench.py. A stateless method is its function wrapped (with
+    compile: `compiled`'s code); a method with state is its class, built on the model (with
+    compile: on torch.compile(model)). Build it once, after the model is on its device and prepared
+    by Accelerate. ValueError for a method that cannot run compiled."""
+    if compile and not compilable(method):
+        raise ValueError(f"--method {method} differentiates twice and has no compiled version (torch.compile "
+                         f"cannot trace its autograd.grad(create_graph=True)): train it without --compile")
+    fn = METHODS[method]
+    if isinstance(fn, type):
+        return fn(torch.compile(model, backend=backend, mode=mode) if compile else model, norm=norm, **options)
+    if compile:
+        return BoundLoss(compiled(method, model, options, norm, backend, mode))
+    return BoundLoss(lambda x, y, eps, generator=None: fn(model, x, y, eps, generator=generator, norm=norm, **options))

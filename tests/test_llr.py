@@ -103,11 +103,8 @@ def test_gamma_never_decreases_with_more_steps(tiny_net):
                           for k in range(12)])
     assert (gammas[1:] >= gammas[:-1]).all()
     assert (gammas[-1] > gammas[0]).any()
-    with llr.reuse_clean_batch_statistics(tiny_net):
-        _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=False)
-        last = torch.stack([llr._gap(tiny_net, x, y, llr._search_delta(
-            tiny_net, x, y, EPS, k, 0.1, clean_loss, grad, _seeded(3)), clean_loss, grad).detach()
-            for k in range(12)])
+    # g at the last iterate of the same search (llr_loss's γ)
+    last = torch.stack([llr.llr_loss(tiny_net, x, y, EPS, steps=k, generator=_seeded(3))[1]["gamma"] for k in range(12)])
     assert (last[1:] < last[:-1]).any()  # so the first assertion has something to catch
 
 
@@ -164,8 +161,9 @@ def test_weight_gradient_matches_finite_differences(tiny_net, train_mode):
     # far from the finite differences, so the agreement above is the double backprop's
     delta = llr.llr_loss(tiny_net, x, y, EPS, steps=0, generator=_seeded(7))[1]["delta"]
     with llr.reuse_clean_batch_statistics(tiny_net):
-        _, clean_loss, grad = llr._loss_and_input_grad(tiny_net, x, y, create_graph=True)
-        grad = grad.detach()
+        xr = x.clone().requires_grad_(True)
+        clean_loss = nn.functional.cross_entropy(tiny_net(xr), y, reduction="none")
+        (grad,) = torch.autograd.grad(clean_loss.sum(), xr, retain_graph=True)  # not differentiable: first order
         gamma = llr._gap(tiny_net, x, y, x + delta, clean_loss, grad)
     first_order_only = (clean_loss + 4.0 * gamma + 3.0 * llr._directional(delta, grad).abs()).mean()
     partial = torch.cat([g.flatten() for g in torch.autograd.grad(first_order_only, params)])
@@ -261,6 +259,18 @@ def test_bf16_autocast_agrees_with_float32():
     torch.testing.assert_close(results[True][1:], results[False][1:], rtol=0.1, atol=0)
 
 
+def test_under_autocast_every_pass_of_the_search_sees_its_iterate():
+    """γ is g at the δ it returns under bf16 autocast too, on a model whose first layer autocast casts x + δ
+    for: the search once updated its leaf x + δ in place, and autocast's cast cache fed the model the bf16
+    copy of the random start at every step."""
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    x, y = _data(8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gamma, delta = llr.local_linearity(model, x, y, EPS, steps=5, generator=_seeded())
+        torch.testing.assert_close(gamma, llr.linearity_gap(model, x, y, delta).detach(), rtol=1e-6, atol=0)
+
+
 def test_batch_norm_of_perturbed_passes_is_computed_in_float32():
     """Under autocast a batch-norm layer gets bf16 activations: the clean batch's statistics are
     applied in float32 and the result is cast to bf16 once."""
@@ -296,6 +306,55 @@ def test_llr_keeps_its_own_copy_of_the_ball_geometry():
     assert not torch.equal(ball.project(x_adv, x, 0.1), x_adv)  # the projection has work to do
     assert torch.equal(llr._project(x_adv, x, 0.1), ball.project(x_adv, x, 0.1))
     assert torch.equal(llr._random_start(x, 0.1, _seeded(5)), ball.random_point(x, 0.1, _seeded(5)))
+
+
+def test_adam_step_is_torch_optim_adams_bit_for_bit():
+    """The search's Adam step (shared by llr_loss, CompiledLLR and attacks.adam_step) is
+    torch.optim.Adam(maximize=True)'s, written out: the same numbers to the bit, float32 and float64, so
+    that the eager results did not change when the search stopped calling torch.optim."""
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(0)
+        x_adv = torch.rand(4, 3, 5, 5, generator=g, dtype=dtype)
+        reference = x_adv.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([reference], lr=0.1, eps=1e-9, maximize=True)
+        m, v = torch.zeros_like(x_adv), torch.zeros_like(x_adv)
+        for t in range(1, 6):
+            grad = torch.randn(x_adv.shape, generator=g, dtype=dtype) * 10.0 ** -t
+            reference.grad = grad.clone()
+            optimizer.step()
+            x_adv, m, v = llr._adam_step(x_adv, grad, m, v, *llr._adam_scalars(t, 0.1))
+            assert torch.equal(x_adv, reference.detach()), (dtype, t)
+
+
+def _bad_model(kind):
+    """A TinyConvNet that returns a tuple, an object, or logits of the wrong shape."""
+    class Bad(TinyConvNet):
+        def forward(self, x):
+            logits = super().forward(x)
+            return {"tuple": (logits, x), "object": {"logits": logits}, "shape": logits[:, :, None]}[kind]
+    return Bad().double()
+
+
+@pytest.mark.parametrize("kind", ["tuple", "object", "shape"])
+def test_a_model_that_does_not_return_logits_is_refused_in_one_line(kind):
+    x, y = _data(4)
+    for call in (lambda m: llr.llr_loss(m, x, y, EPS, steps=1), lambda m: llr.local_linearity(m, x, y, EPS, steps=1),
+                 lambda m: llr.linearity_gap(m, x, y, torch.zeros_like(x))):
+        with pytest.raises(ValueError, match=r"the model must return logits \[B, K\] for B = 4 images") as caught:
+            call(_bad_model(kind))
+        assert "\n" not in str(caught.value)
+
+
+def test_bad_labels_and_images_that_require_grad_are_refused_in_one_line(tiny_net):
+    x, y = _data(4)
+    for bad in (y[:3], y[:, None], torch.zeros(4, 3)):
+        with pytest.raises(ValueError, match=r"labels y must be \[B\] = \[4\] for images x \[4, 3, 4, 4\]"):
+            llr.llr_loss(tiny_net, x, bad, EPS, steps=1)
+    for fn in (llr.llr_loss, llr.local_linearity):
+        with pytest.raises(ValueError, match="images x must not require grad .* pass x.detach()"):
+            fn(tiny_net, x.clone().requires_grad_(True), y, EPS, steps=1)
+        with pytest.raises(ValueError, match="images x must not require grad"):
+            fn(tiny_net, x.clone().requires_grad_(True) * 1.0, y, EPS, steps=1)
 
 
 def test_l2_ball():
