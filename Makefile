@@ -15,7 +15,7 @@ LAUNCH     = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/accelerate launch --num_pr
 
 CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro l2-compare gpu-report positive-control
+.PHONY: install install-extras test cifar cifar-quick eval bench cpu-repro l2-compare gpu-report positive-control co-bench
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ gpu-report: install install-extras  ## everything owed to a GPU, in resumable st
 	$(PY) -m experiments.gpu_report $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))
 
 positive-control: install install-extras data/cifar10-jpeg/train  ## can this pipeline overfit catastrophically? GradAlign's CNN, ~35 min on 2 cores
-	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation relu & \
-	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation softplus; wait
+	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation relu & relu=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation softplus; softplus=$$?; \
+	wait $$relu && exit $$softplus
 	$(PY) -m experiments.positive_control --only report
+
+co-bench: install install-extras data/cifar10-jpeg/train  ## LLR against the methods that claim to prevent catastrophic overfitting: <= 10 h on 2 cores, resumable
+	for stage in explore train eval; do \
+	  OMP_NUM_THREADS=1 $(PY) -m experiments.co_bench --only $$stage --worker 0/2 & first=$$!; \
+	  OMP_NUM_THREADS=1 $(PY) -m experiments.co_bench --only $$stage --worker 1/2; second=$$?; \
+	  wait $$first && [ $$second = 0 ] || exit 1; \
+	done
+	OMP_NUM_THREADS=1 $(PY) -m experiments.co_bench --only bench
+	$(PY) -m experiments.co_bench --only report

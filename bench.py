@@ -17,10 +17,13 @@ With --compile every method is also timed compiled (`methods.compiled`: LLR, LFR
 torch.func traced by torch.compile, the others on torch.compile(model)), as `<name>+compiled`, in
 the same interleaved rounds: its ratio to plain is to plain+compiled (the same mode), its
 `ratio_to_eager` to its eager twin, and `first_call_s` (the first warm-up step) is the compile time.
+GradAlign differentiates twice and has no compiled version (`methods.compilable`): it is timed eager only.
 """
+import inspect
 import json
 import os
 import random
+import re
 import statistics
 import time
 
@@ -30,7 +33,7 @@ import cli
 import methods
 import models
 
-# name: (method, options); "llr-2" is LLR with 2 inner steps, and so on
+# name: (method, options); "llr-2" is LLR with 2 inner steps, and so on (`variant` reads any other step count)
 VARIANTS = {
     "plain": ("plain", {}),
     "llr-1": ("llr", {"steps": 1}), "llr-2": ("llr", {"steps": 2}), "llr-8": ("llr", {"steps": 8}),
@@ -39,14 +42,30 @@ VARIANTS = {
     "trades-10": ("trades", {"steps": 10}),
     "cure": ("cure", {}),
     "lfr": ("lfr", {}),
+    "n-fgsm": ("n-fgsm", {}), "gradalign": ("gradalign", {}), "elle": ("elle", {}), "elle-a": ("elle-a", {}),
     "lipschitz": ("lipschitz", {}),  # a lipconvnet's training with the fast SOC gradient (soc.py) ...
     "lipschitz-exact": ("lipschitz", {"fast_gradient": False}),  # ... and with autograd's exact one
 }
 
 
+STEPPED = [m for m, fn in methods.METHODS.items() if "steps" in inspect.signature(fn).parameters]  # llr, adv, ...
+NAMES = f"{', '.join(VARIANTS)}, or {', '.join(m + '-<k>' for m in STEPPED)} for k >= 1 steps"
+
+
+def variant(name):
+    """(method, options) of a variant name: one of VARIANTS, or `<method>-<k>` for a method with a
+    `steps` option and any k >= 1 (llr-10: LLR with the authors' 10 search steps)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    stepped = re.fullmatch(r"([a-z]+)-([1-9][0-9]*)", name)
+    if stepped and stepped[1] in STEPPED:
+        return stepped[1], {"steps": int(stepped[2])}
+    raise SystemExit(f"bench.py: error: unknown method {name!r}; choose from {NAMES}")
+
+
 def suited(name, arch):
     """Whether the variant `name` can train the model `arch` (methods.trains)."""
-    return methods.trains(VARIANTS[name][0], arch)
+    return methods.trains(variant(name)[0], arch)
 
 
 COMPILED = "+compiled"  # the suffix of a method's compiled twin
@@ -59,10 +78,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128 if cuda else 32, help="images per step")
     p.add_argument("--image-size", type=int, default=32, help="side of the random square images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the model")
-    p.add_argument("--methods", help=f"comma-separated, from {', '.join(VARIANTS)} (unset: those suited to --arch; "
-                                      f"lipschitz* for a lipconvnet, llr, cure and lfr for the others)")
+    p.add_argument("--methods", help=f"comma-separated, from {NAMES} (unset: those listed that suit --arch; "
+                                      f"lipschitz* for a lipconvnet, all the others for the others)")
     p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps of each method first")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1,
+                   help="untimed steps of each method first, at least 1 (a first step pays one-off costs: allocation, "
+                        "kernel choice, lazy imports; compiling takes 2 whatever is given)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPU for a check)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     p.add_argument("--fused-optimizer", action="store_true", help="SGD's fused implementation (one kernel)")
@@ -85,8 +106,9 @@ def _sync(device):
 
 
 def make_step(args, device):
-    """A function running one full training step of a named variant (`<name>+compiled`: compiled
-    by `methods.compiled`, on first use); peak memory is tracked per call."""
+    """A function running one full training step of a named variant, through the interface the
+    training loops use (`methods.bind`, built on first use; `<name>+compiled`: compiled): the loss,
+    backward, the optimiser step and the method's update after it (ELLE-A's λ)."""
     torch.manual_seed(args.seed)
     model = models.build_model(args.arch, num_classes=args.num_classes,
                                normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
@@ -98,22 +120,20 @@ def make_step(args, device):
     x = x.to(device).contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    compiled = {}
-
-    def loss(name):
-        method, options = VARIANTS[name.removesuffix(COMPILED)]
-        if not name.endswith(COMPILED):
-            return methods.METHODS[method](model, x, y, 8 / 255, generator=generator, **options)
-        if name not in compiled:
-            compiled[name] = methods.compiled(method, model, options, backend=args.compile_backend)
-        return compiled[name](x, y, 8 / 255, generator=generator)
+    bound = {}
 
     def step(name):
+        if name not in bound:
+            method, options = variant(name.removesuffix(COMPILED))
+            bound[name] = methods.bind(method, model, options, compile=name.endswith(COMPILED),
+                                       backend=args.compile_backend)
+        loss_fn = bound[name]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            value, _ = loss(name)
+            value, _ = loss_fn(x, y, 8 / 255, generator)
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_fn.after_optimizer_step()
 
     return step
 
@@ -132,20 +152,18 @@ def run(args):
     device = torch.device(args.device)
     names = ([n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else
              [n for n in VARIANTS if suited(n, args.arch)])
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"bench.py: error: unknown method {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     unsuited = [n for n in names if not suited(n, args.arch)]
     if unsuited:
         raise SystemExit(f"bench.py: error: {unsuited[0]} cannot train {args.arch} (lipschitz* train a lipconvnet; "
-                         f"llr, cure and lfr differentiate twice through softplus, which a lipconvnet has not)")
-    for flag in ("batch_size", "image_size", "num_classes", "rounds"):
+                         f"{', '.join(sorted(methods.TWICE_DIFFERENTIATED))} differentiate twice through softplus, "
+                         f"which a lipconvnet has not)")
+    for flag in ("batch_size", "image_size", "num_classes", "rounds", "warmup"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"bench.py: error: --{flag.replace('_', '-')} must be at least 1")
     if "plain" not in names:
         names.insert(0, "plain")  # the reference of every ratio
     if args.compile:
-        names += [n + COMPILED for n in names]
+        names += [n + COMPILED for n in names if methods.compilable(variant(n)[0])]
     step = make_step(args, device)
     times = {n: [] for n in names}
     peak, first_call = {}, {}
@@ -193,7 +211,7 @@ def run(args):
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     print(f"{describe_setting(args, device_name)}; median of {args.rounds} interleaved steps")
     print(f"{'method':21s}{'ms/step':>10s}{'q1-q3':>17s}{'min':>9s}{'images/s':>11s}{'x plain':>9s}"
-          f"{'(minima)':>10s}{'peak GiB':>10s}{'x eager':>9s}{'compile s':>11s}")
+          f"{'(minima)':>10s}{'peak GiB':>10s}" + (f"{'x eager':>9s}{'compile s':>11s}" if args.compile else ""))
     for name, r in results.items():
         memory = f"{r['peak_memory_gib']:10.2f}" if r["peak_memory_gib"] is not None else f"{'-':>10s}"
         compiled = (f"{r['ratio_to_eager']:9.2f}{r['first_call_s']:11.1f}" if "ratio_to_eager" in r else "")

@@ -36,7 +36,8 @@ def cifar10_class_count(data_dir):
 
 
 def load_cifar10(data_dir, split, download=False):
-    """CIFAR-10's `split` ("train" or "test") as (uint8 images [N, 3, 32, 32], int64 labels [N], class names)."""
+    """CIFAR-10's `split` ("train" or "test") as (uint8 images [N, 3, H, W], int64 labels [N], class names):
+    32 x 32 for CIFAR-10; an ImageFolder tree of RGB images of another size is read at its size (`describe`)."""
     if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):
         folders = [os.path.join(data_dir, s) for s in ("train", "test") if os.path.isdir(os.path.join(data_dir, s))]
         class_lists = {f: sorted(d for d in os.listdir(f) if os.path.isdir(os.path.join(f, d))) for f in folders}
@@ -57,8 +58,9 @@ def load_cifar10(data_dir, split, download=False):
 
 
 def load_image_folder(folder):
-    """Every image of an ImageFolder tree `folder/<class>/*`, decoded to uint8 RGB, all of one size,
-    in a fixed random order (seed 0). Returns (images [N, 3, H, W], labels [N], class names)."""
+    """Every image of an ImageFolder tree `folder/<class>/*`, all RGB and of one size, in a fixed random
+    order (seed 0). Returns (uint8 images [N, 3, H, W], labels [N], class names). Other modes are refused:
+    converting grayscale to RGB would change the input, and the ε-ball, without a word."""
     import numpy as np
     from PIL import Image
 
@@ -67,15 +69,26 @@ def load_image_folder(folder):
     for path in files:
         try:
             with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB")))
+                mode, (width, height) = image.mode, image.size
+                images.append(np.asarray(image))
         except OSError as e:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot decode {path} ({e})") from None
+        if mode != "RGB":
+            raise DataError(f"{path} is a {mode} image of {width}x{height} px; expected RGB (CIFAR-10: RGB 32x32): "
+                            f"a silent conversion would change the input and its ε-ball, so convert the folder first "
+                            f"if that is what you mean")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise DataError(f"images in {folder} differ in size ({sorted(sizes)[:3]} ...); this loader needs one size")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images[order], torch.tensor(labels)[order], classes
+
+
+def describe(images, classes):
+    """What a loaded image set is, for a run's header and JSON: {"channels": C, "size": [H, W], "classes": K}
+    (CIFAR-10: 3, [32, 32], 10; an ImageFolder tree of RGB images of another size loads at its size)."""
+    return {"channels": images.shape[1], "size": list(images.shape[2:]), "classes": len(classes)}
 
 
 def _list_image_folder(folder):
@@ -126,13 +139,19 @@ def indices_digest(indices):
     return hashlib.sha256(torch.as_tensor(indices, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
+PAD_MODES = {"reflect": "reflect", "zeros": "constant"}  # crop_and_flip's mode -> F.pad's
+
+
 def crop_and_flip(images, padding=4, generator=None, mode="reflect"):
-    """Standard CIFAR augmentation on the device for a batch [B, C, H, W]: reflect-pad by
-    `padding` (the authors' `datasets.py`; mode="constant": zeros, as torchvision's RandomCrop),
-    take a random H x W crop, flip half the batch."""
+    """Standard CIFAR augmentation on the device for a batch [B, C, H, W]: pad by `padding`, take
+    a random H x W crop, flip half the batch. mode "reflect": mirror the border (the LLR authors'
+    `datasets.py`); "zeros": black pixels (torchvision's RandomCrop(32, padding=4), as GradAlign's
+    data.py, fast_adversarial, N-FGSM and ELLE)."""
+    if mode not in PAD_MODES:
+        raise ValueError(f"unknown padding mode {mode!r}; choose from {', '.join(PAD_MODES)}")
     b, _, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding,) * 4, mode=mode)
+    padded = F.pad(images, (padding,) * 4, mode=PAD_MODES[mode])
     top = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (b, 1, 1), generator=generator, device=device)
     rows = (top + torch.arange(h, device=device).view(1, h, 1)).expand(b, h, w)  # [B, H, W]

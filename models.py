@@ -2,16 +2,19 @@
 
 Every model takes images in [0, 1] and normalises them inside `forward` (the
 RobustBench convention), so ε is in pixel units everywhere and any attack library
-can be pointed at it. LLR differentiates through the input gradient, which needs
-a smooth activation: softplus is the default; relu is there for comparisons.
+can be pointed at it; GradAlign's CNN (cnn-*) uses the raw pixels, as theirs. LLR
+differentiates through the input gradient, which needs a smooth activation:
+softplus is the default; relu is there for comparisons.
 
     model = build_model("wrn-28-8", num_classes=10)            # paper's CIFAR-10 model
     model = build_model("resnet152", num_classes=1000, normalization="imagenet")
     model = build_model("lipconvnet-5-lln")                    # 1-Lipschitz, certifiable (soc.py)
+    model = build_model("cnn-1x4", activation="relu")          # GradAlign's CNN: raw pixels, no normalisation
     save_checkpoint(model, "run/last.safetensors", epoch=3)
     model = load_checkpoint("run/last.safetensors")            # eval mode, [0, 1] inputs
 """
 import json
+import math
 import os
 import re
 
@@ -23,10 +26,12 @@ import soc
 NORMALIZATION = {  # per-channel (mean, std) of the training images
     "cifar10": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),  # authors' datasets.py
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # raw [0, 1] pixels: (x - 0) / 1 is x exactly
 }
 ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
 ARCHITECTURES = ("wrn-<depth>-<width> (e.g. wrn-28-8, wrn-40-8, wrn-34-10), preact-resnet18, resnet18, resnet50, "
-                 "resnet152, lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] (soc.py; e.g. "
+                 "resnet152, cnn-<layers>x<filters> (GradAlign's CIFAR-10 CNN, no input normalisation; e.g. cnn-1x4), "
+                 "lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] (soc.py; e.g. "
                  "lipconvnet-5-lln)")
 
 
@@ -50,7 +55,8 @@ class ImageClassifier(nn.Module):
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al. 2016b): BN-act-conv3x3, BN-act-conv3x3, plus
     the input, or a 1x1 projection of the first activation when the shape changes
-    (as the authors' `wide_resnet.py` and fast_adversarial's `PreActBlock`)."""
+    (as the authors' `wide_resnet.py` and ELLE's `PreActBlock`; fast_adversarial's, N-FGSM's
+    and GradAlign's project the block's input instead)."""
 
     def __init__(self, in_channels, out_channels, stride, activation):
         super().__init__()
@@ -97,6 +103,31 @@ class PreActResNet(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+class CNN(nn.Module):
+    """GradAlign's CNN (Andriushchenko & Flammarion 2020; their models.py:66-80, trained on raw [0, 1]
+    pixels): `layers` 3x3 convolutions of `filters` channels (stride 1, padding 1, with bias), each
+    followed by the activation, then one linear layer on the flattened filters·size·size features.
+    Initialised as their utils.py:317-330 `initialize_weights`: conv weights N(0, 2/(3·3·filters)),
+    linear weights N(0, 2/fan-in), biases 0, drawn in their order (convolutions, then linear), so a
+    seed gives their weights. Their Fig. 11 model (README: --n_layers=1 --n_filters_cnn=4) is cnn-1x4."""
+
+    def __init__(self, layers, filters, num_classes, activation, size=32):
+        super().__init__()
+        convs = []
+        for i in range(layers):
+            convs += [nn.Conv2d(3 if i == 0 else filters, filters, 3, padding=1), activation()]
+        self.features = nn.Sequential(*convs)
+        self.fc = nn.Linear(filters * size * size, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):  # their fan: k·k·out for a conv, in for a linear layer
+                fan = 9 * m.out_channels if isinstance(m, nn.Conv2d) else m.in_features
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # [B, 3, 32, 32] -> [B, K]
+        return self.fc(self.features(x).flatten(1))
+
+
 def _torchvision_resnet(name, num_classes, activation):
     """torchvision's ResNet layout (bottlenecks, 7x7 stem) with every ReLU swapped."""
     import torchvision
@@ -112,7 +143,9 @@ def _torchvision_resnet(name, num_classes, activation):
 def build_model(name, num_classes=10, activation="softplus", normalization="cifar10"):
     """The classifier called `name` (see ARCHITECTURES), taking [0, 1] images.
 
-    normalization: the dataset whose mean and std the model subtracts and divides by.
+    normalization: the dataset whose mean and std the model subtracts and divides by. GradAlign's
+    cnn-* family takes raw pixels, as theirs: its normalization is "none" whatever is asked, and
+    its input is CIFAR's 32 x 32 (ImageNet's is refused).
     """
     if normalization not in NORMALIZATION:
         raise ValueError(f"unknown normalization {normalization!r}; choose from {', '.join(NORMALIZATION)}")
@@ -125,8 +158,13 @@ def build_model(name, num_classes=10, activation="softplus", normalization="cifa
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
-    wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
-    if wrn:
+    wrn, cnn = re.fullmatch(r"wrn-(\d+)-(\d+)", name), re.fullmatch(r"cnn-(\d+)x(\d+)", name)
+    if cnn:
+        if int(cnn[1]) < 1 or int(cnn[2]) < 1 or normalization == "imagenet":
+            raise ValueError(f"{name}: GradAlign's CNN takes 32 x 32 CIFAR images with at least 1 layer of at least "
+                             f"1 filter (e.g. cnn-1x4)")
+        net, normalization = CNN(int(cnn[1]), int(cnn[2]), num_classes, act), "none"
+    elif wrn:
         depth, width = int(wrn[1]), int(wrn[2])
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"{name}: a Wide-ResNet's depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...)")

@@ -12,12 +12,12 @@ number of devices by gradient accumulation: per-device batch × processes × acc
 The method functions, the run directory and the checkpoint format are those of train_cifar.py
 (training.py holds what both share): config.json, log.jsonl, last/best.safetensors (best is
 chosen on --val-n training images held out from training) and state.pt; --resume continues
-exactly; SIGTERM stops at the next log step with a checkpoint.
+exactly; SIGTERM or Ctrl-C stops after the current step with a checkpoint and exit status 143
+or 130.
 Batch norm is synchronised across GPUs (nn.SyncBatchNorm; llr.py makes it twice
 differentiable); the data order and each image's augmentation are functions of
 (seed, epoch, index), so a resumed run reads exactly the images an uninterrupted one would.
 """
-import functools
 import os
 import signal
 import sys
@@ -27,7 +27,6 @@ import torch
 import ball
 import cli
 import data
-import methods
 import models
 import training
 from cli import number
@@ -46,7 +45,9 @@ def get_args(argv=None):
     g.add_argument("--arch", default="resnet152", help=f"one of {models.ARCHITECTURES} (paper: resnet152)")
     g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
                    help="softplus: smooth, needed by double backprop")
-    g.add_argument("--eps", default="4", help="ℓ∞ radius: 4 means 4/255, as does 4/255 (paper: 4 or 16)")
+    g.add_argument("--eps", default="4",
+                   help="the radius, in pixel units: ℓ∞: 4 means 4/255, as does 4/255 (paper: 4 or 16); with --norm "
+                        "l2 every number is in pixel units (ball.parse_eps)")
     g.add_argument("--eps-warmup", type=number, default=None, metavar="EPOCHS",
                    help="ε grows linearly from 0 over this many epochs (default: 6 for LLR, our choice, the lr "
                         "warm-up's length; 0 for the other methods)")
@@ -64,7 +65,10 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=number, default=0.9, help="Xie et al.")
     g.add_argument("--weight-decay", type=number, default=1e-4, help="on conv and linear weights only (Xie et al.)")
     training.add_run_arguments(p, "imagenet", val_n=10000)
-    p.set_defaults(llr_steps=None, save_every=200, log_every=20)
+    p.set_defaults(save_every=200, log_every=20)
+    llr_steps = next(a for a in p._actions if a.dest == "llr_steps")  # its default depends on --eps
+    llr_steps.default = None
+    llr_steps.help = "steps of llr_loss (unset: 2 at --eps 4/255 or less, 10 above: the paper's)"
     args = training.parse_or_resume(p, argv, "imagenet", llr_eps_warmup=6.0)
     if args.data_dir is None:
         p.error("--data-dir is required (ImageNet as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
@@ -142,74 +146,92 @@ class FolderBatches:
                 for x, y in (next(self.iterator) for _ in range(self.accumulation))]
 
 
+def check_val_folder(data_dir):
+    """eval.py reads ImageNet's validation images as val/<wnid>/*.JPEG: a val/ that holds its images
+    directly (as ImageNet distributes them) is refused at start-up, not found after training."""
+    val = os.path.join(data_dir, "val")
+    if os.path.isdir(val):
+        with os.scandir(val) as entries:
+            flat = not any(e.is_dir() for e in entries)
+        cli.require(not flat, f"{val} holds no class folders (a flat ImageNet validation folder?); eval.py reads "
+                              f"val/<wnid>/*.JPEG, the layout of train/: sort the images into class folders first")
+
+
 def main(argv=None):
+    """The command line (`argv`: sys.argv[1:] when None). Returns the exit status: 0, or after a
+    stop by SIGTERM or Ctrl-C, with its checkpoint written, 143 or 130 (128 + the signal)."""
     from accelerate import Accelerator
 
     args = get_args(argv)
     accelerator = Accelerator()
     processes = accelerator.num_processes
-    try:  # everything that can fail because of the user's input, before any training
-        eps = ball.parse_eps(args.eps, args.norm)
-        args.lr = args.lr_per_256 * args.batch_size / 256
-        training.check_run_args(args)
-        for flag in ("per_device_batch", "image_size"):
-            cli.require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
-        cli.require(args.workers >= 0, f"--workers must not be negative, got {args.workers}")
-        accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
-        cli.require(rest == 0 and accumulation >= 1, f"--batch-size {args.batch_size} is not a multiple of "
-                                                     f"--per-device-batch {args.per_device_batch} x {processes} processes")
-        accelerator.gradient_accumulation_steps = accumulation
-        models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
-        training.check_compile(args, accelerator)
-        training.claim_run_dir(args, accelerator)
-        finished = training.finished_run(args)
-        if finished:
-            accelerator.print(finished)
-            return
-        train_folder = os.path.join(args.data_dir, "train")
-        train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
-        train_indices, holdout_indices = data.holdout_split(len(train_set), args.val_n)
-        holdout = data.load_folder_images(train_folder, holdout_indices, args.image_size, args.workers)
-        spread = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(0))[:args.gamma_n]
-        gamma_subset = data.load_folder_images(train_folder, train_indices[spread], args.image_size, args.workers)
-        steps_per_epoch = len(train_indices) // args.batch_size
-        cli.require(steps_per_epoch > 0,
-                    f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
-        torch.manual_seed(args.seed)
-        model = models.build_model(args.arch, num_classes=len(train_set.folder.classes), activation=args.activation,
-                                   normalization="imagenet")
-    except (ValueError, OSError, data.DataError) as e:
-        sys.exit(f"train_imagenet.py: error: {e}")
-    training.warn_if_cpu_is_too_slow(model, accelerator, "train_cifar.py with a small model (make cpu-repro)")
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
-    device = accelerator.device
-    batches = FolderBatches(train_set, train_indices, args, accelerator, steps_per_epoch, accumulation)
-    train(args, accelerator, model, eps, batches, steps_per_epoch, holdout=tuple(t.to(device) for t in holdout),
-          selection=training.selection_record("imagenet", len(train_set), holdout_indices, args),
-          gamma_subset=tuple(t.to(device) for t in gamma_subset), classes=train_set.folder.classes)
+    try:
+        try:  # everything that can fail because of the user's input, before any training
+            eps = ball.parse_eps(args.eps, args.norm)
+            args.lr = args.lr_per_256 * args.batch_size / 256
+            training.check_run_args(args)
+            for flag in ("per_device_batch", "image_size"):
+                cli.require(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
+            cli.require(args.workers >= 0, f"--workers must not be negative, got {args.workers}")
+            accumulation, rest = divmod(args.batch_size, args.per_device_batch * processes)
+            cli.require(rest == 0 and accumulation >= 1, f"--batch-size {args.batch_size} is not a multiple of "
+                                                         f"--per-device-batch {args.per_device_batch} x {processes} "
+                                                         f"processes")
+            accelerator.gradient_accumulation_steps = accumulation
+            models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
+            training.check_compile(args, accelerator)
+            check_val_folder(args.data_dir)
+            training.claim_run_dir(args, accelerator)
+            finished = training.finished_run(args)
+            if finished:
+                accelerator.print(finished)
+                return 0
+            train_folder = os.path.join(args.data_dir, "train")
+            train_set = SeededFolder(train_folder, data.imagenet_transform(True, args.image_size))
+            train_indices, holdout_indices = data.holdout_split(len(train_set), args.val_n)
+            holdout = data.load_folder_images(train_folder, holdout_indices, args.image_size, args.workers)
+            spread = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(0))[:args.gamma_n]
+            gamma_subset = data.load_folder_images(train_folder, train_indices[spread], args.image_size, args.workers)
+            steps_per_epoch = len(train_indices) // args.batch_size
+            cli.require(steps_per_epoch > 0,
+                        f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
+            torch.manual_seed(args.seed)
+            model = models.build_model(args.arch, num_classes=len(train_set.folder.classes),
+                                       activation=args.activation, normalization="imagenet")
+        except (ValueError, OSError, data.DataError) as e:
+            sys.exit(f"train_imagenet.py: error: {e}")
+        training.warn_if_cpu_is_too_slow(model, accelerator, "train_cifar.py with a small model (make cpu-repro)")
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and not args.no_sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
+        device = accelerator.device
+        batches = FolderBatches(train_set, train_indices, args, accelerator, steps_per_epoch, accumulation)
+        return train(args, accelerator, model, eps, batches, steps_per_epoch,
+                     holdout=tuple(t.to(device) for t in holdout),
+                     selection=training.selection_record("imagenet", len(train_set), holdout_indices, args),
+                     gamma_subset=tuple(t.to(device) for t in gamma_subset), classes=train_set.folder.classes)
+    finally:
+        training.release_run_dir(args)  # the lock; and the directory, if a failed start left it empty
 
 
 def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, selection, gamma_subset, classes):
     """The training loop: `batches(step)` gives this process's micro-batches of optimiser step
     `step`; gradients are accumulated over them. `holdout` (the training images held out, evaluated
     after each epoch to choose best.safetensors) and `gamma_subset` (for γ, Fig. 2) are (uint8
-    images, labels) on the device."""
-    device = accelerator.device
-    options = training.method_options(args)
-    evaluate = None if args.val_n == 0 else functools.partial(
-        training.evaluate, images=holdout[0], labels=holdout[1], eps=eps, args=args, accelerator=accelerator)
-    metadata = {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
-                "image_size": args.image_size, "method": args.method, "options": options, "eps": eps, "norm": args.norm}
-    run = training.Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
-    step, model, optimizer = run.prepare(
+    images, labels) on the device. Returns the exit status: 0, or 128 + the signal that stopped
+    the run (with a checkpoint)."""
+    device, main = accelerator.device, accelerator.is_main_process
+    run = training.Run(args, accelerator, steps_per_epoch, eps,
+                       {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                        "image_size": args.image_size})
+    step, best, model, optimizer, loss_fn = run.prepare(
         model, training.make_optimizer(model, args),
         f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, "
         f"{run.total_steps} steps of "
         f"{args.batch_size} images in {accelerator.gradient_accumulation_steps} micro-batches per process"
         f"{', compiled' if args.compile else ''}")
-    loss_fn = training.loss_function(args, model)
-    with run.progress(step):
+    unwrapped = accelerator.unwrap_model(model)  # what is evaluated and saved
+    metrics = training.IntervalMetrics(device, images=args.per_device_batch * accelerator.num_processes)
+    with training.StopRequest(step + 1, run.total_steps, announce=main) as stop, run.progress(step) as bar:
         while step < run.total_steps:
             lr, eps_now = run.schedule(step, optimizer)
             for micro, (x, y) in enumerate(batches(step)):
@@ -221,11 +243,37 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
                     training.clip_gradients(args, accelerator, model)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                run.record(loss, info, y)
+                metrics.add(loss, info, y)
+            loss_fn.after_optimizer_step()  # once per optimiser step: a method's state (ELLE-A's λ)
             step += 1
-            if run.end_of_step(step, model, optimizer, lr, eps_now):
-                return
+            bar.update(1)
+
+            # the policy: when to measure γ, log, evaluate, keep the best, save and stop (alike on every process)
+            if args.log_gamma_every and step % args.log_gamma_every == 0:  # Fig. 2, on training images
+                run.log_gamma(step, unwrapped, *gamma_subset)
+            stop_now, by_clock = run.stop_and_clock(stop, step)  # a SIGTERM or Ctrl-C; --save-minutes
+            end_of_epoch = step % steps_per_epoch == 0
+            save = (end_of_epoch or step == run.total_steps or by_clock or stop_now
+                    or (args.save_every and step % args.save_every == 0))
+            if step % args.log_every and not save:
+                continue
+            if metrics.nonfinite(accelerator):  # NaN or inf: stop, keeping the last good checkpoint
+                run.exit_nonfinite(step, metrics.count)
+            run.log_train(step, metrics, bar, lr=lr, eps=eps_now)
+            if args.val_n and not stop_now and (step == run.total_steps or (
+                    end_of_epoch and (step // steps_per_epoch) % args.eval_every == 0)):
+                result = run.evaluate(step, unwrapped, *holdout)  # logged and printed
+                if result["val_pgd_acc"] > best:  # the strong attack's accuracy chooses best.safetensors
+                    best = result["val_pgd_acc"]
+                    run.save_best(step, unwrapped, {**result, "selection": selection})
+            if save:
+                run.save(step, unwrapped, optimizer, loss_fn, best)
+            if stop_now:
+                return run.stopped(step, stop)
+            metrics.start_clock()  # evaluating and saving are not training
+    run.done(best if args.val_n else None, selection["metric"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

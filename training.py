@@ -1,7 +1,9 @@
 """What the two training scripts share, so that each can hold only its own experiment and loop:
 the command-line flags of the methods and of a run, the learning-rate and ε schedules, seeded
-random streams, the run directory (config, log, checkpoints, resume), stop signals, the metrics of
-a log interval, and the evaluation and γ measurement during training.
+random streams, the run directory (config, log, checkpoints, resume, lock), stop signals, the
+metrics of a log interval, and the evaluation and γ measurement during training. These are
+mechanics; the policy (when to log, evaluate and save, which checkpoint is best, what a NaN or
+a stop does) is written out in each script's loop.
 
 A run directory holds config.json (arguments, command, versions, device, git commit), log.jsonl
 (one JSON object per log interval, evaluation and γ measurement), last.safetensors and
@@ -15,6 +17,7 @@ import fcntl
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +37,8 @@ from cli import boolean, fractions_of_training, number, require
 
 STATE = "state.pt"
 LOCK = "lock"  # held by the training process that writes the run directory
+CYCLIC_CLOCK = {"cyclic": 0, "cyclic-gradalign": 1}  # the step s of a one-cycle schedule reads it at (s + this)/steps
+CYCLIC_PEAK = 0.5  # --lr-peak: CyclicLR's half-way peak (train_fgsm.py)
 RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", STATE)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # pre-emption by a scheduler, Ctrl-C
 # flags that may change when a run is resumed (the rest are the run's setting, fixed in config.json)
@@ -51,7 +56,7 @@ def add_method_options(parser):
         for p in inspect.signature(fn).parameters.values():
             if p.default is p.empty or p.name in ("generator", "norm"):
                 continue
-            flag, dest = f"--{name}-{p.name.replace('_', '-')}", f"{name}_{p.name}"
+            flag, dest = f"--{name}-{p.name.replace('_', '-')}", _option_dest(name, p.name)
             helped = f"{p.name} of {fn.__name__}" + (" (unset: its own rule)" if p.default is None else "")
             if isinstance(p.default, str):  # a text option: one of methods.CHOICES
                 group.add_argument(flag, default=p.default, dest=dest, choices=methods.CHOICES[p.name], help=helped)
@@ -64,8 +69,13 @@ def add_method_options(parser):
 def method_options(args):
     """The keyword options of the chosen method, read back from the generated flags."""
     fn = methods.METHODS[args.method]
-    return {p.name: getattr(args, f"{args.method}_{p.name}") for p in inspect.signature(fn).parameters.values()
+    return {p.name: getattr(args, _option_dest(args.method, p.name)) for p in inspect.signature(fn).parameters.values()
             if p.default is not p.empty and p.name not in ("generator", "norm")}
+
+
+def _option_dest(method, option):
+    """The attribute of a method's option: elle-a's lambda_max is args.elle_a_lambda_max."""
+    return f"{method.replace('-', '_')}_{option}"
 
 
 def add_run_arguments(parser, out_prefix, val_n):
@@ -81,6 +91,27 @@ def add_run_arguments(parser, out_prefix, val_n):
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
                    help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
                         "the evaluation after each epoch (every method); the paper's is linf")
+    g = parser.add_argument_group("optimiser and learning-rate schedule (the rate, momentum, weight decay: above)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="sgd: SGD with --momentum (the LLR authors', and the CO literature's for PreAct ResNet-18); "
+                        "adam: torch's Adam, β1 = --momentum, β2 = 0.999 (torch's defaults at 0.9), weight decay "
+                        "added to the gradient (L2, not AdamW): GradAlign's CNN runs, their train.py:96")
+    g.add_argument("--weight-decay-on", default="weights", choices=["weights", "all"],
+                   help="the parameters --weight-decay applies to: weights: conv and linear weights, not biases or "
+                        "batch norm (the LLR authors' config, Xie et al.); all: every parameter, as the CO literature "
+                        "passes model.parameters() to torch (GradAlign train.py:94-98, fast_adversarial "
+                        "CIFAR10/train_fgsm.py:75, N-FGSM train.py:175, ELLE core/utils/train.py:92)")
+    g.add_argument("--lr-schedule", default="step", choices=["step", *CYCLIC_CLOCK],
+                   help="step: warm-up (--lr-warmup), then ÷10 at --lr-decay-at. One cycle, linear from 0 up to --lr "
+                        "at --lr-peak of training and back to 0, stepped per batch: cyclic: the rate of step s "
+                        "(from 0) at s/steps, 0 at the first step (torch's CyclicLR stepped after each batch: "
+                        "fast_adversarial train_fgsm.py:87, N-FGSM train.py:180-184, ELLE core/utils/train.py:121-125)"
+                        "; cyclic-gradalign: at (s + 1)/steps, 0 at the last step (GradAlign's np.interp at "
+                        "epoch + (i + 1)/batches, their train.py:127 and utils.py:335)")
+    g.add_argument("--lr-peak", type=number, default=CYCLIC_PEAK, metavar="FRACTION",
+                   help="the fraction of training at which a cyclic schedule peaks: 0.5 in the CyclicLR runs on "
+                        "CIFAR-10 (0.4 on SVHN: N-FGSM, ELLE); 0.4 in GradAlign's (their code peaks at epoch "
+                        "2·epochs//5: 0.4 exactly when --epochs is a multiple of 5)")
     g = parser.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and every random draw")
     g.add_argument("--out", help=f"run directory (unset: runs/{out_prefix}-<method>)")
@@ -102,15 +133,14 @@ def add_run_arguments(parser, out_prefix, val_n):
                    help="also checkpoint when this much wall time has passed since the last checkpoint (0: never)")
     g.add_argument("--log-gamma-every", type=int, default=0, metavar="STEPS",
                    help="log γ(ε, x) on a fixed training subset every this many steps (Fig. 2; 0: never)")
-    g.add_argument("--lr-schedule", default="step", choices=["step", "cyclic"],
-                   help="step: warm-up (--lr-warmup), then ÷10 at --lr-decay-at; cyclic: one cycle, linear from 0 "
-                        "to --lr at half of training and back to 0 (fast adversarial training's train_fgsm.py: "
-                        "CyclicLR stepped per batch)")
     g.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR with its saved settings; of the other flags only those of "
-                        "the data's location, logging, checkpoint cadence and the learning rate may be given too")
+                   help="continue the run in RUN_DIR with its saved settings: a flag of the run's setting may be "
+                        "repeated with its saved value, a different value is refused; the data's location, logging, "
+                        "checkpoint cadence, the learning rate and --compile may change (each change is printed and "
+                        "recorded in config.json)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run directory that holds files of an earlier run, deleting them")
+                   help="start afresh in a run directory that holds an earlier run, deleting its files and "
+                        "eval.py's reports of it (a folder holding anything else is refused)")
     add_method_options(parser)
 
 
@@ -126,6 +156,10 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
     if args.resume:
         options = {option: action.dest for action in parser._actions for option in action.option_strings}
         given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume"}
+        if not os.path.isdir(args.resume) or not os.path.isfile(os.path.join(args.resume, "config.json")):
+            parser.error(f"cannot resume from {args.resume}: " + (
+                "it is not a run: a run directory holds config.json and state.pt" if os.path.isdir(args.resume) else
+                "it is a file; give the run's directory" if os.path.exists(args.resume) else "no such directory"))
         try:
             with open(os.path.join(args.resume, "config.json")) as f:
                 saved = json.load(f)["args"]
@@ -146,7 +180,8 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
         changed = {k: getattr(args, k) for k in sorted(given)}
         defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}  # flags newer than the run
         args = argparse.Namespace(**{**defaults, **saved, **changed, "resume": args.resume, "out": args.resume,
-                                     "overwrite": False, "resume_changes": changed})
+                                     "overwrite": False, "resume_changes": changed,
+                                     "resume_recorded": {k: saved.get(k, defaults.get(k)) for k in changed}})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
 
@@ -162,6 +197,14 @@ def _same_setting(flag, given, saved, norm):
     return given == saved
 
 
+def resume_changes(args):
+    """The flags this --resume changes from the run's recorded setting, as text ("--lr 0.05
+    (recorded: 0.2)"; "" when none does). A change holds for this resume only: the next one
+    starts from config.json's setting again."""
+    return ", ".join(f"--{k.replace('_', '-')} {v} (recorded: {args.resume_recorded[k]})"
+                     for k, v in getattr(args, "resume_changes", {}).items() if v != args.resume_recorded[k])
+
+
 def finished_run(args):
     """For --resume of a run that has trained all its epochs: the line saying so (else None)."""
     path = os.path.join(args.out, "last.safetensors")
@@ -173,7 +216,9 @@ def finished_run(args):
         return None
     if epoch < args.epochs:
         return None
-    return (f"{args.out} is finished ({args.epochs} of {args.epochs} epochs): nothing to resume. Its checkpoints are "
+    changes = resume_changes(args)
+    return (f"{args.out} is finished ({args.epochs} of {args.epochs} epochs): nothing to resume"
+            f"{f' (so {changes} is not applied)' if changes else ''}. Its checkpoints are "
             f"{os.path.join(args.out, 'best.safetensors')} and last.safetensors; to train longer, start a new run "
             f"with more --epochs (the learning-rate schedule depends on the run's length)")
 
@@ -187,8 +232,9 @@ def check_run_args(args):
     for flag in ("lr_warmup", "eps_warmup", "weight_decay", "save_minutes"):
         require(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     require(args.lr > 0, f"--lr must be positive, got {args.lr}")
-    require(args.lr_schedule != "cyclic" or args.lr_warmup == 0,
-            "--lr-schedule cyclic ramps the learning rate up by itself: give --lr-warmup 0 with it")
+    require(args.lr_schedule not in CYCLIC_CLOCK or args.lr_warmup == 0,
+            f"--lr-schedule {args.lr_schedule} ramps the learning rate up by itself: give --lr-warmup 0 with it")
+    require(0 < args.lr_peak < 1, f"--lr-peak is a fraction of training in (0, 1), got {args.lr_peak}")
     require(0 <= args.momentum < 1, f"--momentum must lie in [0, 1), got {args.momentum}")
     try:
         fractions_of_training(args.lr_decay_at)
@@ -197,7 +243,9 @@ def check_run_args(args):
     require(methods.trains(args.method, args.arch),
             "--method lipschitz trains a lipconvnet-* model" if args.method == "lipschitz" else
             f"--method {args.method} differentiates twice, through softplus: a lipconvnet (MaxMin, and SOC's "
-            f"fast gradient) cannot; use plain, adv, trades or lipschitz")
+            f"fast gradient) cannot; use {', '.join(m for m in methods.METHODS if methods.trains(m, args.arch))}")
+    require(args.norm == "linf" or args.method not in methods.LINF_ONLY,
+            f"--method {args.method} is an ℓ∞ method (its authors' code): use --norm linf")
     if args.method == "lipschitz":
         methods.check_lipschitz_options(soc.parse_arch(args.arch)["last"], args.lipschitz_gamma, args.lipschitz_beta)
     for name, value in method_options(args).items():
@@ -213,9 +261,13 @@ def check_compile(args, accelerator):
     compiler on a CPU, Triton on a GPU), and one process: the methods compiled through torch.func
     call the model past DistributedDataParallel's forward, so their gradients would not be
     all-reduced, nor SyncBatchNorm's statistics; torch.compile of a DDP model (plain, ADV, TRADES)
-    has no multi-process test here yet."""
+    has no multi-process test here yet. A method differentiated twice without a compiled version
+    (GradAlign: `methods.compilable`) is refused."""
     if not args.compile:
         return
+    require(methods.compilable(args.method),
+            f"--method {args.method} differentiates twice and has no compiled version (torch.compile cannot trace "
+            f"its autograd.grad(create_graph=True)): train it without --compile")
     if accelerator.device.type == "cpu":
         import shutil
         from torch._inductor import config as inductor_config
@@ -235,22 +287,23 @@ def check_compile(args, accelerator):
 
 
 def loss_function(args, model):
-    """The method's loss with its options as `fn(x, y, eps, generator)` -> (loss, info): eager, or
-    compiled with --compile (`methods.compiled`, built on the model as prepared by Accelerate)."""
-    options = method_options(args)
-    if args.compile:
-        return methods.compiled(args.method, model, options, args.norm)
-    fn = methods.METHODS[args.method]
-    return lambda x, y, eps, generator=None: fn(model, x, y, eps, generator=generator, norm=args.norm, **options)
+    """The method with its options bound to the model as prepared by Accelerate (`methods.bind`):
+    `loss_fn(x, y, eps, generator)` -> (loss, info), `loss_fn.after_optimizer_step()`, and its state
+    for state.pt; eager, or compiled with --compile."""
+    return methods.bind(args.method, model, method_options(args), args.norm, compile=args.compile)
 
 
 # --------------------------------------------------------------------------- schedules and randomness
 def learning_rate(args, step, steps_per_epoch, total_steps):
     """--lr-schedule step: linear warm-up over --lr-warmup epochs, then ÷10 after each fraction of
-    training in --lr-decay-at. cyclic: 0 at step 0, --lr at half of training, towards 0 at the end
-    (torch's CyclicLR with base 0 and half the steps up, half down, as train_fgsm.py)."""
-    if getattr(args, "lr_schedule", "step") == "cyclic":
-        return args.lr * (1 - abs(2 * step / total_steps - 1))
+    training in --lr-decay-at. One cycle: np.interp(t, [0, peak, 1], [0, lr, 0]) at the fraction of
+    training t = (step + c)/total_steps, peak = --lr-peak: c = 0 for cyclic (torch's CyclicLR with
+    base 0 and peak·total_steps steps up, stepped after each batch, as train_fgsm.py: 0 at step 0),
+    c = 1 for cyclic-gradalign (their lr_schedule(epoch + (i + 1)/batches): 0 at the last step)."""
+    schedule = getattr(args, "lr_schedule", "step")  # (getattr: Namespaces of tests older than the flags)
+    if schedule in CYCLIC_CLOCK:
+        t, peak = (step + CYCLIC_CLOCK[schedule]) / total_steps, getattr(args, "lr_peak", CYCLIC_PEAK)
+        return args.lr * (t / peak if t <= peak else (1 - t) / (1 - peak))
     warmup = args.lr_warmup * steps_per_epoch
     if step < warmup:
         return args.lr * (step + 1) / warmup
@@ -266,20 +319,30 @@ def epsilon(args, eps, step, steps_per_epoch):
 STREAMS = {"epoch": 0, "augment": 1, "method": 2, "gamma": 3}
 
 
+def stream_seed(seed, step, stream, process=0):
+    """The seed of one step, purpose and process: every random draw is a function of (--seed,
+    step, stream, process), so a resumed run draws what an uninterrupted one would. (Python's
+    hash() is salted per process, so the seed is mixed by hand.)"""
+    return ((seed * 1_000_003 + step) * 16 + STREAMS[stream]) * 4096 + process
+
+
 def generator_for(args, step, device, stream, process=0):
-    """A generator for one step, purpose and process: every random draw is a function of
-    (seed, step, stream, process), so a resumed run draws what an uninterrupted one would.
-    (Python's hash() is salted per process, so the seed is mixed by hand.)"""
-    seed = ((args.seed * 1_000_003 + step) * 16 + STREAMS[stream]) * 4096 + process
-    return torch.Generator(device=device).manual_seed(seed)
+    """A generator on `device` seeded with `stream_seed(args.seed, step, stream, process)`."""
+    return torch.Generator(device=device).manual_seed(stream_seed(args.seed, step, stream, process))
 
 
 def make_optimizer(model, args):
-    """SGD with momentum; weight decay on conv and linear weights only (not biases or batch norm)."""
+    """--optimizer: SGD with --momentum, or torch's Adam with β1 = --momentum (β2 0.999, torch's), both
+    with torch's weight decay (--weight-decay·w added to the gradient) on conv and linear weights
+    (the parameters of two or more dimensions), and on the rest (biases, batch norm) with
+    --weight-decay-on all."""
     decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": rest, "weight_decay": args.weight_decay if args.weight_decay_on == "all" else 0.0}]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr, betas=(args.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
 CRC_CLIP_NORM = 1.0  # the authors' train_robust.py clips the gradient norm to --clip-norm 1 for crc last layers
@@ -301,16 +364,18 @@ def set_learning_rate(optimizer, lr):
 # --------------------------------------------------------------------------- the run directory
 def claim_run_dir(args, accelerator):
     """Before any work: check the precision, and take the run directory for this run. The main
-    process locks RUN/lock for its lifetime (a second training process on the same directory gets
-    a one-line error naming the holder's PID); a new run needs an empty directory (or --overwrite,
-    which deletes the earlier run's files); --resume needs a saved state. All processes raise the
-    same ValueError, so that none waits for another that has stopped."""
+    process locks RUN/lock until `release_run_dir` (a second training process on the same
+    directory gets a one-line error naming the holder's PID). A new run needs a directory that
+    holds nothing, or with --overwrite only an earlier run's files and eval.py's reports of it,
+    which are deleted; anything else there is refused by name. --resume needs a saved state. All
+    processes raise the same ValueError, so that none waits for another that has stopped."""
     require(accelerator.mixed_precision != "fp16",
             "use bf16 (or no) mixed precision: fp16 would need loss scaling through the double backward")
     problem = [None]
     if accelerator.is_main_process:
         try:
-            _lock_and_check(args)
+            _lock(args.out)
+            _check_run_dir(args)
         except (ValueError, OSError) as e:
             problem[0] = str(e)
     if accelerator.num_processes > 1:
@@ -320,39 +385,93 @@ def claim_run_dir(args, accelerator):
     require(problem[0] is None, problem[0])
 
 
-_held_locks = {}  # run directory -> its open lock file: a lock lasts as long as the process
+_held_locks = {}  # run directory -> (its open lock file, whether this process made the directory)
 
 
-def _lock_and_check(args):
-    os.makedirs(args.out, exist_ok=True)
-    key = os.path.realpath(args.out)
-    if key not in _held_locks:  # (a process that trained here before, e.g. the tests, holds it already)
-        lock = open(os.path.join(args.out, LOCK), "a+")
+def _lock(out):
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    while True:
+        lock = open(path, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "unknown"
             lock.close()
-            raise ValueError(f"{args.out} is being written by another training process (PID {holder}); "
+            raise ValueError(f"{out} is being written by another training process (PID {holder}); "
                              f"wait for it to finish or stop it, or choose another --out") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        _held_locks[key] = lock
-    present = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder removed the file between our open and lock: lock the new one
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _held_locks[os.path.realpath(out)] = (lock, made)
+
+
+def release_run_dir(args):
+    """At the end of the process that claimed RUN (finished, stopped, failed): remove RUN/lock and
+    unlock it, and remove RUN itself if this process made it and nothing else was written there
+    (a start that failed). Does nothing where no lock is held (the other processes)."""
+    lock, made = _held_locks.pop(os.path.realpath(args.out), (None, False))
+    if lock is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.out, LOCK))  # before unlocking: the next process locks a new file
+    lock.close()
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(args.out)  # only if empty
+
+
+# eval.py's files beside a run's checkpoints (eval.output_path; autoattack_check.STATE_SUFFIX):
+# CHECKPOINT.MODE.json (best.eval.json, last.gamma.json, ...), MODE.json for the directory as --out,
+# and while one runs OUT.partial.json and OUT.autoattack-state.json; temporaries end in .tmp[PID]
+EVAL_MODES = ("eval", "surface", "strength", "gamma")
+EVAL_FILES = {f"{stem}{mode}.json" for stem in ("", "best.", "last.") for mode in EVAL_MODES}
+EVAL_LEFTOVERS = (".partial.json", ".autoattack-state.json")
+
+
+def earlier_files(out):
+    """The names in directory `out` as (the files of a run, eval.py's reports and leftovers,
+    anything else), each sorted; the lock aside."""
+    run, evaluations, other = [], [], []
+    for name in sorted(os.listdir(out)):
+        base = re.sub(r"\.tmp\d*$", "", name)
+        base = next((base[:-len(s)] for s in EVAL_LEFTOVERS if base.endswith(s) and base[:-len(s)] in EVAL_FILES),
+                    base)
+        if base != LOCK:
+            (run if base in RUN_FILES else evaluations if base in EVAL_FILES else other).append(name)
+    return run, evaluations, other
+
+
+def _check_run_dir(args):
+    run, evaluations, other = earlier_files(args.out)
     if args.resume:
-        require(STATE in present, f"nothing to resume in {args.out}: it holds no {STATE} "
-                                  f"({'only ' + ', '.join(present) if present else 'no run files'}; a run that "
-                                  f"stopped before its first checkpoint must start again, with --overwrite)")
-    elif present and args.overwrite:
-        for f in present:
-            os.remove(os.path.join(args.out, f))
-    else:
-        require(not present, f"{args.out} holds an earlier run ({', '.join(present)}): continue it with --resume "
-                             f"{args.out}{'' if STATE in present else ' (no checkpoint was saved: use --overwrite)'}, "
-                             f"start afresh there with --overwrite, or choose another --out")
+        require(STATE in run, f"nothing to resume in {args.out}: it holds no {STATE} "
+                              f"({'only ' + ', '.join(run) if run else 'no run files'}; a run that "
+                              f"stopped before its first checkpoint must start again, with --overwrite)")
+        return
+    named = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+    require(not other, f"{args.out} holds files that are not a training run's ({named}): a run needs a directory "
+                       f"of its own{' (--overwrite deletes only a run and its evaluations)' if args.overwrite else ''}"
+                       f"; choose another --out")
+    if args.overwrite:
+        for name in run + evaluations:
+            os.remove(os.path.join(args.out, name))
+        return
+    require(run or not evaluations, f"{args.out} holds eval.py's reports of an earlier run ({', '.join(evaluations)}) "
+                                    f"but not the run: start afresh there with --overwrite (deletes them), or choose "
+                                    f"another --out")
+    require(not run, f"{args.out} holds an earlier run ({', '.join(run + evaluations)}): continue it with --resume "
+                     f"{args.out}{'' if STATE in run else ' (no checkpoint was saved: use --overwrite)'}, start afresh "
+                     f"there with --overwrite, or choose another --out")
 
 
 def warn_if_cpu_is_too_slow(model, accelerator, alternative):
@@ -390,54 +509,48 @@ def provenance(args, accelerator):
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
 
 
+def _cannot_resume(path, error):
+    sys.exit(f"{os.path.basename(sys.argv[0])}: error: cannot resume from {path}: it is damaged or not this run's "
+             f"({str(error).splitlines()[0][:120] if str(error) else type(error).__name__})")
+
+
 class Run:
-    """One training process's run: its directory (config.json, log.jsonl, checkpoints, state.pt),
-    its schedules, and the bookkeeping at the end of each step (metrics, the checks for NaN and
-    stop requests, evaluation, the best checkpoint, γ, checkpoints by epoch and by the clock).
-    `claim_run_dir` has checked and locked the directory. A script builds one, then writes its loop:
+    """A training process's run directory, once `claim_run_dir` has taken it: config.json (written
+    here for a new run), log.jsonl, the checkpoints and state.pt, the resume (`prepare`); and what
+    a loop calls after each step (the schedules, the stop request agreed across processes, the
+    evaluation, the messages). The loop and its policy (when to log, evaluate and save, which
+    checkpoint is best, what a NaN or a stop does) are each script's: see train_cifar.train.
+    `dataset` describes the data; with the method, its options, ε and the norm it goes into every
+    checkpoint. Only the main process writes."""
 
-        run = Run(args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset)
-        step, model, optimizer = run.prepare(model, optimizer, "what this run is")
-        with run.progress(step):
-            while step < run.total_steps:
-                lr, eps_now = run.schedule(step, optimizer)
-                ... loss, backward, optimizer step ...
-                run.record(loss, info, y)
-                step += 1
-                if run.end_of_step(step, model, optimizer, lr, eps_now):
-                    return
-
-    `metadata` (the dataset, the method and its options, ε, ...) goes into every checkpoint;
-    `evaluate(model, step)` returns the metrics of an evaluation on held-out training images, or is
-    None (no evaluation, no best.safetensors); `selection` says which images those are, and goes
-    into best.safetensors; `gamma_subset` is (uint8 images, labels) on which γ is measured every
-    --log-gamma-every steps."""
-
-    def __init__(self, args, accelerator, steps_per_epoch, eps, metadata, evaluate, selection, gamma_subset):
-        self.args, self.accelerator, self.eps, self.metadata = args, accelerator, eps, metadata
-        self.evaluate, self.selection, self.gamma_subset = evaluate, selection, gamma_subset
+    def __init__(self, args, accelerator, steps_per_epoch, eps, dataset):
+        self.args, self.accelerator, self.eps = args, accelerator, eps
         self.steps_per_epoch, self.total_steps = steps_per_epoch, args.epochs * steps_per_epoch
-        self.best, self.saved_step = -1.0, None
-        self.metrics = IntervalMetrics(accelerator.device)
+        self.metadata = {**dataset, "method": args.method, "options": method_options(args), "eps": eps,
+                         "norm": args.norm}
+        self.saved_step, self.last_save = None, time.time()  # of last.safetensors and state.pt
         if accelerator.is_main_process and not args.resume:
             write_json(os.path.join(args.out, "config.json"), provenance(args, accelerator))
 
     def prepare(self, model, optimizer, description):
-        """With --resume: load the weights, optimiser state and step of state.pt, drop the log's
-        entries after that step (a run killed between checkpoints logged steps it will redo), and
-        record the resume and its changed flags in config.json. Then `accelerator.prepare`, and the
-        model in train mode. Returns (step, model, optimizer)."""
-        step = 0
+        """`accelerator.prepare`, the model in train mode, and the method bound to it
+        (`loss_function`). With --resume, first: load the weights, optimiser state, step, best
+        validation accuracy and the method's state (ELLE-A's λ and history) of state.pt, drop the
+        log's entries after that step (a run killed between checkpoints logged steps it will redo),
+        and record the resume and its changed flags in config.json. Prints `description`, where it
+        runs and the flags the resume changes. Returns (step, best, model, optimizer, loss_fn): a
+        new run is at step 0 with best -1."""
+        step, best, method_state = 0, -1.0, None
         if self.args.resume:
             path = os.path.join(self.args.out, STATE)
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
+                method_state = state.get("method", {})  # absent from older runs' state.pt: stateless methods
             except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
-                sys.exit(f"{os.path.basename(sys.argv[0])}: error: cannot resume from {path}: it is damaged "
-                         f"or not this run's ({str(e).splitlines()[0][:120]})")
-            step, self.best, self.saved_step = state["step"], state["best"], state["step"]
+                _cannot_resume(path, e)
+            step, best, self.saved_step = state["step"], state["best"], state["step"]
             if self.accelerator.is_main_process:
                 self._forget_log_after(step)
                 config_path = os.path.join(self.args.out, "config.json")
@@ -447,10 +560,18 @@ class Run:
                                                          "changed": self.args.resume_changes})
                 write_json(config_path, config)
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        loss_fn = loss_function(self.args, model)
+        if method_state is not None:
+            try:
+                loss_fn.load_state_dict(method_state)
+            except (KeyError, ValueError, TypeError) as e:
+                _cannot_resume(path, e)
+        changes = resume_changes(self.args)
         self.accelerator.print(f"{description}, {self.accelerator.num_processes} process(es) on "
-                               f"{self.accelerator.device}; {'resuming at step ' + str(step) if step else 'starting'}"
-                               f" -> {self.args.out}")
-        return step, model.train(), optimizer
+                               f"{self.accelerator.device}; {f'resuming at step {step}' if step else 'starting'}"
+                               f"{f' with {changes}' if changes else ''} -> {self.args.out}")
+        self.last_save = time.time()
+        return step, best, model.train(), optimizer, loss_fn
 
     def _forget_log_after(self, step):
         path = os.path.join(self.args.out, "log.jsonl")
@@ -461,25 +582,28 @@ class Run:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
 
-    @contextlib.contextmanager
     def progress(self, step):
-        """The loop's context: a progress bar from `step`, and SIGTERM/Ctrl-C turned into stop requests."""
-        main = self.accelerator.is_main_process
-        with StopRequest(announce=main) as self.stop, tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
-                                                           disable=not main) as self.bar:
-            self.interval_start = self.last_save = time.time()
-            yield
+        """A progress bar (main process) from `step` to the end."""
+        return tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
+                    disable=not self.accelerator.is_main_process)
 
     def schedule(self, step, optimizer):
         """The learning rate (set in `optimizer`) and ε of optimiser step `step` (counted from 0)."""
-        self.stop.step = step + 1  # the step a stop request would finish
         lr = learning_rate(self.args, step, self.steps_per_epoch, self.total_steps)
         set_learning_rate(optimizer, lr)
         return lr, epsilon(self.args, self.eps, step, self.steps_per_epoch)
 
-    def record(self, loss, info, y):
-        """The loss and the method's `info` of one (micro-)batch, into this log interval's metrics."""
-        self.metrics.add(loss, info, y)
+    def stop_and_clock(self, stop, step):
+        """After step `step` (counted from 1): (a stop was requested, --save-minutes have passed since
+        the last checkpoint), the same on every process (one small all-reduce per step when there
+        are several). A request that comes later is honoured after step + 1, as `stop` announces."""
+        flags = [stop.requested, self.args.save_minutes > 0 and
+                 time.time() - self.last_save >= 60 * self.args.save_minutes]
+        if self.accelerator.num_processes > 1:
+            flags = (self.accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=self.accelerator.device),
+                                             "sum") > 0).tolist()
+        stop.step = step + 1
+        return flags
 
     def log(self, step, entry):
         """One JSON line in log.jsonl, stamped with the step and epoch (main process only)."""
@@ -487,88 +611,105 @@ class Run:
             with open(os.path.join(self.args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "epoch": step / self.steps_per_epoch, **entry}) + "\n")
 
-    def checkpoint(self, model, optimizer, step, name="last.safetensors", metrics=None):
-        """The eval-format checkpoint `name` and, for last.safetensors, state.pt; each atomically."""
+    def print(self, line):
+        """A line on the console, above the progress bar (main process only)."""
         if self.accelerator.is_main_process:
-            metadata = {**self.metadata, "step": step, "epoch": step / self.steps_per_epoch, **(metrics or {})}
-            models.save_checkpoint(model, os.path.join(self.args.out, name), **metadata)
-            if name == "last.safetensors":
-                tmp = os.path.join(self.args.out, STATE + ".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                            "best": self.best}, tmp)
-                os.replace(tmp, os.path.join(self.args.out, STATE))
-        if name == "last.safetensors":
-            self.saved_step, self.last_save = step, time.time()
+            tqdm.write(line)
+
+    def log_train(self, step, metrics, bar, lr, eps):
+        """The log interval's means (`metrics`, reduced across processes), with the learning rate,
+        ε and images/s, in the log and the progress bar."""
+        means = metrics.reduce(self.accelerator)
+        self.log(step, {"kind": "train", "lr": lr, "eps": eps, **means})
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
+
+    def log_gamma(self, step, model, images, labels):
+        """γ(ε, x) of these (training) images after step `step`, logged (`measure_gamma`; main process)."""
+        if self.accelerator.is_main_process:
+            generator = generator_for(self.args, step, labels.device, "gamma")
+            gamma = measure_gamma(model, images, labels, self.eps, norm=self.args.norm, generator=generator)
+            self.log(step, {"kind": "gamma", "eps": self.eps, **gamma})
+
+    def evaluate(self, step, model, images, labels):
+        """`evaluate` of the held-out images with the run's settings (--eval-steps, --eval-restarts,
+        --gamma-n; γ's random starts from (seed, step)), split across the processes; logged and
+        printed. Returns its metrics."""
+        args, accelerator = self.args, self.accelerator
+        result = evaluate(model, images, labels, self.eps, norm=args.norm, steps=args.eval_steps,
+                          restarts=args.eval_restarts, seed=args.seed, gamma_n=args.gamma_n,
+                          gamma_seed=stream_seed(args.seed, step, "gamma", 1),  # (another stream than log_gamma's)
+                          process=accelerator.process_index, processes=accelerator.num_processes,
+                          reduce=accelerator.reduce)
+        self.log(step, {"kind": "eval", "eps": self.eps, **result})
+        self.print(f"step {step}, {result['val_n']} validation images: clean {100 * result['val_clean_acc']:.2f}%, "
+                   f"FGSM {100 * result['val_fgsm_acc']:.2f}%, {result['pgd']} {100 * result['val_pgd_acc']:.2f}%, "
+                   f"γ {result['val_gamma_mean']:.4f}")
+        return result
+
+    def save(self, step, model, optimizer, loss_fn, best):
+        """last.safetensors (eval.py's format) and state.pt (what --resume reads: the weights, the
+        optimiser, the step, the best validation accuracy and the method's state), each atomically."""
+        if self.accelerator.is_main_process:
+            models.save_checkpoint(model, os.path.join(self.args.out, "last.safetensors"), **self._stamp(step))
+            tmp = os.path.join(self.args.out, STATE + ".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "best": best, "method": loss_fn.state_dict()}, tmp)
+            os.replace(tmp, os.path.join(self.args.out, STATE))
+        self.saved_step, self.last_save = step, time.time()
         self.accelerator.wait_for_everyone()
 
-    def _stop_and_clock(self):
-        """(a stop was requested, --save-minutes have passed since the last checkpoint), agreed by
-        all processes (one small all-reduce per step when there are several)."""
-        flags = [self.stop.requested, self.args.save_minutes > 0 and
-                 time.time() - self.last_save >= 60 * self.args.save_minutes]
-        if self.accelerator.num_processes > 1:
-            flags = (self.accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=self.accelerator.device),
-                                             "sum") > 0).tolist()
-        return flags
+    def save_best(self, step, model, metrics):
+        """best.safetensors, with `metrics` (the evaluation that chose it, and on which images)."""
+        if self.accelerator.is_main_process:
+            models.save_checkpoint(model, os.path.join(self.args.out, "best.safetensors"),
+                                   **self._stamp(step), **metrics)
+        self.accelerator.wait_for_everyone()
 
-    def end_of_step(self, step, model, optimizer, lr, eps):
-        """After optimiser step `step` (counted from 1): every --log-gamma-every steps, measure γ;
-        at every step, honour a stop request (SIGTERM, Ctrl-C); every --log-every steps and before
-        every checkpoint, check for a non-finite loss (exit without saving) and log the interval's
-        metrics; at the end of every --eval-every epochs, evaluate and keep the best checkpoint; at
-        each epoch's end, every --save-every steps and every --save-minutes, checkpoint. The same
-        steps on every process. Returns True when the run is done, or must stop now (with a
-        checkpoint)."""
-        args, accelerator = self.args, self.accelerator
-        model = accelerator.unwrap_model(model)
-        self.bar.update(1)
-        if args.log_gamma_every and step % args.log_gamma_every == 0 and accelerator.is_main_process:
-            self.log(step, {"kind": "gamma", "eps": self.eps, **measure_gamma(model, *self.gamma_subset, self.eps,
-                                                                               args, step)})
-        stop_now, clock = self._stop_and_clock()
-        end_of_epoch = step % self.steps_per_epoch == 0
-        save_now = (end_of_epoch or step == self.total_steps or clock or stop_now
-                    or (args.save_every and step % args.save_every == 0))
-        if step % args.log_every and not save_now:
-            return False
-        if self.metrics.nonfinite(accelerator):
-            message = nonfinite_message(args, self.metrics.count, step, self.saved_step)
-            sys.exit(f"{os.path.basename(sys.argv[0])}: {message}" if accelerator.is_main_process else 1)
-        images = self.metrics.count * args.batch_size / accelerator.gradient_accumulation_steps  # all processes
-        means = self.metrics.reduce(accelerator)
-        self.log(step, {"kind": "train", "lr": lr, "eps": eps, **means,
-                        "images_per_s": images / (time.time() - self.interval_start)})
-        self.bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means.get('train_acc', means.get('adv_acc')):.3f}")
-        evaluation_due = (end_of_epoch and (step // self.steps_per_epoch) % args.eval_every == 0) or step == self.total_steps
-        if self.evaluate is not None and evaluation_due and not stop_now:
-            result = self.evaluate(model, step=step)
-            self.log(step, {"kind": "eval", "eps": self.eps, **result})
-            self.bar.write(f"step {step}, {result['val_n']} validation images: clean "
-                           f"{100 * result['val_clean_acc']:.2f}%, FGSM {100 * result['val_fgsm_acc']:.2f}%, "
-                           f"{result['pgd']} {100 * result['val_pgd_acc']:.2f}%, γ {result['val_gamma_mean']:.4f}")
-            if result["val_pgd_acc"] > self.best:
-                self.best = result["val_pgd_acc"]
-                self.checkpoint(model, optimizer, step, "best.safetensors", {**result, "selection": self.selection})
-        if save_now:
-            self.checkpoint(model, optimizer, step)
-        if stop_now:
-            self.bar.write(f"stopped at step {step} with a checkpoint; continue with --resume {args.out}")
-        elif step == self.total_steps:
-            best = (f"{os.path.join(args.out, 'best.safetensors')} (validation {self.selection['metric']} "
-                    f"{100 * self.best:.2f}%), " if self.evaluate is not None else "")
-            self.bar.write(f"done: {best}{os.path.join(args.out, 'last.safetensors')}")
-        self.interval_start = time.time()  # evaluation and saving are not training time
-        return stop_now or step == self.total_steps
+    def _stamp(self, step):
+        return {**self.metadata, "step": step, "epoch": step / self.steps_per_epoch}
+
+    def exit_nonfinite(self, step, count):
+        """Exit without saving after a NaN or inf loss in the `count` micro-batches before `step`,
+        saying what is on disk and what to do."""
+        args = self.args
+        happened = (f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped without "
+                    f"saving.")
+        if self.saved_step is None:
+            advice = (f"No checkpoint was saved yet: start again with --overwrite (in {args.out}) and a smaller "
+                      f"learning rate")
+        else:
+            flag, value = ("--lr-per-256", args.lr_per_256) if hasattr(args, "lr_per_256") else ("--lr", args.lr)
+            advice = (f"The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} (step "
+                      f"{self.saved_step}): continue from it with --resume {args.out} {flag} SMALLER (it was "
+                      f"{value:g})")
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {happened} {advice}" if self.accelerator.is_main_process else 1)
+
+    def stopped(self, step, stop):
+        """After the checkpoint of a stop request: say so and how to resume; the exit status, 128 + the
+        signal (130 for Ctrl-C, 143 for SIGTERM), so that `train && eval` does not go on."""
+        self.print(f"stopped at step {step} with a checkpoint; continue with --resume {self.args.out} "
+                   f"(exit status {stop.exit_status}: {signal.Signals(stop.exit_status - 128).name})")
+        return stop.exit_status
+
+    def done(self, best, metric):
+        """The end of the run: where its checkpoints are (best.safetensors chosen by `metric` at
+        validation accuracy `best`; best None: no validation, no best.safetensors)."""
+        chosen = (f"{os.path.join(self.args.out, 'best.safetensors')} (validation {metric} {100 * best:.2f}%), "
+                  if best is not None else "")
+        self.print(f"done: {chosen}{os.path.join(self.args.out, 'last.safetensors')}")
 
 
 # --------------------------------------------------------------------------- during training
 class StopRequest:
-    """SIGTERM (pre-emption) or Ctrl-C: the first is noted, acknowledged, and the loop stops after
-    the current step with a checkpoint; a second stops the process at once (the checkpoints on
-    disk are whole: they are written atomically)."""
+    """SIGTERM (pre-emption) or Ctrl-C, inside `with StopRequest(step, last) as stop:`: the first
+    is noted and acknowledged, and the loop stops after step `stop.step` with a checkpoint
+    (`Run.stop_and_clock` reads `stop.requested` after each step and moves `stop.step` on to the
+    next); a second stops the process at once (the checkpoints on disk are whole: they are
+    written atomically). `last` is the run's last step: a request after it changes nothing."""
 
-    def __init__(self, announce=True):
-        self.requested, self.announce, self.step = False, announce, 0
+    def __init__(self, step, last, announce=True):
+        self.step, self.last, self.announce = step, last, announce
+        self.requested, self.signal = False, None
 
     def __enter__(self):
         self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
@@ -578,23 +719,36 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @property
+    def exit_status(self):
+        """128 + the signal, as a shell reports a process it stopped (a stop requested by another
+        process of the run: SIGTERM's)."""
+        return 128 + (self.signal or signal.SIGTERM)
+
     def _handler(self, signum, frame):
         if self.requested:
             raise SystemExit(f"{os.path.basename(sys.argv[0])}: stopped at once by a second "
                              f"{signal.Signals(signum).name}; the last checkpoint on disk is intact")
-        self.requested = True
+        self.requested, self.signal = True, signum
         if self.announce:
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after step {self.step}, saving a checkpoint "
-                       f"(again to stop at once)", file=sys.stderr)
+            then = (f"stopping after step {self.step}, saving a checkpoint (again to stop at once)"
+                    if self.step <= self.last else "the run has trained its last step and is finishing")
+            tqdm.write(f"{signal.Signals(signum).name}: {then}", file=sys.stderr)
 
 
 class IntervalMetrics:
     """Sums of the loss, accuracy and the method's own terms over the micro-batches of a log
-    interval, kept on the device until `reduce` (no synchronisation per step)."""
+    interval, kept on the device until `reduce` (no synchronisation per step), and the interval's
+    training time, from `start_clock` to `reduce`. `images` is the number of images of one
+    micro-batch over all processes (for images/s)."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, images):
+        self.device, self.images = device, images
         self.sums, self.count, self.nonfinite_count = {}, 0, torch.zeros((), device=device)
+        self.start_clock()
+
+    def start_clock(self):
+        self.started = time.time()
 
     def add(self, loss, info, y):
         self.nonfinite_count += ~torch.isfinite(loss.detach())
@@ -611,21 +765,12 @@ class IntervalMetrics:
         return accelerator.reduce(self.nonfinite_count.clone(), "sum").item() > 0
 
     def reduce(self, accelerator):
-        """The interval's means over micro-batches and processes; starts a new interval."""
+        """The interval's means over micro-batches and processes, and images/s; starts a new interval
+        (its clock starts at `start_clock`)."""
         means = {k: accelerator.reduce(v / self.count, "mean").item() for k, v in self.sums.items()}
+        means["images_per_s"] = self.count * self.images / (time.time() - self.started)
         self.sums, self.count = {}, 0
         return means
-
-
-def nonfinite_message(args, count, step, saved_step):
-    """What happened and, from what is on disk, what to do."""
-    happened = f"the loss became NaN or inf within the {count} micro-batches before step {step}; stopped without saving."
-    if saved_step is None:
-        return (f"{happened} No checkpoint was saved yet: start again with --overwrite (in {args.out}) and a smaller "
-                f"learning rate")
-    flag, value = ("--lr-per-256", args.lr_per_256) if hasattr(args, "lr_per_256") else ("--lr", args.lr)
-    return (f"{happened} The last good checkpoint is {os.path.join(args.out, 'last.safetensors')} (step {saved_step}): "
-            f"continue from it with --resume {args.out} {flag} SMALLER (it was {value:g})")
 
 
 def write_json(path, obj):
@@ -635,42 +780,46 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def evaluate(model, images, labels, eps, args, accelerator, step):
-    """The evaluation after an epoch, on the held-out validation images (uint8, on the device),
-    split across processes: clean accuracy; accuracy under FGSM (one signed step of ε on the
-    cross-entropy from x: the weak attack a model that obfuscates its gradients learns to resist)
-    and under the Untargeted margin attack (--eval-steps x --eval-restarts: the strong one, and the
-    metric that chooses best.safetensors); and γ(ε, x) (50 Adam steps) on the first --gamma-n."""
+def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, seed=0, gamma_n=128, gamma_seed=0,
+             process=0, processes=1, reduce=None):
+    """An evaluation on held-out images (uint8 [N, 3, H, W] and labels [N], on the model's device):
+    clean accuracy; accuracy under FGSM (one signed step of ε on the cross-entropy from x: the weak
+    attack a model that obfuscates its gradients learns to resist) and under the Untargeted margin
+    attack (`steps` x `restarts`, its random starts seeded by `seed`: the strong one, and the
+    metric that chooses best.safetensors); and γ(ε, x) (50 Adam steps from a generator seeded by
+    `gamma_seed`) on the first `gamma_n` images. Across processes, this one (`process` of
+    `processes`) takes every processes-th image and `reduce(tensor)` sums a tensor over them
+    (Accelerate's `accelerator.reduce`; None: one process). Returns val_clean_acc, val_fgsm_acc,
+    val_pgd_acc, val_gamma_mean, val_n, val_gamma_n and pgd (the strong attack's name)."""
     model.eval()
-    share = torch.arange(len(labels))[accelerator.process_index::accelerator.num_processes]
-    counts = torch.zeros(6, device=accelerator.device)  # clean, fgsm, pgd, images, γ sum, γ images
+    share = torch.arange(len(labels))[process::processes]
+    counts = torch.zeros(6, device=labels.device)  # clean, fgsm, pgd, images, γ sum, γ images
     for chunk in share.split(256):
         x, y = images[chunk.to(images.device)].float() / 255, labels[chunk.to(labels.device)]
-        x_fgsm = attacks.fgsm_k(model, x, y, eps, steps=1, step_size=eps, loss="ce", norm=args.norm)
-        x_pgd = attacks.untargeted(model, x, y, eps, steps=args.eval_steps, restarts=args.eval_restarts, seed=args.seed,
-                                   norm=args.norm)
+        x_fgsm = attacks.fgsm_k(model, x, y, eps, steps=1, step_size=eps, loss="ce", norm=norm)
+        x_pgd = attacks.untargeted(model, x, y, eps, steps=steps, restarts=restarts, seed=seed, norm=norm)
         with torch.no_grad():
             correct = [(model(v).argmax(1) == y).sum() for v in (x, x_fgsm, x_pgd)]
             counts[:4] += torch.stack(correct + [torch.tensor(len(y), device=y.device)])
-        first = chunk < args.gamma_n
+        first = chunk < gamma_n
         if first.any():
-            gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=args.norm,
-                                           generator=generator_for(args, step, x.device, "gamma", 1))
+            gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=norm,
+                                           generator=torch.Generator(device=x.device).manual_seed(gamma_seed))
             counts[4:] += torch.stack([gamma.sum(), torch.tensor(float(len(gamma)), device=gamma.device)])
-    counts = accelerator.reduce(counts, "sum")
+    counts = counts if reduce is None else reduce(counts)
     model.train()
     n = counts[3].item()
     return {"val_clean_acc": counts[0].item() / n, "val_fgsm_acc": counts[1].item() / n,
             "val_pgd_acc": counts[2].item() / n, "val_gamma_mean": counts[4].item() / max(counts[5].item(), 1),
-            "val_n": int(n), "val_gamma_n": int(counts[5].item()), "pgd": f"untargeted {args.eval_steps}x{args.eval_restarts}"}
+            "val_n": int(n), "val_gamma_n": int(counts[5].item()), "pgd": f"untargeted {steps}x{restarts}"}
 
 
-def measure_gamma(model, images, labels, eps, args, step):
-    """γ(ε, x) with `llr.local_linearity` (50 Adam steps) on the first --gamma-n training images,
-    without augmentation, model in eval mode (as eval.py --gamma): the paper's Fig. 2."""
+def measure_gamma(model, images, labels, eps, *, norm="linf", generator=None):
+    """γ(ε, x) with `llr.local_linearity` (50 Adam steps) on these images (uint8), without
+    augmentation, model in eval mode (as eval.py --gamma): the paper's Fig. 2."""
     model.eval()
-    x, y = images[:args.gamma_n].float() / 255, labels[:args.gamma_n]
-    gamma, _ = llr.local_linearity(model, x, y, eps, norm=args.norm, generator=generator_for(args, step, x.device, "gamma"))
+    x, y = images.float() / 255, labels
+    gamma, _ = llr.local_linearity(model, x, y, eps, norm=norm, generator=generator)
     model.train()
     return {"gamma_mean": gamma.mean().item(), "gamma_median": gamma.median().item(),
             "gamma_max": gamma.max().item(), "gamma_n": len(y)}

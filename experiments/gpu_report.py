@@ -21,7 +21,7 @@ files, and the README's GPU tables are made from it.
    so that the defaults are chosen from numbers.
 5. profile: where the time of a plain and an LLR-2 step goes, on bench-cifar's model and fast path
    (`bench.py --profile`: torch.profiler's operator tables, in experiments/gpu-report/profile.txt).
-6. repro-*: cpu_repro.py's comparison at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
+6. repro-*: cpu_repro.py's comparison (common.RUNS) at GPU scale: PreAct ResNet-18 on the full CIFAR-10 copy,
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
    evaluated on 1,000 test images with the suite.
@@ -37,8 +37,9 @@ files, and the README's GPU tables are made from it.
    CIFAR-10 copy with PreAct ResNet-18, 15 epochs, the one-cycle learning rate peaking at 0.2
    (CONTRAST): P1 ReLU with train-mode batch norm in the attack, FGSM-RS at step 2ε and FGSM
    from x at step ε, and FGSM-RS with eval-mode batch norm; P2 softplus in P1's setting and at
-   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); then P4,
-   each one's evaluation on 1,000 test images (the suite, APGD-T, γ). The validation curves of
+   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); P5 (issue 28)
+   co_bench.py's methods (FGSM, FGSM-RS, N-FGSM, GradAlign, ELLE, ELLE-A, LLR-1, LLR-2, ADV-10) with
+   ReLU at 8/255 and 16/255; then P4, each one's evaluation on 1,000 test images (the suite, APGD-T, γ). The validation curves of
    each run come back in its training step's JSON.
 11. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
@@ -55,19 +56,17 @@ import sys
 import tarfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
-ROOT = os.path.dirname(HERE)  # the repository: its scripts run from here
-sys.path.insert(0, ROOT)  # the project's modules, also when this file is run by its path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also when run by its path
 
-import bench  # noqa: E402
 import cli  # noqa: E402
-from experiments import cpu_repro  # noqa: E402
-PY = sys.executable
+from experiments import common  # noqa: E402
+from experiments.common import HERE, PY, ROOT, read  # noqa: E402
+
 STEP_SECONDS = 7 * 60  # a training piece; the evaluation of a run comes in its own step
 REPRO_EPOCHS = 10
 REPRO = ["--arch", "preact-resnet18", "--epochs", str(REPRO_EPOCHS), "--batch-size", "128", "--lr", "0.2",
          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
-         "--eps", cpu_repro.EPS, "--log-every", "50"]
+         "--eps", common.EPS, "--log-every", "50"]
 FAST_PATH = [("baseline: bf16, channels-last", []), ("float32", ["--no-bf16"]),
              ("contiguous (not channels-last)", ["--no-channels-last"]), ("fused SGD", ["--fused-optimizer"]),
              ("torch.compile (each method beside its eager step)", ["--compile"])]
@@ -107,9 +106,14 @@ def run_bench(setting, flags, out):
         return json.load(f)
 
 
+def methods_flag(names):
+    """bench.py's --methods NAMES; None: no flag, so that bench.py times every method that suits the model."""
+    return [] if names is None else ["--methods", names]
+
+
 def step_bench_cifar(setting, work):
     return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
-                           "--image-size", "32", "--methods", setting["cifar_methods"], *setting["fast"]],
+                           "--image-size", "32", *methods_flag(setting["cifar_methods"]), *setting["fast"]],
                  os.path.join(work, "bench-cifar.json"))
 
 
@@ -136,7 +140,7 @@ def step_profile(setting, work):
 
 def step_compiled_cifar(setting, work):
     return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
-                               "--image-size", "32", "--methods", setting["compiled_methods"], *setting["fast"],
+                               "--image-size", "32", *methods_flag(setting["compiled_methods"]), *setting["fast"],
                                "--compile", *setting["compile_backend"]],
                      os.path.join(work, "compiled-cifar.json"))
 
@@ -184,7 +188,7 @@ def repro_steps(setting):
     """The training pieces and evaluations of the GPU-scale reproduction, one step each."""
     steps = {}
     for name in setting["runs"]:
-        flags = [*setting["repro"], *cpu_repro.RUNS[name][1]]
+        flags = [*setting["repro"], *common.RUNS[name][1]]
         steps[f"repro-train-{name}"] = lambda s, w, name=name, flags=flags: train_piece(s, name, flags)
         steps[f"repro-eval-{name}"] = lambda s, w, name=name: evaluate_run(s, name)
     return steps
@@ -220,6 +224,12 @@ CONTRAST = {  # name: (what it tests, flags after CONTRAST_COMMON)
         "--activation", "softplus", "--eps", "16/255", "--method", "adv", "--adv-steps", "2", "--adv-optimizer",
         "adam", "--adv-loss", "margin"]),
 }
+# P5, issue 28: co_bench.py's catastrophic-overfitting comparison (common.CO_METHODS, each at its authors'
+# hyperparameters for its ε) at PreAct ResNet-18 scale, as the CO literature trains it: ReLU, zero-padded crops,
+# weight decay on every parameter, at 8/255 and 16/255
+CONTRAST.update({f"p5-{name}-e{eps}": (f"P5 {label}, ReLU, ε {eps}/255", [
+    "--activation", "relu", "--pad-mode", "zeros", "--weight-decay-on", "all", *common.co_flags(name, eps)])
+    for name, (label, _) in common.CO_METHODS.items() for eps in (8, 16)})
 CONTRAST_EVAL = ["--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"]
 
 
@@ -238,18 +248,18 @@ def contrast_steps(setting):
 def train_piece(setting, name, flags, group="gpu-repro"):
     """Train (or resume) one run for at most STEP_SECONDS; None (not done) if it must go on."""
     run = os.path.join(setting["root"], "runs", group, name)
-    if not cpu_repro.trained(run):
+    if not common.trained(run):
         data = ensure_data(setting)
         argv = (["train_cifar.py", "--resume", run] if os.path.exists(os.path.join(run, "state.pt")) else
                 ["train_cifar.py", "--data-dir", data, "--out", run, "--overwrite", *flags])
         status = call(argv, timeout=setting["step_seconds"])
         if status not in (0, 124):
             raise RuntimeError(f"train_cifar.py failed (exit status {status})")
-        if not cpu_repro.trained(run):
+        if not common.trained(run):
             return None
     with open(os.path.join(run, "config.json")) as f:
         return {"run": name, "flags": flags, "config": json.load(f)["args"],
-                "epoch_seconds": cpu_repro.epoch_seconds(run), "log": read_lines(os.path.join(run, "log.jsonl"))}
+                "epoch_seconds": common.epoch_seconds(run), "log": read_lines(os.path.join(run, "log.jsonl"))}
 
 
 def read_lines(path):
@@ -311,11 +321,6 @@ def ensure_data(setting):
     return data
 
 
-def read(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def all_steps(setting):
     steps = {"bench-cifar": step_bench_cifar, "bench-imagenet": step_bench_imagenet, "projections": step_projections,
              "fast-path": step_fast_path, "profile": step_profile}
@@ -366,19 +371,19 @@ def bench_table(report):
 
 def smoke_setting(root):
     return {"root": root, "out": os.path.join(root, "gpu-report"), "data": os.path.join(root, "data"),
-            "archive": "", "bench": ["--rounds", "1", "--warmup", "0", "--device", "cpu"], "fast": ["--channels-last"],
+            "archive": "", "bench": ["--rounds", "1", "--warmup", "1", "--device", "cpu"], "fast": ["--channels-last"],
             "fast_path_methods": "plain,adv-1", "cifar_arch": "wrn-10-1", "cifar_batch": 4,
             "cifar_methods": "plain,llr-2,llr-8,adv-10", "compiled_methods": "plain,llr-2",
             "imagenet_arch": "resnet18", "imagenet_batch": 2,
             "imagenet_size": 32, "imagenet_methods": "plain,llr-2",
             "imagenet_compiled_methods": "plain",
             "compile_backend": ["--compile-backend", "eager"],
-            "repro": [*cpu_repro.SMOKE_COMMON, "--epochs", "1"], "eval": cpu_repro.SMOKE_EVAL,
+            "repro": [*common.SMOKE_COMMON, "--epochs", "1"], "eval": common.SMOKE_EVAL,
             "contrast": ["p3-adv2-authors"],
-            "contrast_common": [*cpu_repro.SMOKE_COMMON, "--epochs", "1", "--lr-schedule", "cyclic"],
+            "contrast_common": [*common.SMOKE_COMMON, "--epochs", "1", "--lr-schedule", "cyclic"],
             "contrast_eval": ["--n", "8", "--steps", "2", "--restarts", "1", "--attacks", "fgsm20,untargeted",
                               "--no-sanity", "--gamma"],
-            "runs": ["plain", cpu_repro.COLLAPSING],
+            "runs": ["plain", common.COLLAPSING],
             "step_seconds": 120}
 
 
@@ -403,14 +408,13 @@ def main(argv=None):
         setting = {"root": ROOT, "out": os.path.join(HERE, "gpu-report"), "data": os.path.join(ROOT, args.data_dir),
                    "archive": args.archive, "bench": [], "fast": ["--bf16", "--channels-last"],
                    "fast_path_methods": "plain,llr-2,adv-10", "cifar_arch": "wrn-28-8", "cifar_batch": 128,
-                   "cifar_methods": ",".join(n for n in bench.VARIANTS if bench.suited(n, "wrn-28-8")),
-                   "compiled_methods": ",".join(n for n in bench.VARIANTS if bench.suited(n, "wrn-28-8")),
+                   "cifar_methods": None, "compiled_methods": None,  # bench.py's: every method that suits
                    "imagenet_arch": "resnet152", "imagenet_batch": 32,
                    "imagenet_size": 224, "imagenet_methods": "plain,llr-2,adv-10,adv-30",
                    "imagenet_compiled_methods": "plain,llr-2,adv-10,adv-30", "compile_backend": [],
                    "repro": REPRO, "contrast": list(CONTRAST), "contrast_common": CONTRAST_COMMON,
                    "contrast_eval": CONTRAST_EVAL,
-                   "eval": ["--eps", cpu_repro.EPS, "--n", "1000", "--gamma"], "runs": list(cpu_repro.RUNS),
+                   "eval": ["--eps", common.EPS, "--n", "1000", "--gamma"], "runs": list(common.RUNS),
                    "step_seconds": STEP_SECONDS}
     steps = all_steps(setting)
     if args.steps:

@@ -14,7 +14,7 @@ steps), and `--certify` for the LipConvNets (which also fails loudly if an attac
 certified at 36/255). Training fits the development CPU (minutes per epoch); the LipConvNets'
 evaluation does not (hours per model there: run it on a GPU, as the README's table was). Results land in
 experiments/l2-compare/ (evaluation JSONs, checkpoints, summary.json, table.md) and in its README between
-the l2-compare markers. The machinery (resuming, parallel jobs, timing) is cpu_repro.py's. This is
+the l2-compare markers. The machinery (resuming, parallel jobs, timing) is common.py's. This is
 not the authors' headline: theirs needs their schedule (200 epochs of the full training set on a
 GPU) and their widths.
 """
@@ -25,9 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also when run by its path
 
-from experiments import cpu_repro  # noqa: E402
+from experiments import common  # noqa: E402
+from experiments.common import HERE, ROOT  # noqa: E402
 
-HERE, ROOT = cpu_repro.HERE, cpu_repro.ROOT
 EPS = "36/255"
 COMMON = ["--norm", "l2", "--eps", EPS, "--train-n", "6000", "--epochs", "10", "--batch-size", "128", "--lr", "0.1",
           "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "300",
@@ -41,7 +41,7 @@ RUNS = {  # name: (label in the table, train_cifar.py flags)
     "adv": ("ADV-10, WRN-10-1", ["--arch", "wrn-10-1", "--method", "adv", "--adv-steps", "10"]),
 }
 EVAL = ["--norm", "l2", "--eps", EPS, "--n", "1000", "--batch-size", "1000"]  # one batch: the models are small
-ORDER = ["adv", "llr", "soc-crc", "soc-lln", "soc-ortho"]  # most expensive first (cpu_repro.runs' order)
+ORDER = ["adv", "llr", "soc-crc", "soc-lln", "soc-ortho"]  # most expensive first (common.runs' order)
 RADII = ("36/255", "72/255", "108/255")
 
 SMOKE_COMMON = ["--norm", "l2", "--eps", EPS, "--epochs", "1", "--batch-size", "8", "--val-n", "6",
@@ -58,14 +58,14 @@ def summarise(setting):
     with AutoAttack's where it ran), the certified accuracy at the papers' radii, and the training time per epoch."""
     rows = {}
     for name, (label, flags) in setting["runs"].items():
-        report = cpu_repro.read(os.path.join(setting["out"], f"{name}.eval.json"))
+        report = common.read(os.path.join(setting["out"], f"{name}.eval.json"))
         r = report["results"]
         certificates = report.get("certificates", {})
         rows[name] = {"label": label, "flags": flags, "nominal": r["nominal"]["accuracy"],
                       "empirical": r.get("worst_case_with_autoattack", r["worst_case"])["accuracy"],
                       "certified": {k: v for k, v in certificates.get("certified_accuracy", {}).items() if k in RADII},
                       "contradictions": len(certificates.get("contradictions", [])),
-                      "epoch_seconds": cpu_repro.epoch_seconds(cpu_repro.run_dir(setting, name)),
+                      "epoch_seconds": common.epoch_seconds(common.run_dir(setting, name)),
                       "eval_device": report["device"]}
     summary = {"machine": setting["machine"], "data": setting["data"], "common_flags": setting["common"],
                "eval_flags": setting["eval"], "runs": rows}
@@ -91,12 +91,12 @@ def report(setting):
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(text)
     if setting["readme"]:
-        cpu_repro.write_readme_parts(setting["readme"], {"table": text}, "l2-compare", "l2_compare.py")
+        common.write_readme_parts(setting["readme"], {"table": text}, "l2-compare", "l2_compare.py")
     print(text)
 
 
-STAGES = {"train": lambda s: cpu_repro.runs(s, [cpu_repro.train]),
-          "evaluate": lambda s: cpu_repro.runs(s, [cpu_repro.evaluate]), "report": report}
+STAGES = {"train": lambda s: common.runs(s, [common.train]),
+          "evaluate": lambda s: common.runs(s, [common.evaluate]), "report": report}
 
 
 def smoke_setting(root):
@@ -112,29 +112,29 @@ def smoke_setting(root):
     readme = os.path.join(root, "README.md")
     if not os.path.exists(readme):
         with open(readme, "w") as f:
-            f.write("\n".join(["before", *cpu_repro.marked("table", "l2-compare", "l2_compare.py"), "after\n"]))
+            f.write("\n".join(["before", *common.marked("table", "l2-compare", "l2_compare.py"), "after\n"]))
     return {"name": "l2-compare", "root": root, "data": data, "out": out, "common": SMOKE_COMMON, "eval": SMOKE_EVAL,
             "runs": runs, "readme": readme, "machine": "smoke test"}
 
 
 def main(argv=None):
-    args = cpu_repro.parse_args(__doc__, __file__, STAGES, argv)
+    args = common.parse_args(__doc__, __file__, STAGES, argv)
     if args.smoke:
         setting = smoke_setting(args.smoke)
     else:
-        cpu_repro.require_data("l2_compare.py")
+        common.require_data("l2_compare.py")
         out = os.path.join(HERE, "l2-compare")
         os.makedirs(out, exist_ok=True)
-        setting = {"name": "l2-compare", "root": ROOT, "data": cpu_repro.DATA, "out": out, "common": COMMON,
+        setting = {"name": "l2-compare", "root": ROOT, "data": common.DATA, "out": out, "common": COMMON,
                    "eval": EVAL, "runs": RUNS, "readme": os.path.join(out, "README.md"),
-                   "machine": cpu_repro.machine()}
+                   "machine": common.machine()}
     setting.update(jobs=args.jobs, order=ORDER,
                    eval_extra={name: ["--certify"] for name, (_, flags) in setting["runs"].items() if certifies(flags)})
     start = time.time()
     if args.only:
         STAGES[args.only](setting)
     else:
-        cpu_repro.runs(setting, [cpu_repro.train, cpu_repro.evaluate])
+        common.runs(setting, [common.train, common.evaluate])
         report(setting)
     print(f"l2_compare.py: done in {time.time() - start:.0f} s; results in {setting['out']}")
 

@@ -157,6 +157,23 @@ def test_compiled_llr_refuses_bad_input():
         llr.CompiledLLR(model, backend="aot_eager")(torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), 3.0)
 
 
+def test_compiled_llr_refuses_a_model_without_logits_bad_labels_and_x_requiring_grad_before_compiling():
+    """One line each, naming what is expected, before anything compiles (no graph: no Dynamo error)."""
+    from test_llr import _bad_model
+
+    x, y = torch.rand(4, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    for kind in ("tuple", "object", "shape"):
+        with pytest.raises(ValueError, match=r"the model must return logits \[B, K\] for B = 4 images") as caught:
+            llr.CompiledLLR(_bad_model(kind), steps=1)(x, y, 0.1)
+        assert "\n" not in str(caught.value)
+    compiled = llr.CompiledLLR(TinyConvNet().double(), steps=1)
+    with pytest.raises(ValueError, match=r"labels y must be \[B\] = \[4\] for images x \[4, 3, 4, 4\], got \[3\]"):
+        compiled(x, y[:3], 0.1)
+    with pytest.raises(ValueError, match="images x must not require grad .* pass x.detach()"):
+        compiled(x.clone().requires_grad_(True), y, 0.1)
+    assert _graphs() == 0
+
+
 # --------------------------------------------------------------------------- --compile end to end
 TINY = ["--arch", "wrn-10-1", "--batch-size", "7", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
         "--eps-warmup", "1", "--llr-steps", "2", "--gamma-n", "2"]  # 24 images: 3 batches of 7, 3 dropped
@@ -192,7 +209,7 @@ def test_compiled_training_run_resumes_exactly(data_dir, tmp_path, monkeypatch, 
             if calls[0] == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
             return fn(*a)
-        return call
+        return methods.BoundLoss(call)
 
     parts = str(tmp_path / "parts")
     with monkeypatch.context() as m:

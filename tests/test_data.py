@@ -7,9 +7,14 @@ import data
 from conftest import make_image_folder
 
 
-def test_crop_and_flip_matches_a_per_image_reference():
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_crop_and_flip_matches_a_per_image_reference(mode):
+    """reflect: F.pad's mirror (the LLR authors'); zeros: torchvision's RandomCrop(padding=2) with
+    its default fill 0 and RandomHorizontalFlip, replayed with torchvision's own functions."""
+    from torchvision.transforms import functional as TF
+
     images = torch.rand(16, 3, 6, 5)
-    out = data.crop_and_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
+    out = data.crop_and_flip(images, padding=2, generator=torch.Generator().manual_seed(0), mode=mode)
     # replay the generator: the same draws, applied image by image
     g = torch.Generator().manual_seed(0)
     top = torch.randint(0, 5, (16, 1, 1), generator=g).flatten()
@@ -17,9 +22,15 @@ def test_crop_and_flip_matches_a_per_image_reference():
     flip = (torch.rand(16, 1, 1, generator=g) < 0.5).flatten()
     assert flip.any() and (~flip).any()
     for i in range(16):
-        padded = F.pad(images[i:i + 1], (2, 2, 2, 2), mode="reflect")[0]
-        crop = padded[:, top[i]:top[i] + 6, left[i]:left[i] + 5]
-        torch.testing.assert_close(out[i], crop.flip(2) if flip[i] else crop, rtol=0, atol=0)
+        if mode == "reflect":
+            crop = F.pad(images[i:i + 1], (2, 2, 2, 2), mode="reflect")[0][:, top[i]:top[i] + 6, left[i]:left[i] + 5]
+        else:
+            crop = TF.crop(TF.pad(images[i], [2]), int(top[i]), int(left[i]), 6, 5)
+        torch.testing.assert_close(out[i], TF.hflip(crop) if flip[i] else crop, rtol=0, atol=0)
+    if mode == "zeros":
+        assert (out == 0).any()  # some crop reaches into the black border
+    with pytest.raises(ValueError, match="unknown padding mode 'constant'"):
+        data.crop_and_flip(images, mode="constant")
 
 
 def test_image_folder_loads_in_a_fixed_mixed_order(tmp_path):
@@ -53,6 +64,19 @@ def test_folder_errors(tmp_path):
         data.load_cifar10(str(tmp_path / "c"), "test")
 
 
+def test_a_folder_of_other_images_is_refused_or_described(tmp_path):
+    """A grayscale image would be converted to RGB, changing the input and its ε-ball without a word:
+    refused, naming the file, its mode and size. RGB images of another size load, and `describe` says so."""
+    from PIL import Image
+
+    make_image_folder(str(tmp_path), splits=("test",), classes=2, per_class=2, size=8)
+    assert data.describe(*data.load_cifar10(str(tmp_path), "test")[::2]) == {"channels": 3, "size": [8, 8],
+                                                                           "classes": 2}
+    Image.new("L", (8, 8), 128).save(tmp_path / "test" / "class1" / "gray.png")
+    with pytest.raises(data.DataError, match=r"class1/gray.png is a L image of 8x8 px; expected RGB \(CIFAR-10: "):
+        data.load_cifar10(str(tmp_path), "test")
+
+
 def test_torchvision_layout(tmp_path, monkeypatch):
     """torchvision's `cifar-10-batches-py` layout (the one `--download` writes) is read as uint8
     NCHW in CIFAR-10's own order, with its labels and class names. The files are generated in
@@ -79,6 +103,7 @@ def test_torchvision_layout(tmp_path, monkeypatch):
     images, labels, classes = data.load_cifar10(str(tmp_path), "test")
     pixels, expected = written["test_batch"]
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8 and classes == names
+    assert data.describe(images, classes) == {"channels": 3, "size": [32, 32], "classes": 10}
     assert labels.tolist() == expected
     assert torch.equal(images, torch.from_numpy(pixels).reshape(3, 3, 32, 32))  # channel c = the c-th 1024 bytes
     train, train_labels, _ = data.load_cifar10(str(tmp_path), "train")

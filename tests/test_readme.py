@@ -10,7 +10,7 @@ from conftest import ROOT
 
 DOCUMENTS = ["README.md", "docs/training.md", "docs/evaluation.md", "docs/bench/README.md",
              "experiments/cpu-repro/README.md", "experiments/l2-compare/README.md", "experiments/gpu-report/README.md",
-             "experiments/positive-control/README.md"]
+             "experiments/positive-control/README.md", "experiments/co-bench/README.md"]
 
 
 def _readme(name="README.md"):
@@ -67,8 +67,9 @@ def test_the_cpu_recipe_runs_as_written(tmp_path):
     from conftest import make_image_folder
 
     block = _readme().split("<!-- try-it -->", 1)[1].split("<!-- try-it:end -->", 1)[0]
-    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("python ")]
-    assert [c.split()[1] for c in commands] == ["train_cifar.py", "eval.py"]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if "python" in line]
+    assert [c.split()[:2] for c in commands] == [[".venv/bin/python", "train_cifar.py"],
+                                                 [".venv/bin/python", "eval.py"]]  # no activated environment assumed
     assert "make install data/cifar10-jpeg/train" in block and "data/cifar10-jpeg/train:" in open(
         os.path.join(ROOT, "Makefile")).read()
     make_image_folder(str(tmp_path / "data" / "cifar10-jpeg"), classes=10, per_class=12, size=32)
@@ -81,3 +82,22 @@ def test_the_cpu_recipe_runs_as_written(tmp_path):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     assert os.path.isfile(tmp_path / "runs" / "try" / "eval.json")
+
+
+def test_the_imagenet_try_line_runs_as_written(tmp_path, monkeypatch, fresh_accelerate_state):
+    """The README's "try train_imagenet.py on a small ImageFolder" line, in-process, on a tiny generated
+    folder (39 training images: --val-n 6 in place of 100 leaves one batch of 32)."""
+    import shlex
+
+    import train_imagenet
+    from conftest import make_image_folder
+
+    line, = [line for line in _readme().splitlines() if "train_imagenet.py --data-dir DIR" in line]
+    argv = shlex.split(line.strip())
+    assert argv[:2] == [".venv/bin/python", "train_imagenet.py"]
+    make_image_folder(str(tmp_path / "folder"), splits=("train", "val"), classes=3, per_class=13, size=40)
+    for flag, value in (("--data-dir", str(tmp_path / "folder")), ("--val-n", "6")):
+        argv[argv.index(flag) + 1] = value
+    monkeypatch.chdir(tmp_path)
+    assert train_imagenet.main(argv[2:]) == 0
+    assert os.path.isfile(tmp_path / "runs" / "try-imagenet" / "best.safetensors")

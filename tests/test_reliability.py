@@ -116,17 +116,79 @@ def test_every_flag_with_a_default_shows_it_in_help():
         assert "(default: " in text and "(default: None)" not in text
 
 
+def test_help_says_how_the_flags_read(capsys):
+    """ε's help covers ℓ2 radii; ImageNet's --llr-steps default (the paper's, by ε) is visible; the
+    ImageNet script's header says what a stop does; --resume's help and the README's Train
+    section say the same about changes on resume."""
+    helps = {}
+    for script in (train_cifar, train_imagenet):
+        with pytest.raises(SystemExit):
+            script.get_args(["--help"])
+        helps[script] = " ".join(capsys.readouterr().out.split())
+    assert "with --norm l2 every number is in pixel units: 0.5, or 36/255" in helps[train_cifar]
+    assert "--llr-steps N steps of llr_loss (unset: 2 at --eps 4/255 or less, 10 above: the paper's)" in \
+        helps[train_imagenet]
+    assert "next log step" not in train_imagenet.__doc__ and "stops after the current step" in train_imagenet.__doc__
+    resume = "each change is printed and recorded in config.json"
+    assert all(resume in text for text in helps.values())
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    train_section = " ".join(readme.split("## Train", 1)[1].split("\n## ", 1)[0].split())
+    assert resume in train_section
+
+
 # --------------------------------------------------------------------------- stopping and the run directory
 def test_a_stop_is_acknowledged_and_honoured_after_the_current_step(data_dir, tmp_path, monkeypatch, capsys):
-    """--log-every 50 no longer delays a stop: SIGTERM during step 2 stops after step 2."""
+    """--log-every 50 no longer delays a stop: SIGTERM during step 2 stops after step 2, with exit
+    status 143 (128 + SIGTERM: `train && eval` must not go on to a half-trained model)."""
     run = str(tmp_path / "run")
     monkeypatch.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], signal_at(2)))
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY,
-                      "--log-every", "50"])
+    status = train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY,
+                               "--log-every", "50"])
     captured = capsys.readouterr()
     assert "SIGTERM: stopping after step 2, saving a checkpoint" in captured.err
-    assert "stopped at step 2 with a checkpoint" in captured.out + captured.err
+    assert f"stopped at step 2 with a checkpoint; continue with --resume {run}" in captured.out + captured.err
     assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["step"] == 2
+    assert status == 143
+
+
+def test_a_stop_during_an_evaluation_announces_the_step_it_stops_after(data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the evaluation after step 3 (the end of epoch 1): step 4 still runs, and the
+    acknowledgement says so; exit status 130. During the last evaluation: the run finishes (0)."""
+    import training
+
+    original = training.evaluate
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", interrupted)
+    run = str(tmp_path / "run")
+    status = train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "3", "--out", run, *TINY])
+    captured = capsys.readouterr()
+    assert "SIGINT: stopping after step 4, saving a checkpoint" in captured.err
+    assert "stopped at step 4 with a checkpoint" in captured.out and status == 130
+    assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["step"] == 4
+    last = str(tmp_path / "last")
+    status = train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", last, *TINY])
+    captured = capsys.readouterr()
+    assert "SIGINT: the run has trained its last step and is finishing" in captured.err
+    assert "done:" in captured.out and "stopped" not in captured.out and status == 0
+
+
+def test_the_lock_leaves_with_the_process_that_held_it(data_dir, tmp_path):
+    """A finished run, a resume of it, and a start that fails once the directory is taken leave no
+    lock behind; the failed start leaves no directory either."""
+    run = str(tmp_path / "run")
+    common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY]
+    train_cifar.main([*common, "--out", run])
+    assert "lock" not in os.listdir(run)
+    train_cifar.main(["--resume", run])  # finished: nothing to do
+    assert "lock" not in os.listdir(run)
+    failed = str(tmp_path / "failed")
+    assert "fewer than one batch" in _one_line_error(train_cifar.main, [*common, "--out", failed, "--batch-size", "64"],
+                                                     "train_cifar.py")
+    assert not os.path.exists(failed)
 
 
 def test_a_second_signal_stops_at_once(data_dir, tmp_path, monkeypatch):
@@ -188,6 +250,64 @@ def test_a_fresh_start_into_a_used_directory_needs_overwrite(data_dir, tmp_path)
     assert "--overwrite" in _one_line_error(train_cifar.main, common, "train_cifar.py")
     train_cifar.main([*common, "--overwrite"])
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+
+
+def test_overwrite_deletes_the_earlier_run_and_its_evaluations_and_nothing_else(data_dir, tmp_path):
+    """eval.py's reports of the earlier run's checkpoints (and an interrupted evaluation's leftovers)
+    go with it, or they would describe the new model; a directory holding only such a report is
+    not empty; a file of anything else is refused by name, and nothing is deleted."""
+    import autoattack_check
+    import probe
+
+    run, base = str(tmp_path / "run"), ["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY]
+    common = [*base, "--out", run]
+    train_cifar.main(common)
+    reports = {os.path.basename(eval_script.output_path(out, os.path.join(run, "best.safetensors"), mode))
+               for mode in ("eval", *probe.MODES.values()) for out in (None, run + os.sep)}
+    reports |= {"last.eval.json", "best.eval.json.partial.json", "eval.json" + autoattack_check.STATE_SUFFIX}
+    for name in reports:
+        with open(os.path.join(run, name), "w") as f:
+            f.write("{}")
+    train_cifar.main([*common, "--overwrite"])
+    assert set(os.listdir(run)) == {"config.json", "log.jsonl", "last.safetensors", "best.safetensors", "state.pt"}
+    for name, text in (("best.eval.json", "{}"), ("notes.txt", "mine")):
+        with open(os.path.join(run, name), "w") as f:
+            f.write(text)
+    message = _one_line_error(train_cifar.main, [*common, "--overwrite"], "train_cifar.py")
+    assert "holds files that are not a training run's (notes.txt)" in message
+    assert {"best.eval.json", "notes.txt", "state.pt"} <= set(os.listdir(run))  # nothing deleted
+
+    reported = tmp_path / "reported"
+    reported.mkdir()
+    (reported / "best.eval.json").write_text("{}")
+    message = _one_line_error(train_cifar.main, [*base, "--out", str(reported)], "train_cifar.py")
+    assert "holds eval.py's reports of an earlier run (best.eval.json)" in message and "--overwrite" in message
+
+
+def test_resume_of_what_is_not_a_run_says_so(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for path, message in (("folder", "it is not a run: a run directory holds config.json and state.pt"),
+                          ("file", "it is a file; give the run's directory"), ("missing", "no such directory")):
+        text = _one_line_error(train_cifar.main, ["--resume", str(tmp_path / path)], "train_cifar.py")
+        assert f"cannot resume from {tmp_path / path}: {message}" in text
+
+
+def test_a_resume_prints_the_flags_it_changes(data_dir, tmp_path, monkeypatch, capsys):
+    """--lr (one of the flags a resume may change) is printed with the recorded value; repeated
+    with its value, a flag is not a change; a finished run says that the change is not applied."""
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setitem(methods.METHODS, "plain", hooked(methods.METHODS["plain"], signal_at(2)))
+        train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+    capsys.readouterr()
+    train_cifar.main(["--resume", run, "--lr", "0.05", "--log-every", "1"])
+    out = capsys.readouterr().out
+    assert "resuming at step 2 with --lr 0.05 (recorded: 0.2) ->" in out and "--log-every" not in out
+    assert [e["lr"] for e in read_log(run) if e["kind"] == "train"] == [0.2, 0.2, 0.05]
+    train_cifar.main(["--resume", run, "--lr", "0.01"])
+    assert "is finished (1 of 1 epochs): nothing to resume (so --lr 0.01 (recorded: 0.2) is not applied)" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -276,7 +396,7 @@ def test_plots_input_errors(data_dir, tmp_path):
 def test_bench_reports_minima_and_writes_under_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "2",
-                                       "--warmup", "0", "--methods", "plain,adv-1", "--device", "cpu"]))
+                                       "--warmup", "1", "--methods", "plain,adv-1", "--device", "cpu"]))
     assert os.path.exists(tmp_path / "runs" / "bench.json")
     r = report["results"]["adv-1"]
     assert r["ms_min"] == min(r["ms_all"]) and r["spread"] >= 1 and "busy_machine" in report

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from experiments import cpu_repro, gpu_report, l2_compare
+from experiments import common, cpu_repro, gpu_report, l2_compare
 
 
 def test_gpu_report_smoke(tmp_path):
@@ -108,7 +108,7 @@ def test_l2_compare_smoke(tmp_path):
 
 @pytest.mark.parametrize("script", [cpu_repro, l2_compare])
 def test_experiments_without_the_cifar_copy_fail_in_one_line(script, monkeypatch):
-    monkeypatch.setattr(cpu_repro, "DATA", "data/no-such-copy")
+    monkeypatch.setattr(common, "DATA", "data/no-such-copy")
     with pytest.raises(SystemExit, match="no CIFAR-10 copy at data/no-such-copy: unpack it with"):
         script.main([])
 

@@ -39,7 +39,9 @@ def test_each_method_trains_and_evaluates(method, data_dir, tmp_path):
     assert all({"loss", "lr", "eps", "images_per_s"} <= set(e) for e in train)
     assert train[0]["eps"] == pytest.approx(8 / 255 / 1.5) and train[-1]["eps"] == pytest.approx(8 / 255)  # warm-up
     expected_terms = {"llr": {"gamma", "grad_term"}, "adv": {"adv_acc"}, "trades": {"kl"}, "cure": {"curvature"},
-                      "lfr": {"flatness"}, "plain": {"train_acc"}}[method]
+                      "lfr": {"flatness"}, "plain": {"train_acc"}, "n-fgsm": {"adv_acc"},
+                      "gradalign": {"adv_acc", "grad_cos"}, "elle": {"adv_acc", "lin_err"},
+                      "elle-a": {"adv_acc", "lin_err", "elle_lambda"}}[method]
     assert expected_terms <= set(train[-1])
     assert [e["step"] for e in log if e["kind"] == "eval"] == [3, 6]
     assert [e["step"] for e in log if e["kind"] == "gamma"] == [3, 6]  # Fig. 2's γ for any method
@@ -91,6 +93,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
     (["--eps", "300/255"], "more than 64/255, almost surely a unit mistake for an ℓ∞ radius"),
     (["--eps", "x"], "cannot read eps"),
     (["--arch", "vgg"], "unknown architecture"),
+    (["--arch", "cnn-0x4"], "at least 1 layer"),
+    (["--lr-peak", "1"], "--lr-peak is a fraction of training in (0, 1), got 1.0"),
+    (["--lr-schedule", "cyclic-gradalign", "--lr-warmup", "1"], "ramps the learning rate up by itself"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, data_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -215,3 +220,118 @@ def test_l2_threat_model_from_training_to_evaluation(data_dir, tmp_path):
                                "--restarts", "1", "--fgsm-steps", "2", "--square-queries", "2", "--no-sanity",
                                "--out", str(tmp_path / "e.json")])
     assert report["norm"] == "l2" and "square" not in report["results"] and "untargeted" in report["results"]
+
+
+# --------------------------------------------------------------------------- the CO literature's settings (issue 28)
+def test_cyclic_schedules_against_their_sources():
+    """cyclic-gradalign at --lr-peak 0.4 is GradAlign's np.interp(t, [0, 2·epochs//5, epochs], [0, lr, 0]) at
+    t = epoch + (i + 1)/batches (their utils.py:335, train.py:127); cyclic is torch's CyclicLR stepped after
+    each batch, at 0.5 (train_fgsm.py) and 0.4 (N-FGSM's and ELLE's SVHN runs)."""
+    import numpy as np
+
+    import training
+
+    batches, epochs = 382, 30
+    args = train_cifar.get_args(["--lr-schedule", "cyclic-gradalign", "--lr-peak", "0.4", "--lr", "0.003",
+                                 "--epochs", str(epochs)])
+    for epoch in (0, 5, 11, 12, 20, 29):
+        for i in (0, 1, 100, batches - 1):
+            expected = np.interp([epoch + (i + 1) / batches], [0, epochs * 2 // 5, epochs], [0, 0.003, 0])[0]
+            rate = training.learning_rate(args, epoch * batches + i, batches, epochs * batches)
+            assert rate == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert training.learning_rate(args, epochs * batches - 1, batches, epochs * batches) == 0  # their last step
+    for peak in (0.5, 0.4):
+        args = train_cifar.get_args(["--lr-schedule", "cyclic", "--lr-peak", str(peak), "--lr", "0.2"])
+        total = 100
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+        cyclic = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0, max_lr=0.2, step_size_up=total * peak,
+                                                   step_size_down=total * (1 - peak))
+        for step in range(total):
+            assert training.learning_rate(args, step, 10, total) == pytest.approx(optimizer.param_groups[0]["lr"],
+                                                                                   rel=1e-12, abs=1e-18)
+            optimizer.step()
+            cyclic.step()
+
+
+def _trained_parameters(optimizer_for, steps=3):
+    """The parameters of a small model after `steps` steps of the optimiser `optimizer_for(model)` on fixed batches."""
+    torch.manual_seed(0)
+    model = models.build_model("cnn-1x2", num_classes=3)
+    optimizer = optimizer_for(model)
+    for k in range(steps):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return list(model.parameters())
+
+
+@pytest.mark.parametrize("flags, theirs", [
+    # GradAlign train.py:96: torch.optim.Adam(model.parameters(), lr=args.lr_max, weight_decay=args.weight_decay)
+    (["--optimizer", "adam", "--weight-decay-on", "all"],
+     lambda m: torch.optim.Adam(m.parameters(), lr=0.003, weight_decay=5e-4)),
+    # fast_adversarial train_fgsm.py:75: SGD(model.parameters(), lr, momentum=0.9, weight_decay)
+    (["--weight-decay-on", "all"],
+     lambda m: torch.optim.SGD(m.parameters(), lr=0.003, momentum=0.9, weight_decay=5e-4)),
+    # the default: conv and linear weights decayed, biases not
+    ([], lambda m: torch.optim.SGD([{"params": [m.net.features[0].weight, m.net.fc.weight], "weight_decay": 5e-4},
+                                    {"params": [m.net.features[0].bias, m.net.fc.bias]}], lr=0.003, momentum=0.9)),
+], ids=["adam-all-gradalign", "sgd-all-train_fgsm", "sgd-weights-default"])
+def test_optimizer_flags_build_their_optimizer(flags, theirs):
+    import training
+
+    args = train_cifar.get_args([*flags, "--lr", "0.003", "--weight-decay", "5e-4"])
+    ours = _trained_parameters(lambda m: training.make_optimizer(m, args))
+    expected = _trained_parameters(theirs)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    if flags[-1:] == ["all"]:  # the rule matters: with the biases left undecayed the weights differ
+        args.weight_decay_on = "weights"
+        other = _trained_parameters(lambda m: training.make_optimizer(m, args))
+        assert not all(torch.equal(a, b) for a, b in zip(ours, other))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_pad_mode_reaches_the_crops(mode):
+    """--pad-mode zeros: white images get black borders in some crops (torchvision's RandomCrop(32, padding=4));
+    reflect: never."""
+    from types import SimpleNamespace
+
+    args = train_cifar.get_args(["--pad-mode", mode])
+    images, labels = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(64, dtype=torch.int64)
+    x, _ = train_cifar.batch_for(images, labels, args, 0, 1, SimpleNamespace(process_index=0, num_processes=1))
+    assert x.shape == (64, 3, 32, 32) and x.max() == 1
+    assert (x.min() == 0) == (mode == "zeros")
+
+
+def test_evaluate_takes_explicit_settings_and_splits_across_processes():
+    """training.evaluate needs neither the command line's args nor Accelerate: any driver calls it.
+    Two shards (process 0 and 1 of 2) whose counts are summed by `reduce` count the images, the
+    clean and the FGSM accuracy of one process's call; the strong attack's name carries its
+    settings."""
+    import training
+    from conftest import TinyConvNet
+
+    torch.manual_seed(0)
+    model = TinyConvNet()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=g), torch.arange(10) % 3
+    settings = dict(norm="linf", steps=2, restarts=1, seed=0, gamma_n=4, gamma_seed=7)
+    whole = training.evaluate(model, images, labels, 8 / 255, **settings)
+    assert whole["val_n"] == 10 and whole["val_gamma_n"] == 4 and whole["pgd"] == "untargeted 2x1"
+    assert model.training  # left in train mode
+    counts = [None, None]
+
+    def all_reduce(process):
+        def reduce(t):
+            counts[process] = t.clone()
+            return t if None in counts else counts[0] + counts[1]
+        return reduce
+
+    for process in (0, 1):
+        shard = training.evaluate(model, images, labels, 8 / 255, **settings, process=process, processes=2,
+                                  reduce=all_reduce(process))
+    assert counts[0][3] == counts[1][3] == 5  # every other image each
+    assert (shard["val_n"], shard["val_gamma_n"]) == (10, 4)
+    assert (shard["val_clean_acc"], shard["val_fgsm_acc"]) == (whole["val_clean_acc"], whole["val_fgsm_acc"])

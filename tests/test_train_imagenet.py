@@ -89,6 +89,22 @@ def test_missing_imagenet_gives_one_line_and_nonzero_exit(tmp_path):
     assert result.returncode != 0 and len(lines) == 1 and "no folder" in lines[0], result.stderr
 
 
+def test_a_flat_val_folder_is_refused_at_start_up(tmp_path):
+    """ImageNet distributes its validation images in one folder; eval.py reads val/<wnid>/*.JPEG:
+    said in one line before training, not found after it."""
+    import shutil
+
+    data_dir = make_image_folder(str(tmp_path / "data"), splits=("train",), classes=3, per_class=10, size=40)
+    os.makedirs(os.path.join(data_dir, "val"))
+    shutil.copy(os.path.join(data_dir, "train", "class0", "0.jpg"), os.path.join(data_dir, "val", "0.jpg"))
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(["--data-dir", data_dir, "--out", run, "--epochs", "1", *TINY])
+    text = str(e.value.code)
+    assert text.startswith("train_imagenet.py: error:") and "val holds no class folders" in text
+    assert "\n" not in text and not os.path.exists(run)
+
+
 def test_two_process_run(imagenet, tmp_path):
     run = str(tmp_path / "ddp")
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -104,7 +120,8 @@ def test_two_process_run(imagenet, tmp_path):
 
 def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(imagenet, tmp_path):
     """As a cluster scheduler does before pre-emption: SIGTERM to the training process and its
-    DataLoader workers alike. The run finishes its step, checkpoints and exits cleanly."""
+    DataLoader workers alike. The run finishes its step, checkpoints and exits with status 143
+    (128 + SIGTERM), so that `train && eval` does not evaluate a half-trained model."""
     import time
 
     run = str(tmp_path / "preempted")
@@ -124,7 +141,7 @@ def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint(imagenet, tm
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, stderr[-2000:]
-    assert "stopped at step" in stdout
+    assert process.returncode == 143, stderr[-2000:]
+    assert "stopped at step" in stdout and f"continue with --resume {run}" in stdout
     state = torch.load(os.path.join(run, "state.pt"), weights_only=True)
     assert 0 < state["step"] < 600
