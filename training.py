@@ -85,7 +85,8 @@ def add_run_arguments(parser, out_prefix, val_n):
     g.add_argument("--method", default="llr", choices=list(methods.METHODS), help="the training objective (methods.py)")
     g.add_argument("--compile", type=boolean, nargs="?", const=True, default=False, metavar="BOOL",
                    help="compute the method's loss with compiled code (methods.compiled): llr, lfr and cure through "
-                        "torch.func.grad traced by torch.compile, the others on torch.compile(model); the same "
+                        "torch.func.grad traced by torch.compile, the others on torch.compile(model) (gradalign is refused: "
+                        "no compiled double backprop); the same "
                         "math, rounding aside. The first steps compile (minutes); one process only. May change on "
                         "--resume")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
