@@ -92,11 +92,14 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
     Returns the exit status: 0, or 128 + the signal that stopped the run (with a checkpoint)."""
     device, main = accelerator.device, accelerator.is_main_process
     steps_per_epoch = len(labels) // args.batch_size
+    shape = data.describe(images, classes)  # what the ε-ball is a ball of: channels, size, classes
     run = training.Run(args, accelerator, steps_per_epoch, eps,
-                       {"dataset": "cifar10", "classes": classes, "data_dir": os.path.abspath(args.data_dir)})
+                       {"dataset": "cifar10", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                        "images": shape})
     step, best, model, optimizer, loss_fn = run.prepare(
         model, training.make_optimizer(model, args),
         f"{args.method} on {args.arch} ({model.config['activation']}), {ball.describe_eps(eps, args.norm)}, "
+        f"images {shape['channels']}x{shape['size'][0]}x{shape['size'][1]} in {shape['classes']} classes, "
         f"{run.total_steps} steps of {args.batch_size} images{', compiled' if args.compile else ''}")
     unwrapped = accelerator.unwrap_model(model)  # what is evaluated and saved
     metrics = training.IntervalMetrics(device, images=args.batch_size)

@@ -157,10 +157,11 @@ def test_bf16_mixed_precision_through_accelerate(data_dir, tmp_path, monkeypatch
         train_cifar.main(["--method", "llr", "--data-dir", data_dir, "--epochs", "1", "--out", str(tmp_path / "f"), *TINY])
 
 
-def test_selection_uses_held_out_training_images_only(tmp_path):
+def test_selection_uses_held_out_training_images_only(tmp_path, capsys):
     """The evaluation after each epoch and the choice of best.safetensors use --val-n training
     images that are never trained on; the test set is not even read (training works without it),
-    and best.safetensors records where it was chosen."""
+    and best.safetensors records where it was chosen. The header and the checkpoints say what the
+    images are (channels, size, classes): here 16-pixel images, not CIFAR-10's 32."""
     import data
 
     data_dir = make_image_folder(str(tmp_path / "data"), splits=("train",), classes=3, per_class=10, size=16)
@@ -174,6 +175,8 @@ def test_selection_uses_held_out_training_images_only(tmp_path):
     assert len(set(train_indices.tolist()) | set(holdout.tolist())) == 30 and len(train_indices) == 24
     assert sum(seen) == 2 * 24  # 3 steps of 8 per epoch: the 24 training images, not the 6 held out
     meta = models.read_checkpoint_metadata(os.path.join(run, "best.safetensors"))
+    assert meta["images"] == {"channels": 3, "size": [16, 16], "classes": 3}
+    assert "images 3x16x16 in 3 classes" in capsys.readouterr().out
     assert meta["selection"] == {"split": "train", "dataset": "cifar10", "dataset_size": 30, "holdout_n": 6,
                                  "indices_sha256": data.indices_digest(holdout), "metric": "untargeted 2x1 accuracy"}
     evals = [e for e in read_log(run) if e["kind"] == "eval"]
