@@ -140,18 +140,6 @@ def train_run(setting, run):
     os.remove(os.path.join(run["dir"], training.STATE))
 
 
-def read_log(run_dir):
-    """The run's evaluations after each epoch (train_cifar.py's log.jsonl "eval" entries), as
-    [{"epoch", "clean", "fgsm", "pgd"}]."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return [{"epoch": round(e["epoch"]), "clean": e["val_clean_acc"], "fgsm": e["val_fgsm_acc"],
-             "pgd": e["val_pgd_acc"]} for e in entries if e.get("kind") == "eval"]
-
-
 def collapsed(log):
     """The issue's rule, fixed before any run: at the end of training the held-out PGD-20 accuracy is at
     most a quarter of its best during training and at most half of the FGSM accuracy. `log`: the
@@ -172,7 +160,7 @@ def explore_table(setting):
         if not common.trained(run["dir"]):
             cell["done"] = False
             continue
-        log = read_log(run["dir"])
+        log = common.epoch_evaluations(run["dir"])
         if run["method"] == "fgsm":
             cell["fgsm"].append(collapsed(log))
             cell["seconds"].append(common.epoch_seconds(run["dir"]))
@@ -309,7 +297,7 @@ def run_bench(setting, chosen):
 # --------------------------------------------------------------------------- report
 def run_summary(setting, run):
     """A finished run's numbers: held-out (the log) and test (last.eval.json, when evaluated)."""
-    log = read_log(run["dir"])
+    log = common.epoch_evaluations(run["dir"])
     summary = {"last": log[-1], "best_pgd": max(e["pgd"] for e in log), "collapsed": collapsed(log),
                "epoch_seconds": round(common.epoch_seconds(run["dir"]), 1)}
     path = os.path.join(run["dir"], "last.eval.json")
@@ -440,7 +428,7 @@ def figures(setting, chosen, runs, done):
     for row, eps in zip(axes, chosen["eps"]):
         for ax, method in zip(row, methods):
             for r in (r for r in runs if r["method"] == method and r["eps"] == eps and r["lam"] is None):
-                log = read_log(r["dir"])
+                log = common.epoch_evaluations(r["dir"])
                 for key, color in (("clean", "tab:green"), ("fgsm", "tab:blue"), ("pgd", "tab:red")):
                     ax.plot([e["epoch"] for e in log], [100 * e[key] for e in log], color=color, alpha=0.7,
                             label={"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20"}[key] if r["seed"] == 0 else None)

@@ -118,6 +118,18 @@ def read(path):
         return json.load(f)
 
 
+def epoch_evaluations(run_dir):
+    """A train_cifar.py run's evaluations after each epoch (its log.jsonl "eval" entries; a resumed run's
+    log holds each once), as [{"epoch", "clean", "fgsm", "pgd"}]; [] before the first."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return [{"epoch": round(e["epoch"]), "clean": e["val_clean_acc"], "fgsm": e["val_fgsm_acc"],
+             "pgd": e["val_pgd_acc"]} for e in entries if e.get("kind") == "eval"]
+
+
 def epoch_seconds(run):
     """Mean wall time of a training epoch: training images over the logged images/s (evaluation excluded)."""
     with open(os.path.join(run, "log.jsonl")) as f:

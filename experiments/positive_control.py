@@ -51,6 +51,7 @@ import cli  # noqa: E402
 import models  # noqa: E402
 import train_cifar  # noqa: E402
 import training  # noqa: E402
+from experiments import common  # noqa: E402
 
 DATA = "data/cifar10-jpeg"  # the JPEG copy of CIFAR-10 (make data/cifar10-jpeg/train)
 SETTING = {"eps": "10/255", "epochs": 30, "batch_size": 128, "lr": 0.003, "lr_peak": 0.4, "weight_decay": 5e-4,
@@ -99,15 +100,8 @@ def train_run(setting, activation, seed):
 
 
 def read_log(setting, activation, seed):
-    """The run's evaluations after each epoch, the "eval" entries of train_cifar.py's log.jsonl (a
-    resumed run's log holds each once), as [{"epoch", "clean", "fgsm", "pgd"}]."""
-    path = os.path.join(run_dir(setting, activation, seed), "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return [{"epoch": round(e["epoch"]), "clean": e["val_clean_acc"], "fgsm": e["val_fgsm_acc"],
-             "pgd": e["val_pgd_acc"]} for e in entries if e.get("kind") == "eval"]
+    """The run's evaluations after each epoch: `common.epoch_evaluations`."""
+    return common.epoch_evaluations(run_dir(setting, activation, seed))
 
 
 def collapse_epoch(log):
