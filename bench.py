@@ -249,5 +249,10 @@ def profile(step, name, steps, device):
     return prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
 
 
+def main(argv=None):
+    """The command line (`argv`: sys.argv[1:] when None); the report is written to --out."""
+    run(get_args(argv))
+
+
 if __name__ == "__main__":
-    run(get_args())
+    main()

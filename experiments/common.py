@@ -60,15 +60,39 @@ def trained(run):
     return abs(models.read_checkpoint_metadata(last)["epoch"] - epochs) < 1e-9
 
 
-def call(argv, jobs=1):
-    """Run a project script with its share of the CPU cores (`jobs` run at once); its failure stops
-    this one, with its own message above."""
+SCRIPTS = {"train_cifar.py": "train_cifar", "eval.py": "eval", "plots.py": "plots", "bench.py": "bench"}
+
+
+def run_script(argv, threads=None, in_process=False):
+    """Run a project script (`argv`: "eval.py", its flags) and return its exit status: a new Python
+    process with OMP_NUM_THREADS=`threads`, or, with `in_process` (the smoke tests), its main(flags) in
+    this process, as the command line would (Accelerate's process-wide state reset first; no time limit)."""
+    if in_process and argv[0] in SCRIPTS:
+        import importlib
+
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            status = importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:])
+        except SystemExit as stop:
+            status = stop.code
+            if not isinstance(status, int) and status is not None:
+                print(status, file=sys.stderr)  # as Python prints a sys.exit("message")
+                status = 1
+        return status if isinstance(status, int) else 0  # eval.py's main returns its report
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([PY, *argv], cwd=ROOT, env=env).returncode
+
+
+def call(argv, jobs=1, in_process=False):
+    """Run a project script with its share of the CPU cores (`jobs` run at once), or in this process
+    (`run_script`); its failure stops this one, with its own message above."""
     print("+ " + " ".join(argv), flush=True)
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    result = subprocess.run([PY, *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": threads})
-    if result.returncode:
+    status = run_script(argv, max(1, (os.cpu_count() or 1) // jobs), in_process)
+    if status:
         raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {' '.join(argv[:2])} ... failed (exit status "
-                         f"{result.returncode})")
+                         f"{status})")
 
 
 def train(setting, name):
@@ -76,10 +100,10 @@ def train(setting, name):
     if trained(run):
         return
     if os.path.exists(os.path.join(run, "state.pt")):
-        call(["train_cifar.py", "--resume", run], setting["jobs"])
+        call(["train_cifar.py", "--resume", run], setting["jobs"], setting["in_process"])
     else:
         call(["train_cifar.py", "--data-dir", setting["data"], "--out", run, "--overwrite", *setting["common"],
-              *setting["runs"][name][1]], setting["jobs"])
+              *setting["runs"][name][1]], setting["jobs"], setting["in_process"])
 
 
 def run_eval_once(setting, name, kind, flags):
@@ -87,7 +111,7 @@ def run_eval_once(setting, name, kind, flags):
     path = os.path.join(setting["out"], f"{name}.{kind}.json")
     if not os.path.exists(path):
         call(["eval.py", os.path.join(run_dir(setting, name), "last.safetensors"), "--data-dir", setting["data"],
-              *flags, "--out", path], setting["jobs"])
+              *flags, "--out", path], setting["jobs"], setting["in_process"])
 
 
 def evaluate(setting, name):
@@ -107,8 +131,12 @@ def runs(setting, stages, first=()):
         for stage in stages:
             stage(setting, name)
 
+    order = sorted(setting["runs"], key=lambda name: (name not in first, setting["order"].index(name)))
+    if setting["jobs"] == 1:  # in this thread: a script run in this process handles its signals only here
+        for name in order:
+            one(name)
+        return
     with concurrent.futures.ThreadPoolExecutor(setting["jobs"]) as pool:
-        order = sorted(setting["runs"], key=lambda name: (name not in first, setting["order"].index(name)))
         for future in [pool.submit(one, name) for name in order]:
             future.result()  # the first failure stops the command (the other jobs finish their run)
 

@@ -61,7 +61,8 @@ def surfaces(setting):
         path = os.path.join(setting["out"], f"{name}.surface.json")
         if not os.path.exists(path) and images:
             call(["eval.py", os.path.join(setting["out"], f"{name}.safetensors"), "--eps", EPS, "--data-dir",
-                  setting["data"], "--surface", *images, "--surface-grid", str(setting["grid"]), "--out", path])
+                  setting["data"], "--surface", *images, "--surface-grid", str(setting["grid"]), "--out", path],
+                 in_process=setting["in_process"])
 
 
 def gamma_sweep(setting, name):
@@ -136,16 +137,18 @@ def figures(setting):
     logs = [os.path.join(run_dir(setting, name), "log.jsonl") for name in setting["runs"]
             if trained(run_dir(setting, name))]
     if logs:
-        call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")])
+        call(["plots.py", "validation", *logs, "--out", os.path.join(setting["out"], "validation.png")],
+             in_process=setting["in_process"])
     reports = [os.path.join(setting["out"], f"{name}.surface.json") for name in (COLLAPSING, LINEAR)]
     if all(os.path.exists(p) for p in reports):
         for i in surface_images(setting):
             call(["plots.py", "surface", *reports, "--index", str(i),
-                  "--out", os.path.join(setting["out"], f"surface-{i}.png")])
+                  "--out", os.path.join(setting["out"], f"surface-{i}.png")], in_process=setting["in_process"])
     evaluations = [p for p in (os.path.join(setting["out"], f"{n}.eval.json") for n in setting["runs"])
                    if os.path.exists(p)]
     if evaluations:
-        call(["plots.py", "gamma-hist", *evaluations, "--out", os.path.join(setting["out"], "gamma-test.png")])
+        call(["plots.py", "gamma-hist", *evaluations, "--out", os.path.join(setting["out"], "gamma-test.png")],
+             in_process=setting["in_process"])
 
 
 def table(summary):
@@ -226,7 +229,8 @@ def main(argv=None):
         setting = {"name": "cpu-repro", "root": ROOT, "data": common.DATA, "out": os.path.join(HERE, "cpu-repro"),
                    "common": COMMON, "eval": EVAL, "gamma_sweep": GAMMA_SWEEP, "runs": RUNS, "surfaces": SURFACES,
                    "grid": 41, "readme": os.path.join(HERE, "cpu-repro", "README.md"), "machine": machine()}
-    setting.update(jobs=args.jobs, order=COST_ORDER)
+    # the smoke runs each script in this process, one at a time (no interpreter start-ups: the tests' time)
+    setting.update(jobs=1 if args.smoke else args.jobs, in_process=bool(args.smoke), order=COST_ORDER)
     start = time.time()
     if args.only:
         STAGES[args.only](setting)

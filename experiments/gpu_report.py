@@ -84,10 +84,13 @@ def environment():
             "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def call(argv, timeout=None):
+def call(setting, argv, timeout=None):
     """Run a project script; returns its exit status (124 if it ran past `timeout` and was stopped
-    with SIGTERM, which the training scripts answer with a checkpoint)."""
+    with SIGTERM, which the training scripts answer with a checkpoint). The smoke runs each script in
+    this process (common.run_script: no time limit, none is reached there)."""
     print("+ " + " ".join(argv), flush=True)
+    if setting["in_process"]:
+        return common.run_script(argv, in_process=True)
     process = subprocess.Popen([PY, *argv], cwd=ROOT)
     try:
         return process.wait(timeout=timeout)
@@ -99,7 +102,7 @@ def call(argv, timeout=None):
 
 def run_bench(setting, flags, out):
     """One bench.py run; its JSON report."""
-    status = call(["bench.py", *setting["bench"], *flags, "--out", out])
+    status = call(setting, ["bench.py", *setting["bench"], *flags, "--out", out])
     if status:
         raise RuntimeError(f"bench.py failed (exit status {status})")
     with open(out) as f:
@@ -252,7 +255,7 @@ def train_piece(setting, name, flags, group="gpu-repro"):
         data = ensure_data(setting)
         argv = (["train_cifar.py", "--resume", run] if os.path.exists(os.path.join(run, "state.pt")) else
                 ["train_cifar.py", "--data-dir", data, "--out", run, "--overwrite", *flags])
-        status = call(argv, timeout=setting["step_seconds"])
+        status = call(setting, argv, timeout=setting["step_seconds"])
         if status not in (0, 124):
             raise RuntimeError(f"train_cifar.py failed (exit status {status})")
         if not common.trained(run):
@@ -271,7 +274,7 @@ def read_lines(path):
 def evaluate_run(setting, name, group="gpu-repro", prefix="repro", flags=None):
     run = os.path.join(setting["root"], "runs", group, name)
     out = os.path.join(setting["out"], f"{prefix}-{name}.eval.json")
-    status = call(["eval.py", os.path.join(run, "last.safetensors"), "--data-dir", ensure_data(setting),
+    status = call(setting, ["eval.py", os.path.join(run, "last.safetensors"), "--data-dir", ensure_data(setting),
                    *(setting["eval"] if flags is None else flags), "--out", out])
     if status:
         raise RuntimeError(f"eval.py failed (exit status {status})")
@@ -299,7 +302,7 @@ def step_sync_bn(setting, work):
         run = os.path.join(work, f"sync-{processes}")
         launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
-        status = call([*launch, "train_imagenet.py", *tiny, "--out", run])
+        status = call(setting, [*launch, "train_imagenet.py", *tiny, "--out", run])
         if status:
             raise RuntimeError(f"train_imagenet.py with {processes} process(es) failed (exit status {status})")
         with open(os.path.join(run, "log.jsonl")) as f:
@@ -384,7 +387,7 @@ def smoke_setting(root):
             "contrast_eval": ["--n", "8", "--steps", "2", "--restarts", "1", "--attacks", "fgsm20,untargeted",
                               "--no-sanity", "--gamma"],
             "runs": ["plain", common.COLLAPSING],
-            "step_seconds": 120}
+            "step_seconds": 120, "in_process": True}
 
 
 def main(argv=None):
@@ -415,7 +418,7 @@ def main(argv=None):
                    "repro": REPRO, "contrast": list(CONTRAST), "contrast_common": CONTRAST_COMMON,
                    "contrast_eval": CONTRAST_EVAL,
                    "eval": ["--eps", common.EPS, "--n", "1000", "--gamma"], "runs": list(common.RUNS),
-                   "step_seconds": STEP_SECONDS}
+                   "step_seconds": STEP_SECONDS, "in_process": False}
     steps = all_steps(setting)
     if args.steps:
         chosen = [n.strip() for n in args.steps.split(",") if n.strip()]

@@ -128,7 +128,7 @@ def main(argv=None):
         setting = {"name": "l2-compare", "root": ROOT, "data": common.DATA, "out": out, "common": COMMON,
                    "eval": EVAL, "runs": RUNS, "readme": os.path.join(out, "README.md"),
                    "machine": common.machine()}
-    setting.update(jobs=args.jobs, order=ORDER,
+    setting.update(jobs=1 if args.smoke else args.jobs, in_process=bool(args.smoke), order=ORDER,  # as cpu_repro's
                    eval_extra={name: ["--certify"] for name, (_, flags) in setting["runs"].items() if certifies(flags)})
     start = time.time()
     if args.only:

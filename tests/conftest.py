@@ -36,6 +36,27 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny finished train_cifar.py run, shared by every test that needs some trained checkpoint, its
+    log or its data: FGSM (ADV-1) on wrn-10-1, 2 epochs, γ logged, on a generated 3-class folder of
+    16-pixel images (ROOT/data; the run in ROOT/run). {"run", "checkpoint", "data_dir"}. Read it only:
+    a test that changes a run works on a copy (shutil.copytree)."""
+    from accelerate.state import AcceleratorState
+
+    import train_cifar
+
+    root = tmp_path_factory.mktemp("trained")
+    data_dir = make_image_folder(str(root / "data"), classes=3, per_class=10, size=16)
+    run = str(root / "run")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_cifar.main(["--method", "adv", "--adv-steps", "1", "--data-dir", data_dir, "--arch", "wrn-10-1",
+                      "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
+                      "--log-gamma-every", "2", "--gamma-n", "4", "--out", run])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"run": run, "checkpoint": os.path.join(run, "last.safetensors"), "data_dir": data_dir}
+
+
 def read_log(run_dir):
     """A run's log.jsonl as a list of dicts."""
     import json

@@ -15,8 +15,7 @@ import llr
 import models
 import plots
 import probe
-import train_cifar
-from conftest import ROOT, make_image_folder
+from conftest import ROOT
 from test_llr import LinearLossModel
 
 
@@ -79,21 +78,13 @@ def test_every_grid_point_is_in_the_ball_and_the_box(tiny_net):
 
 # --------------------------------------------------------------------------- eval.py modes and plots
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    """A short training run (log with γ) and eval.py's three kinds of JSON on its checkpoint."""
-    from accelerate.state import AcceleratorState
-
+def outputs(tmp_path_factory, trained_run):
+    """A short training run (log with γ: conftest's shared run) and eval.py's three kinds of JSON on its
+    checkpoint."""
     root = tmp_path_factory.mktemp("figures")
-    data_dir = make_image_folder(str(root / "data"), classes=3, per_class=10, size=16)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run = str(root / "run")
-    train_cifar.main(["--method", "adv", "--adv-steps", "1", "--data-dir", data_dir, "--arch", "wrn-10-1",
-                      "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
-                      "--log-gamma-every", "2", "--gamma-n", "4", "--out", run])
-    AcceleratorState._reset_state(reset_partial_state=True)
-    ckpt = os.path.join(run, "last.safetensors")
+    data_dir, ckpt = trained_run["data_dir"], trained_run["checkpoint"]
     common = [ckpt, "--eps", "8/255", "--data-dir", data_dir]
-    files = {"log": os.path.join(run, "log.jsonl")}
+    files = {"log": os.path.join(trained_run["run"], "log.jsonl")}
     files["surface"] = str(root / "surface.json")
     eval_script.main([*common, "--surface", "2", "5", "--surface-grid", "5", "--out", files["surface"]])
     files["strength"] = str(root / "strength.json")

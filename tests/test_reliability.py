@@ -2,6 +2,7 @@
 stopping, locking, checkpoint cadence, resuming, recovery advice, and interrupted evaluations."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,10 +73,8 @@ def test_train_imagenet_bad_input(flags, message, tmp_path):
     assert message in text
 
 
-def test_eval_bad_input(data_dir, tmp_path):
-    run = str(tmp_path / "run")
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
-    ckpt = os.path.join(run, "last.safetensors")
+def test_eval_bad_input(trained_run, tmp_path):
+    ckpt, data_dir = trained_run["checkpoint"], trained_run["data_dir"]
     common = [ckpt, "--eps", "8/255", "--data-dir", data_dir]
     for flags, message in ((["--n", "0"], "--n must be at least 1"), (["--n", "-5"], "--n must be at least 1"),
                            (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -314,9 +313,8 @@ def test_a_resume_prints_the_flags_it_changes(data_dir, tmp_path, monkeypatch, c
     ("state", "cannot resume from"), ("config", "its config.json is not a run's configuration"),
     ("flag", "--epochs cannot change when a run is resumed"), ("nothing", "nothing to resume"),
 ])
-def test_resume_errors(damage, message, data_dir, tmp_path, capsys):
-    run = str(tmp_path / "run")
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+def test_resume_errors(damage, message, trained_run, tmp_path, capsys):
+    run = str(shutil.copytree(trained_run["run"], tmp_path / "run"))  # a finished run, each test its own copy
     argv = ["--resume", run]
     if damage == "state":
         with open(os.path.join(run, "state.pt"), "r+b") as f:
@@ -346,19 +344,16 @@ def test_nan_advice_matches_what_is_on_disk(nan_from_call, advice, data_dir, tmp
     assert advice in str(e.value.code)
 
 
-def test_evaluation_uses_the_data_directory_the_run_recorded(data_dir, tmp_path, monkeypatch):
-    run = str(tmp_path / "run")
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+def test_evaluation_uses_the_data_directory_the_run_recorded(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data/cifar10 does not exist here
-    report = eval_script.main([run, "--eps", "8/255", "--n", "4", "--attacks", "fgsm20", "--no-sanity"])
-    assert report["data_dir"] == os.path.abspath(data_dir)
+    report = eval_script.main([trained_run["run"], "--eps", "8/255", "--n", "4", "--attacks", "fgsm20", "--no-sanity",
+                               "--out", str(tmp_path / "e.json")])
+    assert report["data_dir"] == os.path.abspath(trained_run["data_dir"])
 
 
-def test_an_interrupted_evaluation_continues_with_the_next_column(data_dir, tmp_path, monkeypatch):
-    run = str(tmp_path / "run")
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+def test_an_interrupted_evaluation_continues_with_the_next_column(trained_run, tmp_path, monkeypatch):
     out = str(tmp_path / "e.json")
-    argv = [run, "--eps", "8/255", "--data-dir", data_dir, "--n", "6", "--attacks", "fgsm20,untargeted",
+    argv = [trained_run["run"], "--eps", "8/255", "--data-dir", trained_run["data_dir"], "--n", "6", "--attacks", "fgsm20,untargeted",
             "--steps", "2", "--restarts", "1", "--no-sanity", "--out", out]
     original, attacked = eval_script.run_attack, []
 
@@ -381,11 +376,10 @@ def test_an_interrupted_evaluation_continues_with_the_next_column(data_dir, tmp_
 
 
 # --------------------------------------------------------------------------- the other scripts
-def test_plots_input_errors(data_dir, tmp_path):
-    run = str(tmp_path / "run")
-    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY])
+def test_plots_input_errors(trained_run, tmp_path):
+    run = trained_run["run"]
     report = str(tmp_path / "e.json")
-    eval_script.main([run, "--eps", "8/255", "--data-dir", data_dir, "--n", "4", "--attacks", "fgsm20", "--no-sanity",
+    eval_script.main([run, "--eps", "8/255", "--data-dir", trained_run["data_dir"], "--n", "4", "--attacks", "fgsm20", "--no-sanity",
                       "--out", report])
     assert "is not a training log" in _one_line_error(plots.main, ["curves", report, "--out", str(tmp_path / "c.png")],
                                                       "plots.py")
