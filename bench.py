@@ -78,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128 if cuda else 32, help="images per step")
     p.add_argument("--image-size", type=int, default=32, help="side of the random square images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the model")
+    p.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
+                   help="the model's activation, as train_cifar.py's (a lipconvnet's is in its name)")
     p.add_argument("--methods", help=f"comma-separated, from {NAMES} (unset: those listed that suit --arch; "
                                       f"lipschitz* for a lipconvnet, all the others for the others)")
     p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
@@ -110,7 +112,7 @@ def make_step(args, device):
     training loops use (`methods.bind`, built on first use; `<name>+compiled`: compiled): the loss,
     backward, the optimiser step and the method's update after it (ELLE-A's λ)."""
     torch.manual_seed(args.seed)
-    model = models.build_model(args.arch, num_classes=args.num_classes,
+    model = models.build_model(args.arch, num_classes=args.num_classes, activation=args.activation,
                                normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
@@ -143,7 +145,7 @@ BUSY_SPREAD = 1.5  # a method whose slowest timed step took this many times its 
 
 def describe_setting(args, device_name):
     """One line naming what was measured: model, batch, image size, device and the fast-path options."""
-    return (f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}"
+    return (f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}, {args.activation}"
             f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
             f"{', fused SGD' if args.fused_optimizer else ''}{', eager and compiled' if args.compile else ''}")
 
@@ -205,7 +207,8 @@ def run(args):
         if name in peak and plain in peak:
             results[name]["memory_ratio_to_plain"] = peak[name] / peak[plain]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"device": device_name, "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
+    report = {"device": device_name, "arch": args.arch, "activation": args.activation, "batch_size": args.batch_size,
+              "image_size": args.image_size,
               "bf16": args.bf16, "channels_last": args.channels_last, "fused_optimizer": args.fused_optimizer,
               "compile": args.compile and args.compile_backend, "rounds": args.rounds, "warmup": args.warmup,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}

@@ -24,7 +24,7 @@ Fixed before any run (the README says why):
      1 seed) at the larger ε. Refuses to run without setting.json. Runs the explore stage made are reused.
   3. eval: eval.py's suite, APGD-T (pyautoattack) and γ on the LAST checkpoint of every train-stage run
      (choosing by validation would hide a collapse), 1,000 test images: RUN/last.eval.json.
-  4. bench: bench.py --compile on the chosen CNN and on PreAct ResNet-18 (bench-*.json).
+  4. bench: bench.py --activation relu --compile on the chosen CNN and on PreAct ResNet-18 (bench-*.json).
   5. report: table.md, robust.png, curves.png, grid.md, summary.json.
 - The setting rule (`choose_setting`): on the smallest model where one exists, the pair of ε (lo < hi) with
   FGSM collapsed in 3 of 3 seeds at hi and ADV-10's final held-out clean accuracy ≥ 30% at both; among
@@ -65,8 +65,9 @@ SETTING = {
     "seeds": (0, 1, 2), "epochs": EPOCHS, "batch_size": 128, "holdout": 1000, "pgd_steps": 20, "grid": GRID,  # runs
     # eval.py on 1,000 test images: the suite (FGSM, FGSM-20, Untargeted, Multi-Targeted, Square), APGD-T, γ
     "eval_argv": ["--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"],
-    # bench.py: the chosen CNN at the training batch, and PreAct ResNet-18 at bench.py's CPU batch
-    "bench_archs": {"preact-resnet18": 32}, "bench_argv": ["--compile", "--rounds", "5", "--warmup", "1"],
+    # bench.py: the chosen CNN at the training batch, and PreAct ResNet-18 at bench.py's CPU batch; ReLU, as trained
+    "bench_archs": {"preact-resnet18": 32},
+    "bench_argv": ["--activation", "relu", "--compile", "--rounds", "5", "--warmup", "1"],
     "budget_hours": 10, "processes": 2}  # hours of the 2-core machine, in one-thread processes
 # the methods (common.CO_METHODS: label, train_cifar.py flags): bench.py's variant, and the step cost relative to
 # FGSM's on one CPU thread (cnn-1x4, batch 128, measured with methods.py: an estimate, for the shares and the budget)

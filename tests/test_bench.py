@@ -19,6 +19,18 @@ def test_bench_writes_every_method(tmp_path):
     assert report["device"] == "cpu" and report["arch"] == "wrn-10-1"
 
 
+def test_bench_builds_the_activation_asked_for(tmp_path, monkeypatch):
+    """co-bench's runs are ReLU: its step costs must be timed on ReLU models, not the softplus default."""
+    import models
+
+    built, build = [], models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    out = str(tmp_path / "bench.json")
+    bench.run(bench.get_args(["--arch", "cnn-1x4", "--batch-size", "2", "--rounds", "1", "--warmup", "1",
+                              "--methods", "adv-1", "--device", "cpu", "--activation", "relu", "--out", out]))
+    assert [m.config["activation"] for m in built] == ["relu"] and json.load(open(out))["activation"] == "relu"
+
+
 def test_bench_profile_names_where_each_method_spends_its_time(tmp_path):
     out = str(tmp_path / "bench.json")
     bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
