@@ -31,7 +31,9 @@ Fixed before any run (the README says why):
   such pairs, one that includes an ε where FGSM-RS collapsed if any does, then the smallest hi, then the
   smallest lo. If the estimated cost of the train and eval stages exceeds what is left of the budget, the
   seeds of the compared methods at lo are cut to seed 0 (the issue: cut seeds at the ε that discriminates
-  least, never the evaluation). setting.json can be written by hand only with a reason in its "rule".
+  least, never the evaluation). When the finished exploration meets no setting, `--choose MODEL:LO,HI
+  --reason TEXT` writes setting.json in the same way with "by hand: TEXT" as its "rule" (and the README
+  says why).
 - The collapse rule (`collapsed`, the issue's words): a run has collapsed when, at the end of training,
   its held-out PGD-20 accuracy is at most a quarter of its best during training and at most half of
   its FGSM accuracy (the log's "eval" entries: val_pgd_acc, val_fgsm_acc).
@@ -216,11 +218,13 @@ def explore(setting, worker):
         train_run(setting, run)
     table = explore_table(setting)
     chosen, why = choose_setting(table, setting)
+    path = os.path.join(setting["out"], "setting.json")
+    if chosen is None and os.path.exists(path):  # chosen by hand (--choose): the rule met none
+        chosen, why = read_setting(setting), "by hand"
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
         chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}  # random images: no CO
         why = "smoke: generated images do not collapse; the first model and the first two ε instead"
     write_explore_table(setting, table, chosen)
-    path = os.path.join(setting["out"], "setting.json")
     if chosen is None and all(c["done"] for c in table.values()):
         sys.exit(f"co_bench.py: no setting meets the rule ({why}): see explore.md, and the README for what then")
     if chosen is None:
@@ -228,15 +232,46 @@ def explore(setting, worker):
         return None
     if os.path.exists(path):
         return read_setting(setting)
+    return write_setting(setting, table, chosen, why)
+
+
+def write_setting(setting, table, chosen, why):
+    """setting.json: the chosen model and ε, why, the budget (seeds at the lower ε cut to seed 0 when the
+    estimate exceeds it) and the exploration's table."""
     chosen.update(grid_eps=chosen["eps"][1], epochs=setting["epochs"], rule=why)
     chosen["budget"] = cost = budget(setting, table, chosen)
     if cost["explore_hours"] + cost["train_and_eval_hours_estimate"] > setting["budget_hours"]:
         chosen["seeds"] = {str(chosen["eps"][0]): [0]}  # cut seeds at the lower ε, never the evaluation
         chosen["budget"]["after_cut"] = budget(setting, table, chosen)
     chosen["explore"] = {f"{m} {e}/255": cell for (m, e), cell in table.items()}
-    training.write_json(path, chosen)
+    training.write_json(os.path.join(setting["out"], "setting.json"), chosen)
     print(f"setting.json: {chosen['model']} at ε = {chosen['eps'][0]}/255 and {chosen['eps'][1]}/255 ({why})")
     return chosen
+
+
+def choose_by_hand(setting, text, reason):
+    """--choose MODEL:LO,HI --reason TEXT: the setting when the finished exploration meets no setting by the
+    rule (the README says why), written as the rule's would be with "by hand: TEXT" as its rule; refused
+    before the exploration has finished, when the rule chooses, once setting.json exists, and for a model
+    or ε that was not explored."""
+    try:
+        model, pair = text.split(":")
+        lo, hi = (int(e) for e in pair.split(","))
+    except ValueError:
+        raise SystemExit(f"co_bench.py: error: --choose {text!r}: write MODEL:LO,HI, e.g. cnn-1x16:8,12") from None
+    if model not in setting["models"] or not {lo, hi} <= set(setting["explore_eps"]) or not lo < hi:
+        raise SystemExit(f"co_bench.py: error: --choose {text}: a model of {', '.join(setting['models'])} and two "
+                         f"explored ε of {setting['explore_eps']}, the lower first")
+    if not (reason or "").strip():
+        raise SystemExit("co_bench.py: error: --choose needs --reason: why, since the rule chose nothing")
+    if os.path.exists(os.path.join(setting["out"], "setting.json")):
+        raise SystemExit("co_bench.py: error: setting.json exists: the setting is fixed")
+    table = explore_table(setting)
+    if not all(c["done"] for c in table.values()):
+        raise SystemExit("co_bench.py: error: the exploration is not finished: the rule decides first")
+    if choose_setting(table, setting)[0] is not None:
+        raise SystemExit("co_bench.py: error: the rule chooses a setting (--only explore writes it): no hand choice")
+    return write_setting(setting, table, {"model": model, "eps": [lo, hi]}, f"by hand: {reason.strip()}")
 
 
 def read_setting(setting):
@@ -260,8 +295,9 @@ def write_explore_table(setting, table, chosen):
         seconds = f"{statistics.median(c['seconds']):.0f}" if c["seconds"] else "–"
         rows.append(f"| {model} | {eps}/255 | {sum(c['fgsm'])}/{len(c['fgsm'])}"
                     f"{'' if len(c['fgsm']) == len(setting['seeds']) else ' (pending)'} | {rs} | {adv} | {seconds} |")
-    verdict = (f"chosen: {chosen['model']} at ε = {chosen['eps'][0]}/255 and {chosen['eps'][1]}/255"
-               if chosen else "no setting chosen yet")
+    verdict = (f"chosen{' by hand (no setting met the rule)' if chosen.get('rule', '').startswith('by hand') else ''}: "
+               f"{chosen['model']} at ε = {chosen['eps'][0]}/255 and {chosen['eps'][1]}/255" if chosen
+               else "no setting chosen yet")
     text = (f"{setting['epochs']} epochs; held-out accuracy (%) at the last epoch; {verdict}\n\n"
             "| model | ε | FGSM collapsed | FGSM-RS collapsed | ADV-10 clean / PGD-20 | FGSM s/epoch |\n"
             "| --- | --- | ---: | --- | ---: | ---: |\n" + "\n".join(rows) + "\n")
@@ -482,6 +518,9 @@ def main(argv=None):
     p.add_argument("--data", default=os.path.join(ROOT, common.DATA),
                    help="the CIFAR-10 copy (make data/cifar10-jpeg/train)")
     p.add_argument("--smoke", metavar="DIR", help="every stage on generated images under DIR (the tests)")
+    p.add_argument("--choose", metavar="MODEL:LO,HI",
+                   help="write setting.json by hand when the finished exploration meets no setting (needs --reason)")
+    p.add_argument("--reason", help="why --choose chose as it did (recorded as setting.json's rule)")
     args = p.parse_args(argv)
     worker = parse_worker(args.worker)
     setting = {**SETTING, "data": os.path.abspath(args.data), "out": os.path.join(HERE, "co-bench")}
@@ -490,6 +529,8 @@ def main(argv=None):
     elif not os.path.isdir(os.path.join(setting["data"], "train")):
         sys.exit(f"co_bench.py: error: no CIFAR-10 copy at {args.data}: make data/cifar10-jpeg/train")
     os.makedirs(setting["out"], exist_ok=True)
+    if args.choose:
+        return choose_by_hand(setting, args.choose, args.reason)
     stages = [args.only] if args.only else STAGES
     if "explore" in stages and explore(setting, worker) is None and not args.only:
         return None

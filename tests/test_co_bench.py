@@ -70,6 +70,45 @@ def test_setting_rule():
     assert choose({**cells("cnn-1x4", (0.4, 0.35, 0.31), (2, 3, 3), (False, False, True), done=False), **large}) is None
 
 
+def test_a_setting_by_hand_only_when_the_finished_exploration_meets_none(tmp_path, monkeypatch):
+    """--choose MODEL:LO,HI --reason TEXT writes setting.json as the rule would, its rule "by hand: TEXT";
+    refused while the rule could still choose, when it chooses, without a reason, for what was not explored,
+    and once the setting is fixed."""
+    monkeypatch.setattr(cb, "HERE", str(tmp_path))  # the setting's folder: HERE/co-bench
+    os.makedirs(tmp_path / "train")  # --data: a CIFAR-10 copy as far as the command line looks
+    none = {**cells("cnn-1x4", (0.34, 0.27, 0.25), (0, 3, 3), (False,) * 3),
+            **cells("cnn-1x16", (0.39, 0.28, 0.24), (1, 3, 3), (True,) * 3)}  # ADV-10 under 30% at 12 and 16
+    table = dict(none)
+    monkeypatch.setattr(cb, "explore_table", lambda setting: table)
+    reason = "ADV-10 under 30% at 12/255 on both models; FGSM-RS collapses on cnn-1x16"
+    for argv, message in ((["--choose", "cnn-1x16:8,12"], "needs --reason"),
+                          (["--choose", "cnn-1x16:8,10", "--reason", reason], "two explored ε"),
+                          (["--choose", "cnn-1x16:12,8", "--reason", reason], "the lower first"),
+                          (["--choose", "cnn-2x16:8,12", "--reason", reason], "a model of"),
+                          (["--choose", "cnn-1x16", "--reason", reason], "write MODEL:LO,HI")):
+        with pytest.raises(SystemExit, match=message):
+            cb.main([*argv, "--data", str(tmp_path)])
+    table.update(cells("cnn-1x16", (0.39, 0.28, 0.24), (1, 3, 3), (True,) * 3, done=False))
+    with pytest.raises(SystemExit, match="not finished"):
+        cb.main(["--choose", "cnn-1x16:8,12", "--reason", reason, "--data", str(tmp_path)])
+    table.update(cells("cnn-1x4", (0.34, 0.31, 0.25), (0, 3, 3), (False,) * 3))
+    table.update({k: {**v, "done": True} for k, v in table.items()})
+    with pytest.raises(SystemExit, match="the rule chooses"):  # cnn-1x4 at 8 and 12 meets it now
+        cb.main(["--choose", "cnn-1x16:8,12", "--reason", reason, "--data", str(tmp_path)])
+    table.clear()
+    table.update(none)
+    chosen = cb.main(["--choose", "cnn-1x16:8,12", "--reason", reason, "--data", str(tmp_path)])
+    written = cb.read_setting({"out": str(tmp_path / "co-bench")})
+    assert written["model"] == chosen["model"] == "cnn-1x16" and written["eps"] == [8, 12]
+    assert written["rule"] == f"by hand: {reason}" and written["grid_eps"] == 12 and "budget" in written
+    with pytest.raises(SystemExit, match="setting.json exists"):
+        cb.main(["--choose", "cnn-1x16:8,16", "--reason", reason, "--data", str(tmp_path)])
+    monkeypatch.setattr(cb, "train_run", lambda setting, run: None)  # the explore stage again: nothing to train
+    again = cb.explore({**cb.SETTING, "data": str(tmp_path), "out": str(tmp_path / "co-bench")}, (0, 1))
+    assert again == written and "chosen by hand (no setting met the rule): cnn-1x16 at ε = 8/255 and 12/255" in (
+        tmp_path / "co-bench" / "explore.md").read_text()
+
+
 @pytest.fixture
 def setting(tmp_path):
     return {**cb.SETTING, "data": str(tmp_path / "data"), "out": str(tmp_path / "out")}
