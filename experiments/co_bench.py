@@ -34,7 +34,7 @@ Fixed before any run (the README says why):
   least, never the evaluation). When the finished exploration meets no setting, `--choose MODEL:LO,HI
   --reason TEXT` writes setting.json in the same way with "by hand: TEXT" as its "rule" (and the README
   says why).
-- The collapse rule (`collapsed`, the issue's words): a run has collapsed when, at the end of training,
+- The collapse rule (`common.collapsed`, the issue's words): a run has collapsed when, at the end of training,
   its held-out PGD-20 accuracy is at most a quarter of its best during training and at most half of
   its FGSM accuracy (the log's "eval" entries: val_pgd_acc, val_fgsm_acc).
 - The LLR grid's point is chosen by the held-out PGD-20 accuracy at the end of training (the run's own
@@ -57,6 +57,7 @@ import eval as eval_py  # noqa: E402  (eval.py; the alias keeps the builtin)
 import train_cifar  # noqa: E402
 import training  # noqa: E402
 from experiments import common  # noqa: E402
+from experiments.common import collapsed  # noqa: E402  (issue 28's collapse rule)
 
 EPOCHS = 15  # the budget: 10 hours of a 2-core machine for the exploration, the grid and its evaluation
 PROTOCOL = ("--activation relu --pad-mode zeros --optimizer adam --lr 0.003 --lr-schedule cyclic-gradalign "
@@ -141,15 +142,6 @@ def train_run(setting, run):
     if status or not common.trained(run["dir"]):
         sys.exit(f"co_bench.py: {run['dir']} stopped before its last epoch; the same command continues it")
     os.remove(os.path.join(run["dir"], training.STATE))
-
-
-def collapsed(log):
-    """The issue's rule, fixed before any run: at the end of training the held-out PGD-20 accuracy is at
-    most a quarter of its best during training and at most half of the FGSM accuracy. `log`: the
-    evaluations of a finished run, [{"fgsm", "pgd"}, ...] in epoch order. (A run whose PGD-20 accuracy
-    was 0 at every epoch meets it: the rule's words; no such run is expected.)"""
-    last, best = log[-1], max(e["pgd"] for e in log)
-    return last["pgd"] <= best / 4 and last["pgd"] <= last["fgsm"] / 2
 
 
 # --------------------------------------------------------------------------- explore and the setting rule

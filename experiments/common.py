@@ -158,6 +158,15 @@ def epoch_evaluations(run_dir):
              "pgd": e["val_pgd_acc"]} for e in entries if e.get("kind") == "eval"]
 
 
+def collapsed(log):
+    """Issue 28's collapse rule, fixed before any run of co-bench: at the end of training the held-out
+    PGD-20 accuracy is at most a quarter of its best during training and at most half of the FGSM
+    accuracy. `log`: the evaluations of a finished run (`epoch_evaluations`), in epoch order. (A run
+    whose PGD-20 accuracy was 0 at every epoch meets it: the rule's words; no such run is expected.)"""
+    last, best = log[-1], max(e["pgd"] for e in log)
+    return last["pgd"] <= best / 4 and last["pgd"] <= last["fgsm"] / 2
+
+
 def epoch_seconds(run):
     """Mean wall time of a training epoch: training images over the logged images/s (evaluation excluded)."""
     with open(os.path.join(run, "log.jsonl")) as f:

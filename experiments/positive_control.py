@@ -126,17 +126,21 @@ def report(setting):
         last, best_pgd = log[-1], max(e["pgd"] for e in log)
         done = last["epoch"] == setting["epochs"]
         collapsed = collapse_epoch(log) if done else None
+        collapsed_28 = common.collapsed(log) if done else None
         summary["runs"][f"{activation}-seed{seed}"] = {"epochs": last["epoch"], "done": done, "last": last,
-                                                       "best_pgd": best_pgd, "collapse_from_epoch": collapsed}
+                                                       "best_pgd": best_pgd, "collapse_from_epoch": collapsed,
+                                                       "collapsed_issue_28": collapsed_28}
         verdict = f"yes, from epoch {collapsed}" if collapsed else "no" if done else "running"
+        verdict_28 = "running" if not done else "yes" if collapsed_28 else "no"
         rows.append(f"| {activation} | {seed} | {last['epoch']} | {100 * last['clean']:.1f} | "
                     f"{100 * last['fgsm']:.1f} | {100 * last['pgd']:.1f} | {100 * best_pgd:.1f} (epoch "
-                    f"{max(log, key=lambda e: e['pgd'])['epoch']}) | {verdict} |")
+                    f"{max(log, key=lambda e: e['pgd'])['epoch']}) | {verdict} | {verdict_28} |")
     if not rows:
         print(f"no train_cifar.py run under {setting['out']} yet: nothing to report")
         return summary
-    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed (the issue's rule) |\n"
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n")
+    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed (issue 24's rule) | "
+             "collapsed (issue 28's rule) |\n"
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n" + "\n".join(rows) + "\n")
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(setting["out"], "summary.json"), "w") as f:

@@ -16,7 +16,7 @@ import methods
 import models
 import train_cifar
 import training
-from experiments import positive_control as pc
+from experiments import common, positive_control as pc
 
 
 @pytest.fixture
@@ -93,6 +93,10 @@ def test_pipeline_end_to_end_stopped_and_resumed(tmp_path, monkeypatch, fresh_ac
     log = pc.read_log({"out": str(out)}, "relu", 0)
     assert [e["epoch"] for e in log] == [1, 2] and set(log[0]) == {"epoch", "clean", "fgsm", "pgd"}
     assert "| relu | 0 | 2 |" in (out / "table.md").read_text() and os.path.exists(out / "curves.png")
+    assert "collapsed (issue 28's rule) |" in (out / "table.md").read_text()
+    for name, run in summary["runs"].items():  # issue 28's rule beside issue 24's
+        activation, seed = name.split("-seed")
+        assert run["collapsed_issue_28"] == common.collapsed(pc.read_log({"out": str(out)}, activation, int(seed)))
     config = json.loads((out / "relu-seed0" / "config.json").read_text())["args"]
     assert (config["optimizer"], config["lr_schedule"], config["pad_mode"], config["arch"]) == (
         "adam", "cyclic-gradalign", "zeros", "cnn-1x4")
