@@ -11,7 +11,7 @@ import ball
 import eval as eval_py
 import methods
 import train_cifar
-from experiments import co_bench as cb
+from experiments import co_bench as cb, common
 
 POSITIVE_CONTROL = os.path.join(os.path.dirname(cb.HERE), "experiments", "positive-control")
 
@@ -30,18 +30,17 @@ def test_collapse_rule():
 
 
 def test_collapse_rule_on_the_positive_control():
-    """Its committed logs (the earlier private loop's format: epoch, clean, fgsm, pgd per line): ReLU seeds 0
-    and 1 collapsed, seed 2 and the softplus runs did not (the issue's statement)."""
-    verdicts = {}
-    for name in ("relu-seed0", "relu-seed1", "relu-seed2", "softplus-seed0", "softplus-seed1", "softplus-seed2"):
-        with open(os.path.join(POSITIVE_CONTROL, name, "log.jsonl")) as f:
-            entries = [json.loads(line) for line in f if line.strip()]
-        if "kind" in entries[0]:  # redone with train_cifar.py: its log format
-            entries = [{"fgsm": e["val_fgsm_acc"], "pgd": e["val_pgd_acc"]} for e in entries if e["kind"] == "eval"]
-        assert len(entries) == 30
-        verdicts[name] = cb.collapsed(entries)
-    assert verdicts == {"relu-seed0": True, "relu-seed1": True, "relu-seed2": False, "softplus-seed0": False,
+    """Its committed logs (train_cifar.py runs, 2026-12-05): ReLU seed 1 collapsed (0.0% PGD-20 at the end, from
+    14.2%); ReLU seed 0 fell from 14.3% to 3.9%, above a quarter of its best (3.6%), so the rule says no; seed 2
+    and the softplus runs did not. (On the earlier private loop's logs, commit e815310, seed 0 ended at 1.7%
+    and the rule said yes.)"""
+    verdicts = {name: cb.collapsed(common.epoch_evaluations(os.path.join(POSITIVE_CONTROL, name)))
+                for name in ("relu-seed0", "relu-seed1", "relu-seed2", "softplus-seed0", "softplus-seed1",
+                             "softplus-seed2")}
+    assert verdicts == {"relu-seed0": False, "relu-seed1": True, "relu-seed2": False, "softplus-seed0": False,
                         "softplus-seed1": False, "softplus-seed2": False}
+    last = common.epoch_evaluations(os.path.join(POSITIVE_CONTROL, "relu-seed0"))
+    assert len(last) == 30 and 0.25 * max(e["pgd"] for e in last) < last[-1]["pgd"] < 0.3 * max(e["pgd"] for e in last)
 
 
 def cells(model, clean, fgsm, fgsmrs, done=True):
