@@ -26,6 +26,18 @@ class TinyConvNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class Recording(nn.Module):
+    """A model that keeps a copy of every input it is called on."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps process-wide state; in-process runs of the training scripts each start clean."""

@@ -15,7 +15,7 @@ from torch import nn
 import bench
 import methods
 import train_cifar
-from conftest import TinyConvNet, hooked, make_image_folder, read_log, signal_at, spawn_gloo
+from conftest import Recording, TinyConvNet, hooked, make_image_folder, read_log, signal_at, spawn_gloo
 
 EPS = 0.1
 
@@ -40,18 +40,6 @@ def _assert_same_loss_and_gradients(loss, model, reference, reference_model):
     for a, b in zip(torch.autograd.grad(loss, list(model.parameters())),
                     torch.autograd.grad(reference, list(reference_model.parameters()))):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-
-
-class Recording(nn.Module):
-    """A model that keeps a copy of every input it is called on."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.inputs = net, []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
 
 
 # --------------------------------------------------------------------------- N-FGSM

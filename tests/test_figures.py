@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import ball
 import eval as eval_script
@@ -15,7 +14,7 @@ import llr
 import models
 import plots
 import probe
-from conftest import ROOT
+from conftest import ROOT, Recording
 from test_llr import LinearLossModel
 
 
@@ -53,14 +52,6 @@ def test_surface_values_equal_the_loss_at_the_grid_points(tiny_net):
     assert s["loss"][3][3] == pytest.approx(F.cross_entropy(tiny_net(x), y).item(), rel=1e-9)  # the centre is x
 
 
-class Recording(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.inputs = model, []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.model(x)
 
 
 def test_every_grid_point_is_in_the_ball_and_the_box(tiny_net):
