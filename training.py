@@ -177,9 +177,10 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
             parser.error(f"--{flag.replace('_', '-')} cannot change when a run is resumed (it is {saved.get(flag)!r} "
                          f"in {os.path.join(args.resume, 'config.json')}, part of the run's setting{why}); only "
                          f"{', '.join(can)} can")
-        given &= set(RESUMABLE)  # the others were repeated with their saved values
-        changed = {k: getattr(args, k) for k in sorted(given)}
         defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}  # flags newer than the run
+        # the others were repeated with their saved values; so may these be (co_bench.py repeats --data-dir)
+        changed = {k: getattr(args, k) for k in sorted(given & set(RESUMABLE))
+                   if getattr(args, k) != saved.get(k, defaults.get(k))}
         args = argparse.Namespace(**{**defaults, **saved, **changed, "resume": args.resume, "out": args.resume,
                                      "overwrite": False, "resume_changes": changed,
                                      "resume_recorded": {k: saved.get(k, defaults.get(k)) for k in changed}})
@@ -203,7 +204,7 @@ def resume_changes(args):
     (recorded: 0.2)"; "" when none does). A change holds for this resume only: the next one
     starts from config.json's setting again."""
     return ", ".join(f"--{k.replace('_', '-')} {v} (recorded: {args.resume_recorded[k]})"
-                     for k, v in getattr(args, "resume_changes", {}).items() if v != args.resume_recorded[k])
+                     for k, v in getattr(args, "resume_changes", {}).items())
 
 
 def finished_run(args):

@@ -60,17 +60,18 @@ from experiments import common  # noqa: E402
 from experiments.common import collapsed  # noqa: E402  (issue 28's collapse rule)
 
 EPOCHS = 15  # the budget: 10 hours of a 2-core machine for the exploration, the grid and its evaluation
-PROTOCOL = ("--activation relu --pad-mode zeros --optimizer adam --lr 0.003 --lr-schedule cyclic-gradalign "
-            "--lr-peak 0.4 --weight-decay 5e-4 --weight-decay-on all --eval-restarts 1 --gamma-n 0")
+PROTOCOL = ["--activation", "relu", *common.GRADALIGN_CNN]  # the positive control's: GradAlign's CNN setting
 GRID = ((2, 0.6), (2, 3), (8, 0.6), (8, 3), (4, 1.5))  # LLR-1's (λ, μ), 1 seed; (2, 0.6): the authors' CIFAR-10
 SETTING = {
     "models": ("cnn-1x4", "cnn-1x16"), "explore_eps": (8, 12, 16), "min_adv10_clean": 0.30,  # the exploration
     "seeds": (0, 1, 2), "epochs": EPOCHS, "batch_size": 128, "holdout": 1000, "pgd_steps": 20, "grid": GRID,  # runs
     # eval.py on 1,000 test images: the suite (FGSM, FGSM-20, Untargeted, Multi-Targeted, Square), APGD-T, γ
     "eval_argv": ["--n", "1000", "--gamma", "--autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-t"],
-    # bench.py: the chosen CNN at the training batch, and PreAct ResNet-18 at bench.py's CPU batch; ReLU, as trained
-    "bench_archs": {"preact-resnet18": 32},
-    "bench_argv": ["--activation", "relu", "--compile", "--rounds", "5", "--warmup", "1"],
+    # bench.py, ReLU as trained: the chosen CNN at the training batch, 20 steps timed after 3 (a step takes
+    # milliseconds: 5 after 1 varied 1.5x between rounds), and PreAct ResNet-18 at bench.py's CPU batch, 5 after 1
+    "bench_cnn_argv": ["--rounds", "20", "--warmup", "3"],
+    "bench_archs": {"preact-resnet18": ["--batch-size", "32", "--rounds", "5", "--warmup", "1"]},
+    "bench_argv": ["--activation", "relu", "--compile"],
     "budget_hours": 10, "processes": 2}  # hours of the 2-core machine, in one-thread processes
 # the methods (common.CO_METHODS: label, train_cifar.py flags): bench.py's variant, and the step cost relative to
 # FGSM's on one CPU thread (cnn-1x4, batch 128, measured with methods.py: an estimate, for the shares and the budget)
@@ -92,7 +93,7 @@ def make_run(setting, model, method, eps, seed, lam=None, mu=None):
     out = os.path.join(setting["out"], "runs", model, name)
     argv = ["--data-dir", setting["data"], "--out", out, "--seed", str(seed), "--arch", model,
             "--epochs", str(setting["epochs"]), "--batch-size", str(setting["batch_size"]), "--val-n",
-            str(setting["holdout"]), "--eval-steps", str(setting["pgd_steps"]), *PROTOCOL.split(), *flags]
+            str(setting["holdout"]), "--eval-steps", str(setting["pgd_steps"]), *PROTOCOL, *flags]
     return {"name": name, "model": model, "method": method, "eps": eps, "seed": seed, "lam": lam, "mu": mu,
             "dir": out, "argv": argv, "cost": METHODS[method][2] * MODEL_COST.get(model, 1.0) * setting["epochs"]}
 
@@ -316,10 +317,11 @@ def run_bench(setting, chosen):
     """bench.py on the chosen CNN (batch 128, as trained) and on PreAct ResNet-18: every method of the
     benchmark eager and compiled in one run (a method that cannot compile is timed eager only)."""
     variants = ",".join(dict.fromkeys(["plain"] + [m[1] for m in METHODS.values()]))
-    for arch, batch in {chosen["model"]: setting["batch_size"], **setting["bench_archs"]}.items():
+    cnn = ["--batch-size", str(setting["batch_size"]), *setting["bench_cnn_argv"]]
+    for arch, argv in {chosen["model"]: cnn, **setting["bench_archs"]}.items():
         out = os.path.join(setting["out"], f"bench-{arch}.json")
         if not os.path.exists(out):
-            bench.run(bench.get_args(["--arch", arch, "--batch-size", str(batch), "--methods", variants, "--out", out,
+            bench.run(bench.get_args(["--arch", arch, "--methods", variants, "--out", out, *argv,
                                       *setting["bench_argv"]]))
 
 
@@ -495,7 +497,7 @@ def smoke_setting(root):
             "epochs": 2, "batch_size": 8, "holdout": 4, "pgd_steps": 2, "grid": GRID[:2],
             "eval_argv": ["--n", "10", "--steps", "2", "--restarts", "1", "--fgsm-steps", "2", "--square-queries", "5",
                           "--no-sanity"],
-            "bench_archs": {}, "bench_argv": ["--rounds", "1", "--warmup", "1"]}
+            "bench_cnn_argv": ["--rounds", "1", "--warmup", "1"], "bench_archs": {}, "bench_argv": []}
 
 
 STAGES = ("explore", "train", "eval", "bench", "report")

@@ -228,6 +228,14 @@ def machine():
 
 
 # --------------------------------------------------------------------------- catastrophic overfitting (issue 28)
+# GradAlign's CNN training setting (tml-epfl/understanding-fast-adv-training: train.py, utils.py; the positive
+# control's docstring gives each flag's source): zero-padded crops, Adam at 0.003 with weight decay 5e-4 on every
+# parameter, their one-cycle schedule peaking at 40% of training; and the held-out evaluation after each epoch
+# (PGD-20 with 1 restart, no γ). The positive control and co_bench.py train with it; each adds its model,
+# activation, method, ε, epochs, batch and held-out images.
+GRADALIGN_CNN = ("--pad-mode zeros --optimizer adam --lr 0.003 --lr-schedule cyclic-gradalign --lr-peak 0.4 "
+                 "--weight-decay 5e-4 --weight-decay-on all --eval-restarts 1 --gamma-n 0").split()
+
 # co_bench.py's methods, which gpu_report.py's contrast-p5-* steps train at PreAct ResNet-18 scale: name: (label,
 # train_cifar.py flags; STEP is FGSM's step 1.25·ε, as GradAlign and Wong et al.), each method at its authors'
 # hyperparameters for its ε (the defaults of methods.py follow ε; LLR's are the authors' CIFAR-10 ones)

@@ -15,7 +15,8 @@ The setting is their README's command for this model, read from their code
     python train.py --model=cnn --attack=fgsm --eps=10 --attack_init=zero --n_layers=1 --n_filters_cnn=4
                     --epochs=30 --eval_iter_freq=50 --lr_max=0.003 --gpu=0 --n_final_eval=1000
 
-and these train_cifar.py flags say it (`train_argv`):
+and these train_cifar.py flags say it (`train_argv`; the optimiser, schedule and crops are `common.GRADALIGN_CNN`,
+which co_bench.py trains with too):
 - model: --arch cnn-1x4 (models.CNN: Conv2d(3, 4, 3, padding 1), the activation, Linear(4·32·32, 10), no
   input normalisation, their `initialize_weights`);
 - data: --pad-mode zeros: random 32×32 crops of the zero-padded (4 pixels) image and horizontal flips
@@ -54,8 +55,8 @@ import training  # noqa: E402
 from experiments import common  # noqa: E402
 
 DATA = "data/cifar10-jpeg"  # the JPEG copy of CIFAR-10 (make data/cifar10-jpeg/train)
-SETTING = {"eps": "10/255", "epochs": 30, "batch_size": 128, "lr": 0.003, "lr_peak": 0.4, "weight_decay": 5e-4,
-           "fgsm_alpha": 1.25, "arch": "cnn-1x4", "holdout": 1000, "pgd_steps": 20}
+SETTING = {"eps": "10/255", "epochs": 30, "batch_size": 128, "fgsm_alpha": 1.25, "arch": "cnn-1x4", "holdout": 1000,
+           "pgd_steps": 20}  # and common.GRADALIGN_CNN: their optimiser, schedule and crops
 ACTIVATIONS = ("relu", "softplus")
 RUNS = [(activation, seed) for activation in ACTIVATIONS for seed in (0, 1, 2)]
 
@@ -68,14 +69,11 @@ def train_argv(setting, activation, seed):
     """The train_cifar.py flags of one run: their setting (the docstring's list), our held-out images."""
     step = setting["fgsm_alpha"] * cli.number(setting["eps"])
     return ["--data-dir", setting["data"], "--out", run_dir(setting, activation, seed), "--seed", str(seed),
-            "--arch", setting["arch"], "--activation", activation, "--pad-mode", "zeros",
+            "--arch", setting["arch"], "--activation", activation,
             "--method", "adv", "--adv-steps", "1", "--adv-random-start", "false", "--adv-step-size", repr(step),
             "--adv-bn", "train", "--eps", setting["eps"], "--epochs", str(setting["epochs"]),
-            "--batch-size", str(setting["batch_size"]), "--optimizer", "adam", "--lr", repr(setting["lr"]),
-            "--lr-schedule", "cyclic-gradalign", "--lr-peak", repr(setting["lr_peak"]),
-            "--weight-decay", repr(setting["weight_decay"]), "--weight-decay-on", "all",
-            "--val-n", str(setting["holdout"]), "--eval-steps", str(setting["pgd_steps"]), "--eval-restarts", "1",
-            "--gamma-n", "0"]
+            "--batch-size", str(setting["batch_size"]), "--val-n", str(setting["holdout"]),
+            "--eval-steps", str(setting["pgd_steps"]), *common.GRADALIGN_CNN]
 
 
 def finished(setting, activation, seed):
@@ -118,7 +116,8 @@ def collapse_epoch(log):
 def report(setting):
     """summary.json, table.md and curves.png from the logs that exist (none written while no run
     of train_cifar.py's log format exists: the committed table stays until the runs are redone)."""
-    rows, summary = [], {"setting": {k: v for k, v in setting.items() if k in SETTING}, "runs": {}}
+    rows, summary = [], {"setting": {**{k: v for k, v in setting.items() if k in SETTING},
+                                     "protocol": " ".join(common.GRADALIGN_CNN)}, "runs": {}}
     for activation, seed in RUNS if not setting.get("runs") else setting["runs"]:
         log = read_log(setting, activation, seed)
         if not log:

@@ -226,7 +226,8 @@ def test_checkpoints_by_the_clock(data_dir, tmp_path, monkeypatch):
 
 def test_a_crash_between_checkpoints_leaves_no_step_twice_in_the_log(data_dir, tmp_path, monkeypatch):
     """Killed after logging steps 4 and 5 but with the checkpoint of step 3: the resumed run logs
-    steps 4 and 5 again, so the log keeps each step once; the resume is recorded in config.json."""
+    steps 4 and 5 again, so the log keeps each step once; the resume is recorded in config.json with
+    the flags it changed (not those repeated with their recorded values)."""
     run = str(tmp_path / "run")
     common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "3", *TINY]
     with monkeypatch.context() as m:
@@ -234,7 +235,7 @@ def test_a_crash_between_checkpoints_leaves_no_step_twice_in_the_log(data_dir, t
         with pytest.raises(RuntimeError):
             train_cifar.main([*common, "--out", run])
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3, 4, 5]
-    train_cifar.main(["--resume", run, "--log-every", "2"])
+    train_cifar.main(["--resume", run, "--log-every", "2", "--data-dir", data_dir])  # --data-dir as recorded
     steps = [e["step"] for e in read_log(run) if e["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[:3] == [1, 2, 3] and steps[-1] == 9
     config = json.load(open(os.path.join(run, "config.json")))
