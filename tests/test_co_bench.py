@@ -179,6 +179,17 @@ def test_shares_split_the_runs(setting):
     assert [r["model"] for r in shares[1]] == sorted((r["model"] for r in shares[1]), key=setting["models"].index)
 
 
+def test_step_costs_are_over_plains_eager_step(tmp_path):
+    """The table's step cost divides every variant's median, compiled ones too, by plain's eager median of the
+    same bench.py run: compiled plain may be the slower one (it is on the CNN on this CPU)."""
+    medians = {"plain": 10.0, "llr-1": 50.0, "plain+compiled": 20.0, "llr-1+compiled": 40.0}
+    (tmp_path / "bench-cnn-1x4.json").write_text(json.dumps(
+        {"results": {k: {"ms_median": v, "ratio_to_plain": 0.0} for k, v in medians.items()}}))
+    assert cb.step_costs({"out": str(tmp_path)}, "cnn-1x4") == {
+        "plain": 1.0, "llr-1": 5.0, "plain+compiled": 2.0, "llr-1+compiled": 4.0}
+    assert cb.step_costs({"out": str(tmp_path)}, "preact-resnet18") == {}
+
+
 def test_smoke_end_to_end_stopped_resumed_and_done(tmp_path, monkeypatch, fresh_accelerate_state):
     """Every stage on generated images: the first run is stopped by SIGTERM in its step 3 (the script stops
     too); run again, it resumes it and goes through explore, train, eval, bench and report; a third call
