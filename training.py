@@ -179,11 +179,11 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
                          f"{', '.join(can)} can")
         defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}  # flags newer than the run
         # the others were repeated with their saved values; so may these be (co_bench.py repeats --data-dir)
-        changed = {k: getattr(args, k) for k in sorted(given & set(RESUMABLE))
-                   if getattr(args, k) != saved.get(k, defaults.get(k))}
+        recorded = {k: saved.get(k, defaults.get(k)) for k in sorted(given & set(RESUMABLE))}
+        changed = {k: getattr(args, k) for k, v in recorded.items() if getattr(args, k) != v}
         args = argparse.Namespace(**{**defaults, **saved, **changed, "resume": args.resume, "out": args.resume,
                                      "overwrite": False, "resume_changes": changed,
-                                     "resume_recorded": {k: saved.get(k, defaults.get(k)) for k in changed}})
+                                     "resume_recorded": {k: recorded[k] for k in changed}})
     args.out = args.out or f"runs/{out_prefix}-{args.method}"
     return args
 

@@ -213,7 +213,7 @@ def explore(setting, worker):
     chosen, why = choose_setting(table, setting)
     path = os.path.join(setting["out"], "setting.json")
     if chosen is None and os.path.exists(path):  # chosen by hand (--choose): the rule met none
-        chosen, why = read_setting(setting), "by hand"
+        chosen = read_setting(setting)
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
         chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}  # random images: no CO
         why = "smoke: generated images do not collapse; the first model and the first two ε instead"

@@ -52,8 +52,6 @@ def test_surface_values_equal_the_loss_at_the_grid_points(tiny_net):
     assert s["loss"][3][3] == pytest.approx(F.cross_entropy(tiny_net(x), y).item(), rel=1e-9)  # the centre is x
 
 
-
-
 def test_every_grid_point_is_in_the_ball_and_the_box(tiny_net):
     tiny_net.eval()
     x = torch.rand(1, 3, 4, 4, dtype=torch.float64)
