@@ -436,14 +436,16 @@ def figures(setting, chosen, runs, done):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in COMPARED + ("adv10",):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    methods = COMPARED + ("adv10",)
+    for index, method in enumerate(methods):
+        offset = 0.12 * (index - (len(methods) - 1) / 2)  # side by side, so that the ranges do not overlap
         points = []
         for eps in chosen["eps"]:
             worst = [done[r["name"]]["test"]["worst"] for r in runs if r["method"] == method and r["eps"] == eps
                      and r["lam"] is None and "test" in done.get(r["name"], {})]
             if worst:
-                points.append((eps, 100 * statistics.mean(worst), 100 * min(worst), 100 * max(worst)))
+                points.append((eps + offset, 100 * statistics.mean(worst), 100 * min(worst), 100 * max(worst)))
         if points:
             e, mean, low, high = zip(*points)
             ax.errorbar(e, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
@@ -453,11 +455,10 @@ def figures(setting, chosen, runs, done):
     ax.set_ylabel("worst-case test accuracy (%)")
     ax.set_title(f"{chosen['model']}, last checkpoint, mean and range over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(setting["out"], "robust.png"), dpi=110)
     plt.close(fig)
-    methods = COMPARED + ("adv10",)
     fig, axes = plt.subplots(len(chosen["eps"]), len(methods), figsize=(2.6 * len(methods), 2.4 * len(chosen["eps"])),
                              sharex=True, sharey=True, squeeze=False)
     for row, eps in zip(axes, chosen["eps"]):
