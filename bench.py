@@ -4,6 +4,7 @@
     python bench.py --bf16 --channels-last            # the fast path on a GPU
     python bench.py --compile                         # each method eager and compiled, side by side
     python bench.py --arch resnet152 --image-size 224 --batch-size 32 --methods plain,llr-2,adv-30 --bf16
+    python bench.py --arch timm:vit_small_patch16_224 --timm-kwargs img_size=32 patch_size=4 --compile
     make bench
 
 A step is what training does: the method's loss, backward (with the double backward
@@ -78,8 +79,11 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128 if cuda else 32, help="images per step")
     p.add_argument("--image-size", type=int, default=32, help="side of the random square images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the model")
-    p.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
-                   help="the model's activation, as train_cifar.py's (a lipconvnet's is in its name)")
+    p.add_argument("--activation", choices=list(models.ACTIVATIONS),
+                   help="the model's activation, as train_cifar.py's: softplus when unset, a timm: model's own (GELU) "
+                        "for one (a lipconvnet's is in its name)")
+    p.add_argument("--timm-kwargs", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="a timm: model's size arguments, as train_cifar.py's (e.g. img_size=32 patch_size=4)")
     p.add_argument("--methods", help=f"comma-separated, from {NAMES} (unset: those listed that suit --arch; "
                                       f"lipschitz* for a lipconvnet, all the others for the others)")
     p.add_argument("--rounds", type=int, default=10 if cuda else 3, help="timed steps of each method")
@@ -113,7 +117,8 @@ def make_step(args, device):
     backward, the optimiser step and the method's update after it (ELLE-A's λ)."""
     torch.manual_seed(args.seed)
     model = models.build_model(args.arch, num_classes=args.num_classes, activation=args.activation,
-                               normalization="imagenet" if args.image_size > 64 else "cifar10").to(device)
+                               normalization="imagenet" if args.image_size > 64 else "cifar10",
+                               timm_kwargs=models.parse_timm_kwargs(args.timm_kwargs)).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=args.fused_optimizer or None)
@@ -143,9 +148,15 @@ def make_step(args, device):
 BUSY_SPREAD = 1.5  # a method whose slowest timed step took this many times its fastest ran on a busy machine
 
 
+def activation(args):
+    """The model's activation: --activation, or when unset softplus (a timm: model: its own)."""
+    return args.activation or (models.OWN if args.arch.startswith(models.TIMM) else "softplus")
+
+
 def describe_setting(args, device_name):
     """One line naming what was measured: model, batch, image size, device and the fast-path options."""
-    return (f"{args.arch}, batch {args.batch_size}, {args.image_size}px, {device_name}, {args.activation}"
+    return (f"{args.arch}{' ' + ' '.join(args.timm_kwargs) if args.timm_kwargs else ''}, batch {args.batch_size}, "
+            f"{args.image_size}px, {device_name}, {activation(args)}"
             f"{', bf16' if args.bf16 else ''}{', channels-last' if args.channels_last else ''}"
             f"{', fused SGD' if args.fused_optimizer else ''}{', eager and compiled' if args.compile else ''}")
 
@@ -166,7 +177,10 @@ def run(args):
         names.insert(0, "plain")  # the reference of every ratio
     if args.compile:
         names += [n + COMPILED for n in names if methods.compilable(variant(n)[0])]
-    step = make_step(args, device)
+    try:
+        step = make_step(args, device)
+    except ValueError as e:  # the model: an unknown architecture, --timm-kwargs timm refuses
+        raise SystemExit(f"bench.py: error: {e}") from None
     times = {n: [] for n in names}
     peak, first_call = {}, {}
     for name in names:  # warm-up: allocator, kernels, lazy imports; compiling (twice: a recompile, e.g. eval mode)
@@ -207,7 +221,8 @@ def run(args):
         if name in peak and plain in peak:
             results[name]["memory_ratio_to_plain"] = peak[name] / peak[plain]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"device": device_name, "arch": args.arch, "activation": args.activation, "batch_size": args.batch_size,
+    report = {"device": device_name, "arch": args.arch, "timm_kwargs": args.timm_kwargs, "activation": activation(args),
+              "batch_size": args.batch_size,
               "image_size": args.image_size,
               "bf16": args.bf16, "channels_last": args.channels_last, "fused_optimizer": args.fused_optimizer,
               "compile": args.compile and args.compile_backend, "rounds": args.rounds, "warmup": args.warmup,

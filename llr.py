@@ -28,6 +28,12 @@ Conventions, so that results match the authors' code (google-deepmind/local_line
   x (differentiably, as the authors' `get_stats`/`set_stats`), and only the clean pass updates the
   running statistics. See `CleanBatchStatistics`.
 
+- Attention: a model calling `F.scaled_dot_product_attention` (timm's ViT, DeiT) gets PyTorch's fused kernels
+  (flash, memory-efficient, the CPU's flash), which have no double backward (pytorch/pytorch#116350). The clean
+  pass, the one whose input gradient is differentiated again, runs under `math_attention()` (the math backend:
+  matmul, softmax, matmul); the search and the pass on x + δ keep the caller's kernels. Cost: the math backend
+  materialises the attention matrix, memory ∝ tokens² per head and image (197² for a ViT at 224 px, patch 16).
+
 `CompiledLLR(model, steps=2)(x, y, eps)` computes `llr_loss(model, x, y, eps, steps=2)` with the same
 pieces compiled by torch.compile: faster where launches and memory traffic bound the eager double backward.
 """
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["linearity_gap", "local_linearity", "llr_loss", "CompiledLLR", "reuse_clean_batch_statistics",
-           "CleanBatchStatistics"]
+           "CleanBatchStatistics", "math_attention"]
 
 
 # --------------------------------------------------------------------------- the objective, Eqs. (5)-(8)
@@ -167,7 +173,8 @@ class _LLR:
         """Clean logits [B, K], ℓ(x) [B], ∇ₓℓ(x) [B, ...] and the batch-norm statistics of x (recorded inside)."""
         def summed_loss(x):
             self.clean.record()
-            logits = self.model(x)
+            with math_attention():  # this pass's input gradient is differentiated again
+                logits = self.model(x)
             loss = _cross_entropy(logits, y)
             return loss.sum(), (logits, loss, self.clean.recorded())
         grad, (logits, loss, statistics) = self.grad(summed_loss, has_aux=True)(x)
@@ -188,6 +195,19 @@ class _LLR:
     def eq8(self, x, y, x_adv, clean_loss, grad, statistics, lam, mu):
         self.clean.reuse(statistics)
         return _eq8(self.model, x, y, x_adv, clean_loss, grad, lam, mu)
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Inside, `F.scaled_dot_product_attention` runs by its math backend alone (matmul, softmax, matmul: ordinary
+    operations, differentiable to any order); on exit the caller's choice of backends is restored
+    (`torch.nn.attention.sdpa_kernel`, torch's API). For a pass whose input gradient is differentiated again:
+    the fused kernels have no double backward (pytorch/pytorch#116350). The backend is chosen at the forward,
+    so only the forward needs to be inside. Costs memory ∝ tokens² (the attention matrix is materialised)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _autograd(create_graph=False):

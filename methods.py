@@ -29,6 +29,11 @@ in eval mode too (its official code); LFR's last pass and LLR's passes on x + δ
 the clean batch's statistics (`llr.reuse_clean_batch_statistics`). N-FGSM, GradAlign, ELLE and
 ELLE-A run every pass in train mode, as their authors' code. Each method's
 docstring names its source and any deliberate difference from it.
+
+The passes whose input gradient is differentiated again run their attention by the math backend
+(`llr.math_attention`: the fused kernels have no double backward); every other pass keeps the
+caller's kernels. They are: LLR's clean pass; GradAlign's pass on x + η (g₂); CURE's two gradient
+passes; LFR's search passes and its pass on x + δ (the clean pass is differentiated once).
 """
 import contextlib
 
@@ -62,6 +67,12 @@ def _default_step(eps, steps, step_size):
 
 def _input_grad(loss, x_adv, create_graph=False):
     return torch.autograd.grad(loss, x_adv, create_graph=create_graph)[0]
+
+
+def _twice(model, x):
+    """model(x) for a pass whose input gradient is differentiated again: attention by the math backend."""
+    with llr.math_attention():
+        return model(x)
 
 
 def signed_ascent(model, x, x_adv, eps, steps, step_size, objective, norm="linf", bn="eval"):
@@ -176,9 +187,9 @@ def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None, norm="linf
     loss = F.cross_entropy(logits, y, reduction="none")
     with _eval_mode(model), torch.enable_grad():
         x0 = x.detach().requires_grad_(True)
-        grad = _input_grad(F.cross_entropy(model(x0), y, reduction="sum"), x0, create_graph=True)
+        grad = _input_grad(F.cross_entropy(_twice(model, x0), y, reduction="sum"), x0, create_graph=True)
         x_z = (x0 + _cure_step(grad, h)).detach().requires_grad_(True)
-        grad_z = _input_grad(F.cross_entropy(model(x_z), y, reduction="sum"), x_z, create_graph=True)
+        grad_z = _input_grad(F.cross_entropy(_twice(model, x_z), y, reduction="sum"), x_z, create_graph=True)
         curvature = (grad_z - grad).flatten(1).norm(dim=1)
     return (loss + weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                 "curvature": curvature.detach()}
@@ -201,7 +212,8 @@ def _input_grad_dual_norm(model, x_adv, y, norm):
     with respect to x_adv (the search's objective)."""
     if not x_adv.requires_grad:
         x_adv = x_adv.detach().requires_grad_(True)
-    return _dual_norm(_input_grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv, create_graph=True), norm)
+    return _dual_norm(_input_grad(F.cross_entropy(_twice(model, x_adv), y, reduction="sum"), x_adv,
+                                  create_graph=True), norm)
 
 
 def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None, norm="linf"):
@@ -287,7 +299,8 @@ def _uniform(x, radius, generator, copies=1):
 def _ce_input_grad(model, x, y, create_graph=False):
     """∇ₓ of the summed cross-entropy at x [B, ...], in the model's current mode."""
     x = x.detach().requires_grad_(True)
-    return _input_grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph)
+    logits = _twice(model, x) if create_graph else model(x)
+    return _input_grad(F.cross_entropy(logits, y, reduction="sum"), x, create_graph)
 
 
 def _fgsm_from_x(model, x, y, eps):
@@ -494,7 +507,7 @@ class CompiledLFR:
         self._objective = compile_fullgraph(self._loss, backend, mode, options)
 
     def _dual_norm_of_input_grad(self, x_adv, y):
-        grad = torch.func.grad(lambda x_adv: F.cross_entropy(self.model(x_adv), y, reduction="sum"))(x_adv)
+        grad = torch.func.grad(lambda x_adv: F.cross_entropy(_twice(self.model, x_adv), y, reduction="sum"))(x_adv)
         return _dual_norm(grad, self.norm)
 
     def _search_step(self, x, y, x_adv, eps, step_size):
@@ -545,7 +558,7 @@ class CompiledCURE:
 
     def _curvature(self, x, y, h):
         def input_grad(x):
-            return torch.func.grad(lambda x: F.cross_entropy(self.model(x), y, reduction="sum"))(x)
+            return torch.func.grad(lambda x: F.cross_entropy(_twice(self.model, x), y, reduction="sum"))(x)
         grad = input_grad(x)
         return (input_grad(x + _cure_step(grad, h)) - grad).flatten(1).norm(dim=1)
 

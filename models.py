@@ -10,9 +10,13 @@ softplus is the default; relu is there for comparisons.
     model = build_model("resnet152", num_classes=1000, normalization="imagenet")
     model = build_model("lipconvnet-5-lln")                    # 1-Lipschitz, certifiable (soc.py)
     model = build_model("cnn-1x4", activation="relu")          # GradAlign's CNN: raw pixels, no normalisation
+    model = build_model("timm:vit_small_patch16_224", num_classes=10,  # any timm model, its own GELU
+                        timm_kwargs={"img_size": 32, "patch_size": 4})
+    print(load_init(model, "vit_small.safetensors"))           # local weights in timm's layout (fine-tuning)
     save_checkpoint(model, "run/last.safetensors", epoch=3)
     model = load_checkpoint("run/last.safetensors")            # eval mode, [0, 1] inputs
 """
+import ast
 import json
 import math
 import os
@@ -29,10 +33,13 @@ NORMALIZATION = {  # per-channel (mean, std) of the training images
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # raw [0, 1] pixels: (x - 0) / 1 is x exactly
 }
 ACTIVATIONS = {"softplus": nn.Softplus, "relu": nn.ReLU}
+TIMM = "timm:"  # the prefix of a timm model's name: timm:vit_small_patch16_224
+OWN = "own"  # a timm model's activation when --activation is not given: the model's own (GELU for ViT, Swin, ConvNeXt)
 ARCHITECTURES = ("wrn-<depth>-<width> (e.g. wrn-28-8, wrn-40-8, wrn-34-10), preact-resnet18, resnet18, resnet50, "
                  "resnet152, cnn-<layers>x<filters> (GradAlign's CIFAR-10 CNN, no input normalisation; e.g. cnn-1x4), "
                  "lipconvnet-<depth>[-c<channels>][-ortho|-lln|-crc][-hh1][-lippool] (soc.py; e.g. "
-                 "lipconvnet-5-lln)")
+                 "lipconvnet-5-lln), timm:<name> (any model of timm.list_models(), e.g. timm:vit_small_patch16_224, "
+                 "timm:convnext_tiny; size arguments with --timm-kwargs)")
 
 
 class ImageClassifier(nn.Module):
@@ -140,13 +147,19 @@ def _torchvision_resnet(name, num_classes, activation):
     return net
 
 
-def build_model(name, num_classes=10, activation="softplus", normalization="cifar10"):
+def build_model(name, num_classes=10, activation="softplus", normalization="cifar10", timm_kwargs=None):
     """The classifier called `name` (see ARCHITECTURES), taking [0, 1] images.
 
     normalization: the dataset whose mean and std the model subtracts and divides by. GradAlign's
     cnn-* family takes raw pixels, as theirs: its normalization is "none" whatever is asked, and
-    its input is CIFAR's 32 x 32 (ImageNet's is refused).
+    its input is CIFAR's 32 x 32 (ImageNet's is refused). A timm model (`timm:<name>`) is built as
+    `_timm_model` says, with `timm_kwargs`; activation None is softplus here, a timm model's own there.
     """
+    if name.startswith(TIMM):
+        return _timm_model(name, num_classes, activation, timm_kwargs)
+    if timm_kwargs:
+        raise ValueError(f"--timm-kwargs are the size arguments of a timm: model, not of {name}")
+    activation = "softplus" if activation is None else activation
     if normalization not in NORMALIZATION:
         raise ValueError(f"unknown normalization {normalization!r}; choose from {', '.join(NORMALIZATION)}")
     lipconvnet = soc.parse_arch(name)
@@ -177,6 +190,119 @@ def build_model(name, num_classes=10, activation="softplus", normalization="cifa
         raise ValueError(f"unknown architecture {name!r}; choose from {ARCHITECTURES}")
     config = {"arch": name, "num_classes": num_classes, "activation": activation, "normalization": normalization}
     return ImageClassifier(net, *NORMALIZATION[normalization], config)
+
+
+# --------------------------------------------------------------------------- timm
+def parse_timm_kwargs(items):
+    """--timm-kwargs img_size=32 patch_size=4 depths=1,1 -> {"img_size": 32, "patch_size": 4, "depths": (1, 1)}:
+    each value a Python literal (ast.literal_eval: numbers, True/False/None, a,b for a tuple), else a string
+    (act_layer is --activation's). ValueError, one line, for an item without `=` or a repeated name."""
+    kwargs = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier() or key in kwargs:
+            raise ValueError(f"--timm-kwargs: {item!r} is not NAME=VALUE with a new NAME (e.g. img_size=32 "
+                             f"depths=1,1)")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+def _timm_model(name, num_classes, activation, timm_kwargs):
+    """`timm.create_model(<name>, pretrained=False, num_classes=..., **timm_kwargs)` (timm's API; nothing is
+    downloaded: weights come from `load_init`), wrapped to take [0, 1] images and normalise them with the mean
+    and std of the model's `pretrained_cfg` (those its pretrained weights expect; our choice, also when training
+    from scratch, so that a run and a fine-tuning see the same input). activation None or "own": the model's
+    own (GELU in ViT, DeiT, Swin and ConvNeXt: smooth, as double backprop needs); softplus or relu: passed as
+    timm's `act_layer`, refused in one line by a model that takes none (Swin). The config records `timm_kwargs`
+    with tuples as lists (JSON): they rebuild the same model."""
+    import timm
+
+    arch = name[len(TIMM):]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r}; timm.list_models() lists them (e.g. vit_small_patch16_224, "
+                         f"deit_small_patch16_224, swin_tiny_patch4_window7_224, convnext_tiny)")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (timm_kwargs or {}).items()}
+    taken = sorted({"pretrained", "num_classes", "act_layer", "pretrained_cfg_overlay"} & set(kwargs))
+    if taken:
+        raise ValueError(f"--timm-kwargs {taken[0]}: set by llr (--init for weights, --activation for act_layer)")
+    activation = OWN if activation is None else activation
+    if activation not in (OWN, *ACTIVATIONS):
+        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}, or leave it unset "
+                         f"for the model's own")
+    act = {} if activation == OWN else {"act_layer": ACTIVATIONS[activation]}
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs, **act)
+    except TypeError as e:
+        if act and "act_layer" in str(e):
+            raise ValueError(f"{name} takes no act_layer, so --activation {activation} cannot apply: leave "
+                             f"--activation unset for the model's own") from None
+        raise ValueError(f"timm cannot build {arch} with --timm-kwargs {kwargs}: {e}") from None
+    except (AssertionError, ValueError, RuntimeError, IndexError, KeyError) as e:
+        raise ValueError(f"timm cannot build {arch} with --timm-kwargs {kwargs}: {str(e) or type(e).__name__}") \
+            from None
+    config = {"arch": name, "num_classes": num_classes, "activation": activation, "normalization": "timm",
+              "timm_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    return ImageClassifier(net, net.pretrained_cfg["mean"], net.pretrained_cfg["std"], config)
+
+
+def check_image_size(model, channels, height, width):
+    """A one-line ValueError unless `model` classifies [2, channels, height, width] images (a forward pass
+    in eval mode, no gradient): a ViT built for 224 px refuses 32 px images in timm's words."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, channels, height, width, device=next(model.parameters()).device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        hint = " (give img_size in --timm-kwargs)" if model.config["arch"].startswith(TIMM) else ""
+        raise ValueError(f"{model.config['arch']} cannot take {channels}x{height}x{width} images{hint}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        model.train(was_training)
+
+
+def load_init(model, path):
+    """Load the weights of `model.net` (a `build_model` model) from `path`: safetensors, or a torch state dict
+    (torch.load(weights_only=True)), in the network's own key layout (timm's for a timm: model, as
+    `timm.create_model(...).state_dict()` and the hub's timm/*/model.safetensors hold it). Every key is checked:
+    a missing, unexpected or mis-shaped tensor is a one-line ValueError naming the first of each. A timm
+    model's classifier (its pretrained_cfg's `classifier`, e.g. head) of another class count is left as
+    initialised, as timm's own `load_pretrained` does for a new num_classes. Returns a line saying what was
+    loaded. Nothing is downloaded."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--init {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file, in whatever words its reader has  # noqa: BLE001
+        raise ValueError(f"--init {path}: cannot be read as safetensors or a torch state dict "
+                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--init {path}: not a state dict (a flat mapping of names to tensors)")
+    expected = model.net.state_dict()
+    classifier = getattr(model.net, "pretrained_cfg", {}).get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    head_keys = [k for k in expected if any(k.startswith(h + ".") for h in heads)]
+    fresh = [k for k in head_keys if k in state and state[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and k not in fresh and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        named = [f"missing {missing[0]}" if missing else "", f"unexpected {unexpected[0]}" if unexpected else "",
+                 f"{misshaped[0]} is {list(state[misshaped[0]].shape)} in the file, "
+                 f"{list(expected[misshaped[0]].shape)} in the model" if misshaped else ""]
+        raise ValueError(f"--init {path} does not match {model.config['arch']} with its --timm-kwargs: "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors "
+                         f"({'; '.join(n for n in named if n)})")
+    model.net.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=not fresh)
+    kept = f"; {', '.join(fresh)} of another class count left as initialised (a new classifier)" if fresh else ""
+    return f"--init: {len(state) - len(fresh)} tensors loaded from {path}{kept}"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -217,7 +343,8 @@ def load_checkpoint(path, map_location="cpu"):
     from safetensors.torch import load_file
 
     config = read_checkpoint_metadata(path)["config"]
-    model = build_model(config["arch"], config["num_classes"], config["activation"], config["normalization"])
+    model = build_model(config["arch"], config["num_classes"], config["activation"], config["normalization"],
+                        config.get("timm_kwargs"))
     state = load_file(path, device=str(map_location))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

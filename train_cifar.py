@@ -4,6 +4,7 @@
     accelerate launch --num_processes 8 --mixed_precision bf16 train_cifar.py --method llr
     python train_cifar.py --method adv --adv-steps 2 --arch preact-resnet18 --epochs 15 --out runs/adv2
     python train_cifar.py --resume runs/cifar-llr                    # continue a stopped run
+    python train_cifar.py --arch timm:vit_small_patch16_224 --timm-kwargs img_size=32 patch_size=4 --llr-steps 2
     python eval.py runs/cifar-llr --eps 8/255                        # its best.safetensors, on the test set
 
 A run directory (--out) holds config.json (arguments, versions, device, git commit),
@@ -44,8 +45,7 @@ def get_args(argv=None):
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="wrn-28-8", help=f"one of {models.ARCHITECTURES} (paper: wrn-28-8; GradAlign's "
                                                       f"Fig. 11: cnn-1x4 with --activation relu)")
-    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
-                   help="softplus: smooth, needed by double backprop")
+    training.add_model_arguments(g)
     g.add_argument("--eps", default="8/255",
                    help="the radius, in pixel units of [0, 1] images: ℓ∞: 8/255, or 8 meaning 8/255 (the "
                         "paper's; a number of 1 or more is in units of 1/255); with --norm l2 every number is in "
@@ -162,7 +162,7 @@ def main(argv=None):
                         f"--train-n {args.train_n} must be a multiple of the {class_count} classes")
             cli.require(args.batch_size % accelerator.num_processes == 0,
                         f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
-            models.build_model(args.arch)  # an unknown architecture fails here, before the data is read
+            training.build_model(args, 10, "cifar10")  # an unknown architecture fails here, before the data is read
             training.check_compile(args, accelerator)
             training.claim_run_dir(args, accelerator)
             finished = training.finished_run(args)
@@ -176,7 +176,10 @@ def main(argv=None):
             cli.require(len(train_indices) >= args.batch_size,
                         f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
             torch.manual_seed(args.seed)
-            model = models.build_model(args.arch, num_classes=len(classes), activation=args.activation)
+            model = training.build_model(args, len(classes), "cifar10")
+            models.check_image_size(model, *images.shape[1:])
+            if args.init and not args.resume:  # a resumed run's weights come from state.pt
+                accelerator.print(models.load_init(model, args.init))
         except (ValueError, OSError, data.DataError) as e:
             sys.exit(f"train_cifar.py: error: {e}")
         training.warn_if_cpu_is_too_slow(model, accelerator, "make cpu-repro (the paper's claim at CPU scale)")

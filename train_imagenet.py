@@ -5,6 +5,7 @@
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_imagenet.py --eps 16 --data-dir /data/imagenet
     accelerate launch ... train_imagenet.py --method adv --adv-steps 30 --eps 4 --data-dir /data/imagenet  # the paper's ADV
     accelerate launch ... train_imagenet.py --resume runs/imagenet-llr                                     # after pre-emption
+    accelerate launch ... train_imagenet.py --arch timm:vit_small_patch16_224 --init vit_s.safetensors --epochs 10 ...  # fine-tune
     python eval.py runs/imagenet-llr/best.safetensors --eps 4/255 --data-dir /data/imagenet --num-targets 20 --bf16
 
 --eps 4 means 4/255, as in every script here. The global batch (--batch-size) is reached on any
@@ -43,8 +44,7 @@ def get_args(argv=None):
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
     g = p.add_argument_group("model and threat model")
     g.add_argument("--arch", default="resnet152", help=f"one of {models.ARCHITECTURES} (paper: resnet152)")
-    g.add_argument("--activation", default="softplus", choices=list(models.ACTIVATIONS),
-                   help="softplus: smooth, needed by double backprop")
+    training.add_model_arguments(g)
     g.add_argument("--eps", default="4",
                    help="the radius, in pixel units: ℓ∞: 4 means 4/255, as does 4/255 (paper: 4 or 16); with --norm "
                         "l2 every number is in pixel units (ball.parse_eps)")
@@ -178,7 +178,8 @@ def main(argv=None):
                                                          f"--per-device-batch {args.per_device_batch} x {processes} "
                                                          f"processes")
             accelerator.gradient_accumulation_steps = accumulation
-            models.build_model(args.arch, normalization="imagenet")  # an unknown architecture fails here
+            # an unknown architecture, or one that cannot take --image-size images, fails here
+            models.check_image_size(training.build_model(args, 1000, "imagenet"), 3, args.image_size, args.image_size)
             training.check_compile(args, accelerator)
             check_val_folder(args.data_dir)
             training.claim_run_dir(args, accelerator)
@@ -196,8 +197,9 @@ def main(argv=None):
             cli.require(steps_per_epoch > 0,
                         f"the training images ({len(train_indices)}) are fewer than one batch ({args.batch_size})")
             torch.manual_seed(args.seed)
-            model = models.build_model(args.arch, num_classes=len(train_set.folder.classes),
-                                       activation=args.activation, normalization="imagenet")
+            model = training.build_model(args, len(train_set.folder.classes), "imagenet")
+            if args.init and not args.resume:  # a resumed run's weights come from state.pt
+                accelerator.print(models.load_init(model, args.init))
         except (ValueError, OSError, data.DataError) as e:
             sys.exit(f"train_imagenet.py: error: {e}")
         training.warn_if_cpu_is_too_slow(model, accelerator, "train_cifar.py with a small model (make cpu-repro)")

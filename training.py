@@ -78,6 +78,28 @@ def _option_dest(method, option):
     return f"{method.replace('-', '_')}_{option}"
 
 
+def add_model_arguments(group):
+    """The model flags both training scripts share, beside their own --arch: --activation, and a timm
+    model's size arguments and initial weights."""
+    group.add_argument("--activation", choices=list(models.ACTIVATIONS),
+                       help="softplus (smooth, as double backprop needs; the default) or relu; for a timm: model, "
+                            "unset keeps the model's own (GELU in ViT, DeiT, Swin, ConvNeXt: smooth), and a choice "
+                            "here is passed as timm's act_layer (refused by a model that takes none, e.g. Swin)")
+    group.add_argument("--timm-kwargs", nargs="+", default=[], metavar="NAME=VALUE",
+                       help="a timm: model's size arguments, passed to timm.create_model: e.g. img_size=32 "
+                            "patch_size=4 depth=6 (ViT), depths=2,2 (a tuple); values are Python literals, else text")
+    group.add_argument("--init", metavar="PATH",
+                       help="start from these weights (fine-tuning): safetensors or a torch state dict in the "
+                            "network's key layout (timm's for a timm: model), checked key by key; a classifier of "
+                            "another class count starts fresh, as timm's load_pretrained. Nothing is downloaded")
+
+
+def build_model(args, num_classes, normalization):
+    """The model of --arch, --activation and --timm-kwargs (models.build_model); ValueError in one line."""
+    return models.build_model(args.arch, num_classes=num_classes, activation=args.activation,
+                              normalization=normalization, timm_kwargs=models.parse_timm_kwargs(args.timm_kwargs))
+
+
 def add_run_arguments(parser, out_prefix, val_n):
     """The flags both training scripts share: methods and their options, the seed, the held-out
     validation images, logging, evaluation, checkpoints and --resume."""
@@ -234,6 +256,7 @@ def check_run_args(args):
     for flag in ("lr_warmup", "eps_warmup", "weight_decay", "save_minutes"):
         require(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     require(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    require(args.resume or not args.init or os.path.isfile(args.init), f"--init {args.init}: no such file")
     require(args.lr_schedule not in CYCLIC_CLOCK or args.lr_warmup == 0,
             f"--lr-schedule {args.lr_schedule} ramps the learning rate up by itself: give --lr-warmup 0 with it")
     require(0 < args.lr_peak < 1, f"--lr-peak is a fraction of training in (0, 1), got {args.lr_peak}")
