@@ -147,7 +147,7 @@ def _torchvision_resnet(name, num_classes, activation):
     return net
 
 
-def build_model(name, num_classes=10, activation="softplus", normalization="cifar10", timm_kwargs=None):
+def build_model(name, num_classes=10, activation=None, normalization="cifar10", timm_kwargs=None):
     """The classifier called `name` (see ARCHITECTURES), taking [0, 1] images.
 
     normalization: the dataset whose mean and std the model subtracts and divides by. GradAlign's
@@ -216,8 +216,12 @@ def _timm_model(name, num_classes, activation, timm_kwargs):
     and std of the model's `pretrained_cfg` (those its pretrained weights expect; our choice, also when training
     from scratch, so that a run and a fine-tuning see the same input). activation None or "own": the model's
     own (GELU in ViT, DeiT, Swin and ConvNeXt: smooth, as double backprop needs); softplus or relu: passed as
-    timm's `act_layer`, refused in one line by a model that takes none (Swin). The config records `timm_kwargs`
-    with tuples as lists (JSON): they rebuild the same model."""
+    timm's `act_layer`, refused in one line by a model that takes none (Swin). Dropout and stochastic depth
+    are off (drop_rate=0, drop_path_rate=0: timm.create_model's documented arguments; Swin's default
+    drop_path_rate is 0.1), and a model still stochastic in train mode is refused (our choice): their masks
+    come from the global RNG, so LLR's passes on x and x + δ would see different networks, and a resumed run
+    would not continue bit for bit. The config records `timm_kwargs` with tuples as lists (JSON): they
+    rebuild the same model."""
     import timm
 
     arch = name[len(TIMM):]
@@ -234,7 +238,8 @@ def _timm_model(name, num_classes, activation, timm_kwargs):
                          f"for the model's own")
     act = {} if activation == OWN else {"act_layer": ACTIVATIONS[activation]}
     try:
-        net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs, **act)
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                **{"drop_rate": 0.0, "drop_path_rate": 0.0, **kwargs}, **act)
     except TypeError as e:
         if act and "act_layer" in str(e):
             raise ValueError(f"{name} takes no act_layer, so --activation {activation} cannot apply: leave "
@@ -243,6 +248,11 @@ def _timm_model(name, num_classes, activation, timm_kwargs):
     except (AssertionError, ValueError, RuntimeError, IndexError, KeyError) as e:
         raise ValueError(f"timm cannot build {arch} with --timm-kwargs {kwargs}: {str(e) or type(e).__name__}") \
             from None
+    stochastic = [n for n, m in net.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                  or getattr(m, "drop_prob", 0) > 0]
+    if stochastic:
+        raise ValueError(f"{name} with --timm-kwargs {kwargs} drops units at random in training ({stochastic[0]}): "
+                         f"a different network in each of a step's passes; set its drop rates to 0")
     config = {"arch": name, "num_classes": num_classes, "activation": activation, "normalization": "timm",
               "timm_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
     return ImageClassifier(net, net.pretrained_cfg["mean"], net.pretrained_cfg["std"], config)

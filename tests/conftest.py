@@ -10,6 +10,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# The tiny timm models of the tests (and of gpu_report.py --smoke), one per family: family -> (--arch,
+# --timm-kwargs, image size). Thousands of parameters each, so that a step takes milliseconds on a CPU.
+TINY_TIMM = {
+    "vit": ("timm:vit_tiny_patch16_224", ["img_size=16", "patch_size=4", "depth=1", "embed_dim=16", "num_heads=2"], 16),
+    "deit": ("timm:deit_tiny_patch16_224", ["img_size=16", "patch_size=4", "depth=1", "embed_dim=16", "num_heads=2"],
+             16),
+    "swin": ("timm:swin_tiny_patch4_window7_224", ["img_size=16", "patch_size=2", "window_size=4", "embed_dim=16",
+                                                   "depths=1,1", "num_heads=2,2"], 16),
+    "convnext": ("timm:convnext_atto", ["depths=1,1,1,1", "dims=8,8,8,8"], 32),  # four stages: 32 px at least
+}
+
+
+def tiny_timm(family, num_classes=3, **kwargs):
+    """The tiny timm model of `family` (TINY_TIMM), built as the training scripts build it."""
+    import models
+
+    arch, timm_kwargs, _ = TINY_TIMM[family]
+    return models.build_model(arch, num_classes=num_classes, timm_kwargs=models.parse_timm_kwargs(timm_kwargs),
+                              **kwargs)
+
+
 class TinyConvNet(nn.Module):
     """conv-BN-softplus-conv-pool-linear on [B, 3, 4, 4]: small enough for finite differences."""
 
