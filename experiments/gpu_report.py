@@ -44,6 +44,10 @@ files, and the README's GPU tables are made from it.
 11. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
    1-process run on the same global batch.
+12. timm-vit-s16, timm-convnext-t (issue 36): `bench.py` on timm's ViT-S/16 and ConvNeXt-T at 224 x 224 on
+   random images (ImageNet's shape), batch 32, 1000 classes, bf16, channels-last: ms/step, ratio to plain and
+   peak memory of plain, exact LLR-2 (its clean pass's attention by the math backend, memory ∝ tokens²),
+   ADV-2, ADV-10 and N-FGSM (TIMM_METHODS), a minute or two each on an H100.
 
 The data for step 6 is the CIFAR-10 copy in data/cifar10-jpeg (`--data-dir`), or the archive
 ../shared/data/cifar10-jpeg.tar.gz (or --archive), unpacked there on first use.
@@ -284,6 +288,20 @@ def evaluate_run(setting, name, group="gpu-repro", prefix="repro", flags=None):
             "gamma_mean": report.get("gamma", {}).get("mean"), "eval": os.path.basename(out)}
 
 
+# timm's ImageNet models (issue 36), by their timm names; issue 35 adds llr-fo-2 (first-order LLR-2, fused attention)
+TIMM_MODELS = {"timm-vit-s16": "timm:vit_small_patch16_224", "timm-convnext-t": "timm:convnext_tiny"}
+TIMM_METHODS = "plain,llr-2,adv-2,adv-10,n-fgsm"
+
+
+def step_bench_timm(setting, work, name):
+    """bench.py on one of TIMM_MODELS (setting["timm"][name]: arch, --timm-kwargs, image size)."""
+    arch, kwargs, size = setting["timm"][name]
+    return run_bench(setting, ["--arch", arch, *(["--timm-kwargs", *kwargs] if kwargs else []),
+                               "--batch-size", str(setting["imagenet_batch"]), "--image-size", str(size),
+                               "--num-classes", "1000", "--methods", setting["timm_methods"], *setting["fast"]],
+                     os.path.join(work, f"{name}.json"))
+
+
 def step_sync_bn(setting, work):
     import torch
 
@@ -331,6 +349,7 @@ def all_steps(setting):
     steps.update(contrast_steps(setting))
     steps.update({"compiled-cifar": step_compiled_cifar, "compiled-imagenet": step_compiled_imagenet,
                   "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn})
+    steps.update({name: lambda s, w, name=name: step_bench_timm(s, w, name) for name in setting["timm"]})
     return steps
 
 
@@ -373,7 +392,11 @@ def bench_table(report):
 
 
 def smoke_setting(root):
-    return {"root": root, "out": os.path.join(root, "gpu-report"), "data": os.path.join(root, "data"),
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import TINY_TIMM
+
+    return {"timm": {"timm-vit-s16": TINY_TIMM["vit"], "timm-convnext-t": TINY_TIMM["convnext"]},
+            "timm_methods": TIMM_METHODS,"root": root, "out": os.path.join(root, "gpu-report"), "data": os.path.join(root, "data"),
             "archive": "", "bench": ["--rounds", "1", "--warmup", "1", "--device", "cpu"], "fast": ["--channels-last"],
             "fast_path_methods": "plain,adv-1", "cifar_arch": "wrn-10-1", "cifar_batch": 4,
             "cifar_methods": "plain,llr-2,llr-8,adv-10", "compiled_methods": "plain,llr-2",
@@ -418,7 +441,8 @@ def main(argv=None):
                    "repro": REPRO, "contrast": list(CONTRAST), "contrast_common": CONTRAST_COMMON,
                    "contrast_eval": CONTRAST_EVAL,
                    "eval": ["--eps", common.EPS, "--n", "1000", "--gamma"], "runs": list(common.RUNS),
-                   "step_seconds": STEP_SECONDS, "in_process": False}
+                   "step_seconds": STEP_SECONDS, "in_process": False,
+                   "timm": {name: (arch, [], 224) for name, arch in TIMM_MODELS.items()}, "timm_methods": TIMM_METHODS}
     steps = all_steps(setting)
     if args.steps:
         chosen = [n.strip() for n in args.steps.split(",") if n.strip()]
