@@ -2,6 +2,7 @@
 resumed bit for bit, evaluated; the math attention backend scoped to the passes differentiated twice;
 --init; CompiledLLR; two processes."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -332,3 +333,19 @@ def test_two_processes_equal_the_whole_batch_on_a_vit(tmp_path):
                             env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: equal" in result.stdout and "rank 1: equal" in result.stdout
+
+
+def test_gpu_report_timm_steps_smoke(tmp_path):
+    """gpu_report.py's timm steps on the CPU with the tiny ViT and ConvNeXt (TINY_TIMM): every method of
+    TIMM_METHODS timed, and a second call finds them done (resumable)."""
+    from experiments import gpu_report
+
+    steps = "timm-vit-s16,timm-convnext-t"
+    gpu_report.main(["--smoke", str(tmp_path), "--steps", steps])
+    for name in steps.split(","):
+        record = json.loads((tmp_path / "gpu-report" / f"{name}.json").read_text())
+        assert set(record["result"]["results"]) == set(gpu_report.TIMM_METHODS.split(","))
+        assert record["result"]["arch"] == gpu_report.smoke_setting(str(tmp_path))["timm"][name][0]
+    done = (tmp_path / "gpu-report" / "timm-vit-s16.json").stat().st_mtime
+    gpu_report.main(["--smoke", str(tmp_path), "--steps", steps])
+    assert (tmp_path / "gpu-report" / "timm-vit-s16.json").stat().st_mtime == done
