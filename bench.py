@@ -38,6 +38,7 @@ import models
 VARIANTS = {
     "plain": ("plain", {}),
     "llr-1": ("llr", {"steps": 1}), "llr-2": ("llr", {"steps": 2}), "llr-8": ("llr", {"steps": 8}),
+    "llr-fo-1": ("llr", {"steps": 1, "first_order": True}), "llr-fo-2": ("llr", {"steps": 2, "first_order": True}),
     "adv-1": ("adv", {"steps": 1}), "adv-2": ("adv", {"steps": 2}), "adv-10": ("adv", {"steps": 10}),
     "adv-30": ("adv", {"steps": 30}),
     "trades-10": ("trades", {"steps": 10}),
@@ -50,7 +51,7 @@ VARIANTS = {
 
 
 STEPPED = [m for m, fn in methods.METHODS.items() if "steps" in inspect.signature(fn).parameters]  # llr, adv, ...
-NAMES = f"{', '.join(VARIANTS)}, or {', '.join(m + '-<k>' for m in STEPPED)} for k >= 1 steps"
+NAMES = f"{', '.join(VARIANTS)}, or {', '.join(m + '-<k>' for m in STEPPED)}, llr-fo-<k> for k >= 1 steps"
 
 
 def variant(name):
@@ -58,6 +59,9 @@ def variant(name):
     `steps` option and any k >= 1 (llr-10: LLR with the authors' 10 search steps)."""
     if name in VARIANTS:
         return VARIANTS[name]
+    first_order = re.fullmatch(r"llr-fo-([1-9][0-9]*)", name)  # first-order LLR (llr.llr_loss(first_order=True))
+    if first_order:
+        return "llr", {"steps": int(first_order[1]), "first_order": True}
     stepped = re.fullmatch(r"([a-z]+)-([1-9][0-9]*)", name)
     if stepped and stepped[1] in STEPPED:
         return stepped[1], {"steps": int(stepped[2])}

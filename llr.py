@@ -47,6 +47,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+FIRST_ORDER_H = 0.1  # the first-order form's default step, h·δ_LLR (module docstring: why)
+
 __all__ = ["linearity_gap", "local_linearity", "llr_loss", "CompiledLLR", "reuse_clean_batch_statistics",
            "CleanBatchStatistics", "math_attention"]
 
@@ -81,7 +83,16 @@ def _eq8(model, x, y, x_adv, clean_loss, grad, lam, mu):
     return (clean_loss + lam * gamma + mu * grad_term).mean(), gamma, grad_term
 
 
-def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None, norm="linf"):
+def _eq8_first_order(clean_loss, adv_loss, plus, minus, h, lam, mu):
+    """Eq. (8) with δᵀ∇ₓℓ(x) replaced by the central difference D_h = [ℓ(x + hδ) − ℓ(x − hδ)] / (2h), from the
+    per-sample losses [B] on x, x + δ, x + hδ and x − hδ: (mean loss, γ_h = |ℓ(x + δ) − ℓ(x) − D_h| [B], |D_h| [B])."""
+    difference = (plus - minus) / (2 * h)
+    gamma, grad_term = (adv_loss - clean_loss - difference).abs(), difference.abs()
+    return (clean_loss + lam * gamma + mu * grad_term).mean(), gamma, grad_term
+
+
+def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None, norm="linf", first_order=False,
+             h=FIRST_ORDER_H):
     """Eq. (8): mean over the batch of ℓ(x) + λ·g(δ_LLR; x) + μ·|δ_LLRᵀ∇ₓℓ(x)|.
 
     model: maps images [B, ...] in [0, 1] to logits [B, K]. x: [B, ...] in [0, 1]. y: [B] integer labels.
@@ -91,7 +102,9 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     authors' released CIFAR-10 config (`config.py`: 10 steps; their loss 2·CE + 4·(γ + 0.3·|δᵀ∇ₓℓ|) is
     twice this one with λ = 2, μ = 0.6; train it with SGD at lr 0.2 and weight decay 1e-4 to match their
     lr 0.1 and ℓ2 weight 2e-4 on that doubled loss). The paper uses 2 steps on ImageNet at ε = 4/255.
-    generator: optional torch.Generator for the random start (the global RNG otherwise).
+    generator: optional torch.Generator for the random start (the global RNG otherwise). first_order, h: the
+    first-order form (module docstring): δᵀ∇ₓℓ(x) in the loss replaced by the central difference of step h·δ_LLR,
+    no double backward (h is used by it alone).
 
     δ_LLR comes from `steps` ascent steps on g with no gradient through the search; γ is then g(δ_LLR; x),
     a lower bound on Eq. (6). The loss is differentiable with respect to the weights through ℓ(x),
@@ -103,9 +116,11 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     Returns (loss, info); info holds detached per-sample tensors: `delta` [B, ...], `gamma`, `grad_term`
     (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean `logits` [B, K] (accuracy, no extra pass).
     """
-    _check(eps, norm, x, y)
-    _warn_if_relu(model)
-    return _LLR(model, steps, lr, norm, _autograd(create_graph=torch.is_grad_enabled()))(x, y, eps, lam, mu, generator)
+    _check(eps, norm, x, y, first_order, h)
+    _warn_if_relu(model, first_order)
+    pieces = _LLR(model, steps, lr, norm, _autograd(create_graph=torch.is_grad_enabled() and not first_order),
+                  first_order=first_order)
+    return pieces(x, y, eps, lam, mu, generator, h=h)
 
 
 def local_linearity(model, x, y, eps, steps=50, lr=0.1, generator=None, norm="linf"):
@@ -149,15 +164,20 @@ class _LLR:
     pass, one step of the search, Eq. (8); the batch-norm statistics go explicitly from the first to the
     others. `grad` is the paths' one difference: `_autograd` (eager, the reference) or `torch.func.grad`."""
 
-    def __init__(self, model, steps=10, lr=0.1, norm="linf", grad=None):
-        self.model, self.steps, self.lr, self.norm = model, steps, lr, norm
+    def __init__(self, model, steps=10, lr=0.1, norm="linf", grad=None, first_order=False):
+        self.model, self.steps, self.lr, self.norm, self.first_order = model, steps, lr, norm, first_order
         self.grad = grad or _autograd()  # grad(f, has_aux=True)(x) -> (∇f(x), aux), as torch.func.grad
         self.clean = CleanBatchStatistics(model)
 
-    def __call__(self, x, y, eps, lam, mu, generator=None, cast=lambda values: values):
-        """(loss, info) of `llr_loss`. ε, λ, μ and Adam's scalars (`cast`) are numbers, or tensors in compiled code."""
+    def __call__(self, x, y, eps, lam, mu, generator=None, cast=lambda values: values, h=None):
+        """(loss, info) of `llr_loss`. ε, λ, μ, h and Adam's scalars (`cast`) are numbers, or tensors in compiled
+        code. The exact form keeps the clean pass's graph (∇ₓℓ(x) with create_graph); the first-order form takes
+        ∇ₓℓ(x) for the search alone, with no graph to the weights, and computes Eq. (8) in one pass (`eq8_first_order`)."""
         with self.clean.installed():
-            logits, clean_loss, grad, statistics = self.clean_pass(x, y)
+            with torch.no_grad() if self.first_order else contextlib.nullcontext():
+                logits, clean_loss, grad, statistics = self.clean_pass(x, y)
+                if not self.first_order:
+                    _refuse_missing_double_backward(self.model, grad)
             self.clean.update_running_stats(statistics)  # once per step, from the clean pass
             fixed = _detached(clean_loss, grad, statistics)
             x_adv, moments = _random_start(x, eps, generator, self.norm), (torch.zeros_like(x), torch.zeros_like(x))
@@ -165,7 +185,10 @@ class _LLR:
                 for t in range(1, self.steps + 1):
                     adam = cast(_adam_scalars(t, self.lr))
                     x_adv, moments, _ = self.search_step(x, y, x_adv, moments, eps, adam, *fixed)
-            loss, gamma, grad_term = self.eq8(x, y, x_adv, clean_loss, grad, statistics, lam, mu)
+            if self.first_order:
+                loss, gamma, grad_term, logits, clean_loss = self.eq8_first_order(x, y, x_adv, h, lam, mu)
+            else:
+                loss, gamma, grad_term = self.eq8(x, y, x_adv, clean_loss, grad, statistics, lam, mu)
         return loss, {"delta": x_adv - x, "gamma": gamma.detach(), "grad_term": grad_term.detach(),
                       "clean_loss": clean_loss.detach(), "logits": logits.detach()}
 
@@ -195,6 +218,17 @@ class _LLR:
     def eq8(self, x, y, x_adv, clean_loss, grad, statistics, lam, mu):
         self.clean.reuse(statistics)
         return _eq8(self.model, x, y, x_adv, clean_loss, grad, lam, mu)
+
+    def eq8_first_order(self, x, y, x_adv, h, lam, mu):
+        """The first-order Eq. (8) from one forward on [x, x + δ, x + hδ, x − hδ] (4B rows; batch norm measures the
+        statistics of the first B, the clean x, with their graph, and normalises every row with them) and one
+        ordinary backward: (mean loss, γ_h [B], |D_h| [B], clean logits [B, K], ℓ(x) [B])."""
+        delta = x_adv - x
+        self.clean.record(rows=len(x))
+        logits = self.model(torch.cat([x, x_adv, x + h * delta, x - h * delta]))
+        self.clean.recorded()
+        losses = _cross_entropy(logits, y.repeat(4)).view(4, len(x))  # ℓ on x, x + δ, x + hδ, x − hδ: [4, B]
+        return (*_eq8_first_order(*losses, h, lam, mu), logits[:len(x)], losses[0])
 
 
 @contextlib.contextmanager
@@ -297,7 +331,7 @@ class CleanBatchStatistics:
     def __init__(self, model):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._forwards = [functools.partial(self._forward, i) for i in range(len(self.layers))]
-        self.statistics, self._counts = {}, {}
+        self.statistics, self._counts, self._rows = {}, {}, None
 
     @contextlib.contextmanager
     def installed(self):
@@ -312,16 +346,18 @@ class CleanBatchStatistics:
             self.statistics = {}  # keep no tensors alive between calls
 
     def _forward(self, i, x):
-        if i not in self.statistics:  # the first pass: measure
-            mean, var, self._counts[i] = _batch_moments(self.layers[i], x)
+        if i not in self.statistics:  # the first pass: measure (on its first `rows` samples, when set)
+            mean, var, self._counts[i] = _batch_moments(self.layers[i], x if self._rows is None else x[:self._rows])
             self.statistics[i] = (mean, var)
         return _normalise(self.layers[i], x, *self.statistics[i])
 
-    def record(self):
-        self.statistics, self._counts = {}, {}  # new dicts: compiled code does not guard on the old ones
+    def record(self, rows=None):
+        """Measure afresh at the next pass: on all its samples, or on its first `rows` (the clean x of a batch
+        that stacks x with its perturbations)."""
+        self.statistics, self._counts, self._rows = {}, {}, rows  # new dicts: compiled code does not guard on the old ones
 
     def recorded(self):
-        statistics, self.statistics = self.statistics, {}
+        statistics, self.statistics, self._rows = self.statistics, {}, None
         return statistics
 
     def reuse(self, statistics):
@@ -407,17 +443,17 @@ class CompiledLLR(_LLR):
     eagerly (no_grad, running statistics untouched) to check that it returns logits [B, K]. backend, mode,
     options: torch.compile's ("aot_eager" traces without generating code, a quick check)."""
 
-    def __init__(self, model, lam=2.0, mu=0.6, steps=10, lr=0.1, norm="linf", backend="inductor", mode=None,
-                 options=None):
-        _check(0.0, norm)
+    def __init__(self, model, lam=2.0, mu=0.6, steps=10, lr=0.1, norm="linf", first_order=False, h=FIRST_ORDER_H,
+                 backend="inductor", mode=None, options=None):
+        _check(0.0, norm, first_order=first_order, h=h)
         if steps < 0:
             raise ValueError(f"steps must be at least 0, got {steps}")
-        _warn_if_relu(model)
-        super().__init__(model, steps, lr, norm, torch.func.grad)
-        self.lam, self.mu, self._checked = lam, mu, False
-        self.clean_pass, self.search_step, self.eq8 = (
+        _warn_if_relu(model, first_order)
+        super().__init__(model, steps, lr, norm, torch.func.grad, first_order)
+        self.lam, self.mu, self.h, self._checked = lam, mu, h, False
+        self.clean_pass, self.search_step, self.eq8, self.eq8_first_order = (
             torch.compile(f, fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
-            for f in (self.clean_pass, self.search_step, self.eq8))
+            for f in (self.clean_pass, self.search_step, self.eq8, self.eq8_first_order))
 
     def __call__(self, x, y, eps, generator=None):
         """(loss, info) as `llr_loss(model, x, y, eps, ...)`: the mean of Eq. (8), and info's detached tensors."""
@@ -430,12 +466,49 @@ class CompiledLLR(_LLR):
                 _cross_entropy(self.model(x), y)
             self._checked = True
         tensor = functools.partial(torch.as_tensor, dtype=x.dtype, device=x.device)
-        return super().__call__(x, y, tensor(eps), tensor(self.lam), tensor(self.mu), generator, cast=tensor)
+        return super().__call__(x, y, tensor(eps), tensor(self.lam), tensor(self.mu), generator, cast=tensor,
+                                h=tensor(self.h))
 
 
 # --------------------------------------------------------------------------- checks
-def _check(eps, norm, x=None, y=None):
-    """One-line errors for the norm, ε as a number in pixel units, and the batch (`_check_batch`)."""
+_NO_DOUBLE_BACKWARD = ("torch::autograd::NotImplemented", "torch::autograd::DelayedError", "torch::autograd::Error")
+
+
+def _refuse_missing_double_backward(model, grad):
+    """Once per model, before the backward that would fail: a one-line RuntimeError naming the op whose backward has no
+    derivative (a fused attention kernel, an autograd.Function marked once_differentiable) and the first-order form,
+    in place of PyTorch's error at loss.backward(). Searches the graph of ∇ₓℓ(x) (eager, with create_graph) once."""
+    if model in _CHECKED_DOUBLE_BACKWARD or grad.grad_fn is None:
+        return
+    seen, stack, missing = set(), [grad.grad_fn], None
+    while stack and missing is None:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        missing = node if node.name() in _NO_DOUBLE_BACKWARD else None
+        stack.extend(f for f, _ in node.next_functions)
+    if missing is None:
+        _CHECKED_DOUBLE_BACKWARD.add(model)
+        return
+    what = "an autograd.Function marked once_differentiable"
+    if missing.name().endswith("NotImplemented"):
+        for count in range(1, 9):  # PyTorch's message names the op: call the node alone (its arity is not exposed)
+            try:
+                missing(*[torch.ones(())] * count)
+            except TypeError:
+                continue
+            except RuntimeError as e:
+                what = str(e).split("derivative for ")[-1].split(" is not implemented")[0].strip()
+            break
+    raise RuntimeError(f"exact LLR differentiates the input gradient again, and {what} in the model has no double "
+                       f"backward: use the first-order form, llr_loss(..., first_order=True) (train_*.py: "
+                       f"--llr-first-order)")
+
+def _check(eps, norm, x=None, y=None, first_order=False, h=FIRST_ORDER_H):
+    """One-line errors for the norm, ε as a number in pixel units, the first-order step h, and the batch."""
+    if first_order and not (isinstance(h, (int, float)) and 0 < h <= 1):
+        raise ValueError(f"h, the first-order difference's step as a fraction of δ_LLR, must lie in (0, 1], got {h!r}")
     if norm not in ("linf", "l2"):
         raise ValueError(f"unknown norm {norm!r}; choose linf or l2")
     if isinstance(eps, str):
@@ -461,9 +534,14 @@ def _check_batch(x, y):
 
 
 _WARNED_RELU = weakref.WeakSet()  # the models warned about already: once each
+_CHECKED_DOUBLE_BACKWARD = weakref.WeakSet()  # the models whose graph has been searched for ops without one
 
 
-def _warn_if_relu(model):
+def _warn_if_relu(model, first_order=False):
+    """Once per model with an nn.ReLU module (functional relu in a forward is not seen): the exact form's double
+    backward sees no curvature through ReLU; the first-order form's differences do see its kinks (no warning)."""
+    if first_order:
+        return
     if model not in _WARNED_RELU and any(isinstance(m, nn.ReLU) for m in model.modules()):
         _WARNED_RELU.add(model)
         warnings.warn("LLR on a model with ReLU: zero curvature almost everywhere, so the double backward sees "

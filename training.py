@@ -62,7 +62,8 @@ def add_method_options(parser):
                 group.add_argument(flag, default=p.default, dest=dest, choices=methods.CHOICES[p.name], help=helped)
                 continue
             kind = (boolean if isinstance(p.default, bool) else int if isinstance(p.default, int) else number)
-            group.add_argument(flag, type=kind, default=p.default, dest=dest,
+            group.add_argument(flag, type=kind, default=p.default, dest=dest, **(  # a bare boolean flag means true
+                               {"nargs": "?", "const": True} if kind is boolean else {}),
                                metavar={boolean: "BOOL", int: "N"}.get(kind, "X"), help=helped)
 
 
@@ -273,7 +274,10 @@ def check_run_args(args):
             f"--method {args.method} is an ℓ∞ method (its authors' code): use --norm linf")
     if args.method == "lipschitz":
         methods.check_lipschitz_options(soc.parse_arch(args.arch)["last"], args.lipschitz_gamma, args.lipschitz_beta)
-    for name, value in method_options(args).items():
+    options = method_options(args)
+    require(args.method != "llr" or not options["first_order"] or options["h"] <= 1,
+            f"--llr-h is the first-order difference's step as a fraction of δ_LLR: at most 1, got {options.get('h')}")
+    for name, value in options.items():
         flag = f"--{args.method}-{name.replace('_', '-')}"
         if isinstance(value, (bool, str)) or value is None:
             continue

@@ -78,7 +78,17 @@ SETTING = {
 BENCH = {"fgsm": ("adv-1", 1.0), "fgsmrs": ("adv-1", 1.0), "nfgsm": ("n-fgsm", 1.0), "gradalign": ("gradalign", 2.1),
          "elle": ("elle", 2.0), "ellea": ("elle-a", 2.0), "llr1-mu0": ("llr-1", 2.2), "llr2": ("llr-2", 2.7),
          "adv10": ("adv-10", 7.5)}
-METHODS = {name: (label, *BENCH[name]) for name, (label, _) in common.CO_METHODS.items()}  # label, variant, cost
+# first-order LLR (llr_loss(first_order=True)) beside its exact twin, same protocol and seeds, at both ε: LLR-1 at the
+# grid's chosen (λ, μ) = (8, 3) and LLR-2 at the authors' (2, 0.6) (whose exact runs are COMPARED's llr2); the rule
+# that reads them was fixed before they ran (the write-up's "First-order LLR")
+TWINS = {"llr1-83": ("LLR-1, λ = 8, μ = 3", "--method llr --llr-steps 1 --llr-lam 8 --llr-mu 3"),
+         "llr1fo-83": ("first-order LLR-1, λ = 8, μ = 3",
+                       "--method llr --llr-steps 1 --llr-lam 8 --llr-mu 3 --llr-first-order"),
+         "llr2fo": ("first-order LLR-2", "--method llr --llr-steps 2 --llr-first-order")}
+EXACT_TWIN = {"llr1fo-83": "llr1-83", "llr2fo": "llr2"}
+SAME_RUN = {"llr1-83-e12-s0": "llr1-lam8-mu3-e12-s0"}  # the grid's point (8, 3) at 12/255, seed 0: the same flags
+BENCH.update({"llr1-83": ("llr-1", 2.2), "llr1fo-83": ("llr-fo-1", 2.6), "llr2fo": ("llr-fo-2", 3.1)})
+METHODS = {name: (label, *BENCH[name]) for name, (label, _) in [*common.CO_METHODS.items(), *TWINS.items()]}
 COMPARED = ("fgsm", "fgsmrs", "nfgsm", "gradalign", "elle", "ellea", "llr1-mu0", "llr2")  # 3 seeds at each ε
 MODEL_COST = {"cnn-1x4": 1.0, "cnn-1x16": 2.8}  # an FGSM step's cost relative to cnn-1x4's (one thread): an estimate
 EVAL_COST = 5.0  # an evaluation (suite, APGD-T, γ; 1,000 test images) in FGSM epochs of its model: measured, ~3.5-5
@@ -88,9 +98,11 @@ EVAL_COST = 5.0  # an evaluation (suite, APGD-T, γ; 1,000 test images) in FGSM 
 def make_run(setting, model, method, eps, seed, lam=None, mu=None):
     """One run: its name, directory, train_cifar.py flags and estimated cost (FGSM epochs of cnn-1x4)."""
     name = f"{method}-e{eps}-s{seed}" if lam is None else f"llr1-lam{lam:g}-mu{mu:g}-e{eps}-s{seed}"
-    flags = common.co_flags(method, eps) if lam is None else [
-        "--eps", f"{eps}/255", "--method", "llr", "--llr-steps", "1", "--llr-lam", f"{lam:g}", "--llr-mu", f"{mu:g}"]
-    out = os.path.join(setting["out"], "runs", model, name)
+    flags = (["--eps", f"{eps}/255", *TWINS[method][1].split()] if method in TWINS else
+             common.co_flags(method, eps) if lam is None else [
+                 "--eps", f"{eps}/255", "--method", "llr", "--llr-steps", "1", "--llr-lam", f"{lam:g}", "--llr-mu",
+                 f"{mu:g}"])
+    out = os.path.join(setting["out"], "runs", model, SAME_RUN.get(name, name))
     argv = ["--data-dir", setting["data"], "--out", out, "--seed", str(seed), "--arch", model,
             "--epochs", str(setting["epochs"]), "--batch-size", str(setting["batch_size"]), "--val-n",
             str(setting["holdout"]), "--eval-steps", str(setting["pgd_steps"]), *PROTOCOL, *flags]
@@ -113,8 +125,10 @@ def train_runs(setting, chosen):
         seeds = chosen.get("seeds", {}).get(str(eps), setting["seeds"])
         runs += [make_run(setting, chosen["model"], m, eps, s) for m in COMPARED for s in seeds]
         runs.append(make_run(setting, chosen["model"], "adv10", eps, 0))
-    return runs + [make_run(setting, chosen["model"], "llr1-mu0", chosen["grid_eps"], 0, lam, mu)
-                   for lam, mu in setting["grid"]]
+    runs += [make_run(setting, chosen["model"], "llr1-mu0", chosen["grid_eps"], 0, lam, mu)
+             for lam, mu in setting["grid"]]
+    return runs + [make_run(setting, chosen["model"], m, eps, s) for s in setting["seeds"] for eps in chosen["eps"]
+                   for m in TWINS if s in chosen.get("seeds", {}).get(str(eps), setting["seeds"])]
 
 
 def share(runs, worker):
