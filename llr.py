@@ -29,10 +29,11 @@ Conventions, so that results match the authors' code (google-deepmind/local_line
   running statistics. See `CleanBatchStatistics`.
 
 - Attention: a model calling `F.scaled_dot_product_attention` (timm's ViT, DeiT) gets PyTorch's fused kernels
-  (flash, memory-efficient, the CPU's flash), which have no double backward (pytorch/pytorch#116350). The clean
-  pass, the one whose input gradient is differentiated again, runs under `math_attention()` (the math backend:
-  matmul, softmax, matmul); the search and the pass on x + δ keep the caller's kernels. Cost: the math backend
-  materialises the attention matrix, memory ∝ tokens² per head and image (197² for a ViT at 224 px, patch 16).
+  (flash, memory-efficient, the CPU's flash), which have no double backward (pytorch/pytorch#116350). The exact
+  form's clean pass, the one whose input gradient is differentiated again, runs under `math_attention()` (the
+  math backend: matmul, softmax, matmul); the search, the pass on x + δ and every pass of the first-order form
+  keep the caller's kernels. Cost: the math backend materialises the attention matrix, memory ∝ tokens² per
+  head and image (197² for a ViT at 224 px, patch 16).
 
 `CompiledLLR(model, steps=2)(x, y, eps)` computes `llr_loss(model, x, y, eps, steps=2)` with the same
 pieces compiled by torch.compile: faster where launches and memory traffic bound the eager double backward.
@@ -196,7 +197,8 @@ class _LLR:
         """Clean logits [B, K], ℓ(x) [B], ∇ₓℓ(x) [B, ...] and the batch-norm statistics of x (recorded inside)."""
         def summed_loss(x):
             self.clean.record()
-            with math_attention():  # this pass's input gradient is differentiated again
+            # the exact form differentiates this pass's input gradient again; the first-order form does not
+            with contextlib.nullcontext() if self.first_order else math_attention():
                 logits = self.model(x)
             loss = _cross_entropy(logits, y)
             return loss.sum(), (logits, loss, self.clean.recorded())

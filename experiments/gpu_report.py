@@ -47,7 +47,8 @@ files, and the README's GPU tables are made from it.
 12. timm-vit-s16, timm-convnext-t (issue 36): `bench.py` on timm's ViT-S/16 and ConvNeXt-T at 224 x 224 on
    random images (ImageNet's shape), batch 32, 1000 classes, bf16, channels-last: ms/step, ratio to plain and
    peak memory of plain, exact LLR-2 (its clean pass's attention by the math backend, memory ∝ tokens²),
-   ADV-2, ADV-10 and N-FGSM (TIMM_METHODS), a minute or two each on an H100.
+   first-order LLR-2 (fused attention throughout), ADV-2, ADV-10 and N-FGSM (TIMM_METHODS), a minute or two
+   each on an H100.
 
 The data for step 6 is the CIFAR-10 copy in data/cifar10-jpeg (`--data-dir`), or the archive
 ../shared/data/cifar10-jpeg.tar.gz (or --archive), unpacked there on first use.
@@ -288,9 +289,10 @@ def evaluate_run(setting, name, group="gpu-repro", prefix="repro", flags=None):
             "gamma_mean": report.get("gamma", {}).get("mean"), "eval": os.path.basename(out)}
 
 
-# timm's ImageNet models (issue 36), by their timm names; issue 35 adds llr-fo-2 (first-order LLR-2, fused attention)
+# timm's ImageNet models (issue 36), by their timm names; exact LLR-2 (math attention in its clean pass) against
+# first-order LLR-2 (fused attention throughout: issue 35)
 TIMM_MODELS = {"timm-vit-s16": "timm:vit_small_patch16_224", "timm-convnext-t": "timm:convnext_tiny"}
-TIMM_METHODS = "plain,llr-2,adv-2,adv-10,n-fgsm"
+TIMM_METHODS = "plain,llr-2,llr-fo-2,adv-2,adv-10,n-fgsm"
 
 
 def step_bench_timm(setting, work, name):

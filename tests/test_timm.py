@@ -21,9 +21,10 @@ import train_cifar
 from conftest import ROOT, TINY_TIMM, hooked, make_image_folder, read_log, signal_at, tiny_timm
 
 FAMILIES = list(TINY_TIMM)
-# (method, options) that each family trains one step of; first-order LLR (issue 35) joins this list
+# (method, options) that each family trains one step of: every method, LLR exact and first-order
 STEPS = [("plain", {}), ("adv", {"steps": 2}), ("trades", {"steps": 2}), ("cure", {}), ("lfr", {"steps": 1}),
-         ("n-fgsm", {}), ("gradalign", {}), ("elle", {}), ("elle-a", {}), ("llr", {"steps": 1})]
+         ("n-fgsm", {}), ("gradalign", {}), ("elle", {}), ("elle-a", {}), ("llr", {"steps": 1}),
+         ("llr", {"steps": 1, "first_order": True})]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_family_trains_llr_resumes_exactly_and_evaluates(family, folders, tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,options", STEPS, ids=[m for m, _ in STEPS])
+@pytest.mark.parametrize("method,options", STEPS, ids=[m + ("-fo" if o.get("first_order") else "") for m, o in STEPS])
 def test_every_method_trains_one_step(family, method, options):
     """One eager optimiser step through `methods.bind`, as the trainers take it: a finite loss, finite
     gradients, and weights that moved."""
@@ -128,25 +129,27 @@ class Flags(torch.nn.Module):
 
 # each method's passes in order: True where the caller's (fused) kernels run, False where the math backend runs
 PASSES = {"llr": [False, True, True],  # clean (differentiated twice), 1 search step, Eq. 8 on x + δ
+          "llr-fo": [True, True, True],  # first-order: clean, 1 search step, Eq. 8 on [x, x + δ, x ± hδ]
           "gradalign": [True, True, False],  # FGSM, CE on x + δ, g₂ (differentiated twice)
           "cure": [True, False, False],  # clean, the two gradients
           "lfr": [False, True, False]}  # 1 search step (a double backward), clean, flatness on x + δ
 
 
-@pytest.mark.parametrize("method", list(PASSES))
-def test_math_attention_only_in_the_passes_differentiated_twice(method):
+@pytest.mark.parametrize("name", list(PASSES))
+def test_math_attention_only_in_the_passes_differentiated_twice(name):
     """Under the caller's own choice of kernels (flash and math here), the passes whose input gradient is
     differentiated again run by the math backend alone, the others by the caller's; the caller's choice is
     restored after the loss and after an exception inside."""
     model = Flags(tiny_timm("vit"))
     x, y = _batch(16)
-    options = {"steps": 1} if method in ("llr", "lfr") else {}
+    method = name.removesuffix("-fo")
+    options = {"steps": 1, **({"first_order": True} if name == "llr-fo" else {})} if method in ("llr", "lfr") else {}
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
         callers = [flag() for flag in SDPA_FLAGS]
         loss, _ = methods.METHODS[method](model, x, y, 8 / 255, generator=torch.Generator().manual_seed(0), **options)
         loss.backward()
         assert [flag() for flag in SDPA_FLAGS] == callers == [True, False, True, False]
-        assert model.fused == PASSES[method]
+        assert model.fused == PASSES[name]
         with pytest.raises(ZeroDivisionError), llr.math_attention():
             1 / 0
         assert [flag() for flag in SDPA_FLAGS] == callers
