@@ -352,3 +352,24 @@ def test_gpu_report_timm_steps_smoke(tmp_path):
     done = (tmp_path / "gpu-report" / "timm-vit-s16.json").stat().st_mtime
     gpu_report.main(["--smoke", str(tmp_path), "--steps", steps])
     assert (tmp_path / "gpu-report" / "timm-vit-s16.json").stat().st_mtime == done
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_train_imagenet_fine_tunes_a_timm_model_from_init(tmp_path, capsys):
+    """train_imagenet.py with --arch timm: and --init: a 1000-class file's weights into a 3-class model (the
+    classifier starts fresh), LLR-1 with gradient accumulation, a checkpoint eval.py-style loaders rebuild."""
+    import train_imagenet
+
+    arch, kwargs, size = TINY_TIMM["convnext"]
+    folder = make_image_folder(str(tmp_path / "imagenet"), splits=("train", "val"), classes=3, per_class=10,
+                               size=size + 8)
+    torch.manual_seed(0)
+    save_file(tiny_timm("convnext", num_classes=1000).net.state_dict(), str(tmp_path / "in1k.safetensors"))
+    run = str(tmp_path / "run")
+    train_imagenet.main(["--data-dir", folder, "--arch", arch, "--timm-kwargs", *kwargs, "--image-size", str(size),
+                         "--init", str(tmp_path / "in1k.safetensors"), "--method", "llr", "--eps", "4",
+                         "--epochs", "1", "--batch-size", "8", "--per-device-batch", "4", "--workers", "0",
+                         "--val-n", "6", "--eval-steps", "2", "--gamma-n", "4", "--log-every", "1", "--out", run])
+    assert "head.fc.weight, head.fc.bias of another class count left as initialised" in capsys.readouterr().out
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+    assert models.load_checkpoint(os.path.join(run, "last.safetensors")).config["arch"] == arch
