@@ -307,7 +307,8 @@ def load_init(model, path):
         named = [f"missing {missing[0]}" if missing else "", f"unexpected {unexpected[0]}" if unexpected else "",
                  f"{misshaped[0]} is {list(state[misshaped[0]].shape)} in the file, "
                  f"{list(expected[misshaped[0]].shape)} in the model" if misshaped else ""]
-        raise ValueError(f"--init {path} does not match {model.config['arch']} with its --timm-kwargs: "
+        sized = " with its --timm-kwargs" if model.config["arch"].startswith(TIMM) else ""
+        raise ValueError(f"--init {path} does not match {model.config['arch']}{sized}: "
                          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors "
                          f"({'; '.join(n for n in named if n)})")
     model.net.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=not fresh)
