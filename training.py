@@ -88,7 +88,8 @@ def add_run_arguments(parser, out_prefix, val_n):
                    help="compute the method's loss with compiled code (methods.compiled): llr, lfr and cure through "
                         "torch.func.grad traced by torch.compile, the others on torch.compile(model) (gradalign is refused: "
                         "no compiled double backprop); the same "
-                        "math, rounding aside. The first steps compile (minutes); one process only. May change on "
+                        "math, rounding aside. The first steps compile (minutes); one process only, but for first-order LLR "
+                        "(--llr-first-order), which averages its gradients across processes itself. May change on "
                         "--resume")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
                    help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
@@ -264,11 +265,13 @@ def check_run_args(args):
 
 def check_compile(args, accelerator):
     """--compile's requirements, before any work (ValueError): a compiler for Inductor's code (a C++
-    compiler on a CPU, Triton on a GPU), and one process: the methods compiled through torch.func
-    call the model past DistributedDataParallel's forward, so their gradients would not be
-    all-reduced, nor SyncBatchNorm's statistics; torch.compile of a DDP model (plain, ADV, TRADES)
-    has no multi-process test here yet. A method differentiated twice without a compiled version
-    (GradAlign: `methods.compilable`) is refused."""
+    compiler on a CPU, Triton on a GPU), and one process, but for first-order LLR: the methods compiled
+    through torch.func call the model past DistributedDataParallel's forward, so their gradients would
+    not be all-reduced, nor SyncBatchNorm's statistics; `llr.CompiledLLR(first_order=True)` averages
+    its gradients itself and measures SyncBatchNorm's statistics in its eager clean pass (tested with
+    two processes); torch.compile of a DDP model (plain, ADV, TRADES) has no multi-process test here
+    yet. A method differentiated twice without a compiled version (GradAlign: `methods.compilable`) is
+    refused."""
     if not args.compile:
         return
     require(methods.compilable(args.method),
@@ -287,9 +290,11 @@ def check_compile(args, accelerator):
 
         require(has_triton(), "--compile needs Triton on a GPU (torch.compile's Inductor): pip install triton, or "
                               "train without --compile")
-    require(accelerator.num_processes == 1,
-            f"--compile runs in one process only (with --method {args.method} across {accelerator.num_processes} "
-            f"processes its gradients would not be all-reduced, or it is untested): train without --compile")
+    first_order = args.method == "llr" and method_options(args)["first_order"]
+    require(accelerator.num_processes == 1 or first_order,
+            f"--compile across processes runs first-order LLR alone (--method llr --llr-first-order: its gradients "
+            f"are averaged by llr.CompiledLLR, tested); with --method {args.method} across {accelerator.num_processes} "
+            f"processes its gradients would not be all-reduced, or it is untested: train without --compile")
 
 
 def loss_function(args, model):

@@ -139,6 +139,24 @@ def test_two_process_llr_run(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_two_process_compiled_first_order_llr_run(data_dir, tmp_path):
+    """`accelerate launch --num_processes 2 ... --compile --method llr --llr-first-order` (gloo on the CPU): the
+    compiled first-order step, its gradients averaged across the processes by llr.CompiledLLR (the equality with
+    the whole batch: tests/test_llr_distributed.py), trains, and the run records the form it trained."""
+    run = str(tmp_path / "ddp-fo")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            os.path.join(ROOT, "train_cifar.py"), "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY,
+            "--method", "llr", "--llr-steps", "1", "--llr-first-order", "--compile"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["processes"] == 2 and config["args"]["compile"] and config["args"]["llr_first_order"]
+    assert models.read_checkpoint_metadata(os.path.join(run, "last.safetensors"))["options"]["first_order"]
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+
+
 def test_bf16_mixed_precision_through_accelerate(data_dir, tmp_path, monkeypatch):
     """Accelerate's mixed-precision setting (here from the environment, as `accelerate launch
     --mixed_precision bf16` sets it) runs LLR's double backward under bf16 autocast."""
