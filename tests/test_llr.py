@@ -549,3 +549,15 @@ def test_first_order_differences_are_taken_in_float32_under_autocast():
     torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(info["gamma"], reference[1].detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(info["grad_term"], reference[2].detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_first_order_measurements_run(tmp_path):
+    """experiments/first_order.py (the numbers llr.py's docstring quotes) on a tiny model: every measurement is
+    written, and in float64 with batch norm in eval mode the error falls as h² (a quarter per halving)."""
+    from experiments import first_order
+
+    result = first_order.main(["--smoke", "--out", str(tmp_path / "m.json")])
+    assert set(result) >= {"step_h", "batch_norm_train", "bf16", "command", "torch"} and (tmp_path / "m.json").exists()
+    float64 = {r["h"]: r["weight_grad_relative_error"] for r in result["step_h"] if r["dtype"] == "float64"}
+    assert 3.5 < float64[0.05] / float64[0.025] < 4.5
+    assert {r["precision"] for r in result["bf16"]} == {"float32", "bf16"}
