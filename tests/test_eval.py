@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval as eval_script
+import suite
 import models
 from conftest import ROOT, make_image_folder
 
@@ -72,10 +73,10 @@ def test_adversarial_examples_are_verified_before_counting():
     x_adv[1, 0] = 0.5 - 0.05  # inside the ball, still correct by a wide margin
     x_adv[2, 0] = -1e-3 + 0.0  # outside everything
     x_adv[3, 0] = 0.005  # inside a ball of 0.5, correct by 0.005 < attacks.MARGIN
-    valid, broken, doubtful = eval_script.verify(model, x, x_adv, 0.1, y)
+    valid, broken, doubtful = suite.verify(model, x, x_adv, 0.1, y)
     assert valid.tolist() == [False, True, False, False] and not broken.any()
     assert doubtful.tolist() == [True, False, True, True]
-    valid, broken, doubtful = eval_script.verify(model, x[3:], x_adv[3:], 0.5, y[3:])
+    valid, broken, doubtful = suite.verify(model, x[3:], x_adv[3:], 0.5, y[3:])
     assert valid.all() and not broken.any() and doubtful.all()
 
 
@@ -98,7 +99,7 @@ def test_no_sample_is_counted_robust_by_a_rounding_flip(reachable, robust, reatt
     cannot verify: the sample is attacked again, then counted robust, and the report says so."""
     images, labels = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
     eps = (0.05 + reachable) / 12
-    result, counts, _ = eval_script.run_attack(_RoundingFlip(), images, labels, eps, "fgsm20",
+    result, counts, _ = suite.run_attack(_RoundingFlip(), images, labels, eps, "fgsm20",
                                                {"steps": 200, "step_size": 0.001 / 12}, 2, 8, "cpu", 0)
     assert result.tolist() == [robust]
     assert counts == {"invalid": 0, "reattacked": reattacked, "unverified": reattacked}
@@ -271,3 +272,31 @@ def test_a_missing_output_directory_is_created(setup, tmp_path, out, written):
                       "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(tmp_path, out)])
     with open(tmp_path / written) as f:
         assert json.load(f)["n_images"] == 4
+
+
+# --------------------------------------------------------------------------- a model nobody can attack
+def test_a_model_with_no_correct_image_gets_zero_in_every_column(tmp_path, capsys):
+    """Every image misclassified (the model always says class 9, and no test image is of class 9):
+    every attack of the suite, AutoAttack's APGD-T, the sanity checks and --gamma run on nothing or
+    everything without error, and every column reports 0%."""
+    data_dir = make_image_folder(str(tmp_path / "data"), classes=10, per_class=2, size=8)
+    for name in os.listdir(tmp_path / "data" / "test" / "class9"):
+        os.remove(tmp_path / "data" / "test" / "class9" / name)
+    model = models.build_model("wrn-10-1")
+    with torch.no_grad():
+        model.net.fc.weight.zero_()
+        model.net.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(9), 10) * 10.0)
+    models.save_checkpoint(model, str(tmp_path / "model.safetensors"), dataset="cifar10", epoch=1)
+    out = str(tmp_path / "eval.json")
+    eval_script.main([str(tmp_path / "model.safetensors"), "--eps", "8/255", "--data-dir", data_dir, "--n", "5",
+                      "--attacks", ",".join(suite.SUITE), "--steps", "2", "--restarts", "1", "--num-targets", "2",
+                      "--square-queries", "5", "--gamma", "--autoattack", "--aa-version", "custom",
+                      "--aa-attacks", "apgd-t", "--out", out])
+    printed = capsys.readouterr().out
+    with open(out) as f:
+        r = json.load(f)["results"]
+    assert set(suite.SUITE) <= set(r)
+    for name in ["nominal", "worst_case", "autoattack", "worst_case_with_autoattack", *suite.SUITE]:
+        if name != "random-targeted":
+            assert r[name]["accuracy"] == 0 and not any(r[name]["robust"]) and len(r[name]["robust"]) == 5, name
+    assert "gamma(eps, x)" in printed and "0.00%" in printed

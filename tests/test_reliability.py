@@ -15,6 +15,7 @@ import eval as eval_script
 import methods
 import models
 import plots
+import suite
 import train_cifar
 import train_imagenet
 from conftest import ROOT, crash_at, hooked, make_image_folder, nan_from, read_log, signal_at
@@ -356,7 +357,7 @@ def test_an_interrupted_evaluation_continues_with_the_next_column(trained_run, t
     out = str(tmp_path / "e.json")
     argv = [trained_run["run"], "--eps", "8/255", "--data-dir", trained_run["data_dir"], "--n", "6", "--attacks", "fgsm20,untargeted",
             "--steps", "2", "--restarts", "1", "--no-sanity", "--out", out]
-    original, attacked = eval_script.run_attack, []
+    original, attacked = suite.run_attack, []
 
     def interrupted(*args, **kwargs):
         attacked.append(args[4])
@@ -365,12 +366,12 @@ def test_an_interrupted_evaluation_continues_with_the_next_column(trained_run, t
         return original(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(eval_script, "run_attack", interrupted)
+        m.setattr(suite, "run_attack", interrupted)
         with pytest.raises(KeyboardInterrupt):
             eval_script.main(argv)
     assert json.load(open(out + ".partial.json"))["columns"].keys() == {"fgsm20"}
     attacked.clear()
-    monkeypatch.setattr(eval_script, "run_attack", lambda *a, **k: attacked.append(a[4]) or original(*a, **k))
+    monkeypatch.setattr(suite, "run_attack", lambda *a, **k: attacked.append(a[4]) or original(*a, **k))
     report = eval_script.main(argv)
     assert set(attacked) == {"untargeted"} and set(report["results"]) >= {"fgsm20", "untargeted"}
     assert not os.path.exists(out + ".partial.json")
