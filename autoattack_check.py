@@ -68,7 +68,7 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
     options = autoattack_options(args)
     config = {"checkpoint": args.checkpoint, "norm": args.norm, "eps": eps, "n": len(labels), "seed": args.seed,
               "chunk": args.batch_size, "bf16": args.bf16, **options}
-    state = {"config": config, "chunks": {}}
+    state = {"written_by": "eval.py", "config": config, "chunks": {}}
     if os.path.exists(state_path):
         with open(state_path) as f:
             saved = json.load(f)

@@ -102,31 +102,104 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
-    g.add_argument("--out", help="JSON path, or a directory to write eval.json (surface.json, ...) in (a path "
-                                 "ending in / is a directory, created if missing) (unset: "
-                                 "CHECKPOINT with .eval.json, .surface.json or .strength.json); "
-                                 "each finished attack column is kept in OUT.partial.json until the end, and a run "
-                                 "with the same settings continues from it")
+    g.add_argument("--out", help="a .json path, or a directory (existing, or a path ending in /, then created) "
+                                 "to hold one report per checkpoint, named after it: runs/x/best.safetensors -> "
+                                 "DIR/x.best.eval.json (in the checkpoint's own directory best.eval.json); any other "
+                                 "path is refused (unset: beside the checkpoint, CHECKPOINT.eval.json, .surface.json, "
+                                 ".strength.json or .gamma.json). A report with other settings (images, attacks, "
+                                 "steps, seed, ε, ...) is never replaced: choose another --out. Each finished attack "
+                                 "column is kept in OUT.partial.json until the end, and a run with the same settings "
+                                 "continues from it")
     return p.parse_args(argv)
 
 
 def output_path(out, checkpoint, mode):
-    """The JSON path of --out `out` (None: beside the checkpoint, CHECKPOINT.MODE.json; a directory,
-    existing or named with a trailing separator and then created: MODE.json in it), checked writable
-    before any attack (ValueError, one line). A file path in a missing directory stays an error:
-    more likely a typo than a wish."""
-    path = out or os.path.splitext(checkpoint)[0] + f".{mode}.json"
+    """The JSON path of --out `out`, checked writable before any attack (ValueError, one line).
+    None: beside the checkpoint, CHECKPOINT.MODE.json. A directory (existing, or named with a
+    trailing separator and then created): a file named after the checkpoint, RUN.CHECKPOINT.MODE.json
+    (runs/x/best.safetensors -> x.best.eval.json), so that the reports of several checkpoints sit
+    side by side; in the checkpoint's own directory CHECKPOINT.MODE.json, as beside it. Else a path
+    ending in .json; anything else (`--out results2`) is refused rather than written as a file of
+    that name. A file path in a missing directory stays an error: more likely a typo than a wish."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    path = out or os.path.join(os.path.dirname(checkpoint), f"{stem}.{mode}.json")
     try:
         if path.endswith(("/", os.sep)):
             os.makedirs(path, exist_ok=True)
         if os.path.isdir(path):
-            path = os.path.join(path, f"{mode}.json")
+            folder = os.path.dirname(os.path.abspath(checkpoint))
+            own = os.path.samefile(path, folder)
+            path = os.path.join(path, f"{stem}.{mode}.json" if own else f"{os.path.basename(folder)}.{stem}.{mode}.json")
+        elif not path.endswith(".json"):
+            raise ValueError(f"--out {out}: neither a directory nor a .json file; write {out}/ for a directory "
+                             f"(created if missing) or {out}.json for a file")
         with open(path + ".tmp", "w"):
             pass
         os.remove(path + ".tmp")
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def evaluation_settings(args, mode, eps, n_images, num_classes):
+    """What an evaluation measures, recorded in its report ("settings") and compared with the
+    report already at its path before any work: the mode, the checkpoint, ε, the norm, the images,
+    the seed, bf16 and, for the suite, each attack's options, --gamma and AutoAttack's options;
+    for the figure modes, their flags. The batch size and the device are not settings: they do not
+    change what is measured."""
+    settings = {"mode": mode, "checkpoint": cli.record_path(args.checkpoint), "eps": eps, "norm": args.norm,
+                "split": args.split, "n_images": n_images, "seed": args.seed, "bf16": args.bf16}
+    if mode == "eval":
+        settings["attacks"] = {name: suite.attack_options(name, args, num_classes, eps)
+                               for name in suite.parse_suite(args.attacks, args.norm)}
+        settings.update(gamma=args.gamma, autoattack=autoattack_check.autoattack_options(args) if args.autoattack
+                        else None, certify=args.certify)
+    else:
+        settings[mode] = {"surface": [args.surface, args.surface_grid, args.surface_radius],
+                          "strength": args.strengths, "gamma": args.gamma_sweep}[mode]
+    return json.loads(json.dumps(settings))  # as it reads back from the report
+
+
+def recorded_settings(report):
+    """The settings of a report eval.py wrote (`evaluation_settings`); reports older than the record
+    give what they hold of them: the mode, checkpoint, ε, norm, images, seed, bf16 and the attacks."""
+    if "settings" in report:
+        return report["settings"]
+    settings = {k: report[k] for k in ("mode", "checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16")
+                if k in report}
+    if report.get("mode") == "eval" and "results" in report:
+        settings["attacks"] = {name: column["options"] for name, column in report["results"].items()
+                               if name in suite.SUITE}
+    return settings
+
+
+def check_existing_report(path, settings):
+    """Refuse (ValueError, one line) to replace the file at `path` unless it is a report of an
+    evaluation with the same `settings` (which may be resumed or replaced): another evaluation's
+    numbers, or a file eval.py did not write, are never lost."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        old = recorded_settings(report) if isinstance(report, dict) and "checkpoint" in report else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        old = None
+    if old is None:
+        raise ValueError(f"{path} exists and is not an evaluation written by eval.py: choose another --out")
+    same_checkpoint = os.path.realpath(cli.recorded_path(old["checkpoint"])) == os.path.realpath(
+        cli.recorded_path(settings["checkpoint"]))
+    differing = [k for k in settings if k in old and k != "checkpoint" and old[k] != settings[k]]
+    differing = ([] if same_checkpoint else ["checkpoint"]) + differing
+    if differing:
+        what = "; ".join(f"{k} {_short(old[k])} there, {_short(settings[k])} here" for k in differing[:3])
+        raise ValueError(f"{path} holds an evaluation with other settings ({what}): it is kept; write this one "
+                         f"elsewhere with --out (e.g. --out {os.path.splitext(path)[0]}-2.json)")
+
+
+def _short(value):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_args(args):
@@ -282,7 +355,8 @@ def run_suite(model, images, labels, eps, args, num_classes, device, partial=Non
                               "invalid_examples": counts["invalid"], "reattacked": counts["reattacked"],
                               "unverified": counts["unverified"], "time_s": round(seconds, 2), "robust": robust.tolist()}
             if partial:
-                suite.write_compact_json(partial[0], {"settings": partial[1], "columns": finished})
+                suite.write_compact_json(partial[0], {"written_by": "eval.py", "settings": partial[1],
+                                                     "columns": finished})
         entry = dict(finished[name])
         robust = torch.tensor(entry["robust"], dtype=torch.bool)
         if name == "random-targeted":
@@ -404,8 +478,9 @@ def main(argv=None):
             autoattack_check.import_autoattack()
             autoattack_check.autoattack_options(args)
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
-        recorded = meta.get("data_dir") if meta.get("data_dir") and os.path.isdir(meta["data_dir"]) else None
-        data_dir = args.data_dir or recorded or ("data/cifar10" if dataset == "cifar10" else None)
+        recorded = cli.recorded_path(meta.get("data_dir"))  # where it was trained from (relative: in this repository)
+        found = recorded if recorded and os.path.isdir(recorded) else None
+        data_dir = args.data_dir or found or ("data/cifar10" if dataset == "cifar10" else None)
         cli.require(data_dir is not None, "--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
         n = max(args.surface) + 1 if args.surface else args.n
@@ -414,20 +489,29 @@ def main(argv=None):
                     f"{conflict}: its numbers there are biased upwards; evaluate on --split test, or pass "
                     f"--allow-selection-images to do it anyway")
         holdout_n = meta.get("selection", {}).get("holdout_n") or {"cifar10": 1000, "imagenet": 10000}[dataset]
-        images, labels, classes = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224), holdout_n)
+        try:
+            images, labels, classes = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224),
+                                                  holdout_n)
+        except data.DataError as e:
+            missing = recorded and not found and not args.data_dir
+            raise data.DataError(f"{e}; the checkpoint records its data at {meta['data_dir']!r}, which is not here: "
+                                 f"give --data-dir" if missing else str(e)) from None
         cli.require(meta.get("classes") in (None, classes),
                     f"the classes in {data_dir} ({', '.join(classes[:4])}, ...) are not those the checkpoint was "
                     f"trained on ({', '.join(meta.get('classes', [])[:4])}, ...): labels would not match")
         cli.require(not args.surface or max(args.surface) < len(labels),
                     f"--surface index {max(args.surface or [0])} is beyond the {len(labels)} images")
         out = output_path(args.out, args.checkpoint, mode)
+        settings = evaluation_settings(args, mode, eps, len(labels), config["num_classes"])
+        check_existing_report(out, settings)
         if args.n > len(labels):
             print(f"--n {args.n}: the {args.split} split has {len(labels)} images; evaluating all {len(labels)}")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
     start = time.time()
-    report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
+    report = {"written_by": "eval.py", "settings": settings, "mode": mode, "checkpoint": cli.record_path(args.checkpoint),
+              "model": config, "dataset": dataset, "data_dir": cli.record_path(data_dir),
               "eps": eps, "eps_text": args.eps, "norm": args.norm, "split": args.split, "selection_conflict": conflict,
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "device_name": device_name(args.device), "torch": torch.__version__,
@@ -436,12 +520,11 @@ def main(argv=None):
         report.update(probe.measure(mode, model, evaluated, images, labels, eps, args, config["num_classes"]))
     else:
         report["labels"] = labels.tolist()
-        settings = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
-        settings.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
-                        options={name: suite.attack_options(name, args, config["num_classes"], eps)
-                                 for name in suite.parse_suite(args.attacks, args.norm)})
+        resume = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
+        resume.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
+                      options=settings["attacks"])
         results = run_suite(evaluated, images, labels, eps, args, config["num_classes"], args.device,
-                            partial=(out + ".partial.json", settings))
+                            partial=(out + ".partial.json", resume))
         report["results"] = results
         if args.gamma:
             report["gamma"] = suite.gamma_of_images(model, images, labels, eps, args.batch_size, args.device, args.seed,

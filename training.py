@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import attacks
 import ball
+import cli
 import data
 import llr
 import methods
@@ -168,6 +169,10 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
             parser.error(f"cannot resume from {args.resume}: {e.strerror}")
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
+        if saved.get("data_dir"):  # recorded relative to the repository when inside it (cli.record_path)
+            saved["data_dir"] = cli.recorded_path(saved["data_dir"])
+        if "data_dir" in given:  # compared with the recorded directory as a path, not as typed
+            args.data_dir = os.path.abspath(args.data_dir)
         # a flag of the run's setting may be repeated with its recorded value (make cifar ARGS="--epochs 5" again)
         differing = sorted(k for k in given - set(RESUMABLE)
                            if not _same_setting(k, getattr(args, k), saved.get(k), saved.get("norm", "linf")))
@@ -433,11 +438,26 @@ def release_run_dir(args):
 
 
 # eval.py's files beside a run's checkpoints (eval.output_path; autoattack_check.STATE_SUFFIX):
-# CHECKPOINT.MODE.json (best.eval.json, last.gamma.json, ...), MODE.json for the directory as --out,
-# and while one runs OUT.partial.json and OUT.autoattack-state.json; temporaries end in .tmp[PID]
+# CHECKPOINT.MODE.json (best.eval.json, last.gamma.json, ...), MODE.json for the directory as --out in
+# older versions, and while one runs OUT.partial.json and OUT.autoattack-state.json; temporaries end in
+# .tmp[PID]. A JSON file of another name is eval.py's when it says so ("written_by": "eval.py"), or,
+# from versions before that mark, when it is a report (a "mode" of EVAL_MODES and a "checkpoint").
 EVAL_MODES = ("eval", "surface", "strength", "gamma")
 EVAL_FILES = {f"{stem}{mode}.json" for stem in ("", "best.", "last.") for mode in EVAL_MODES}
 EVAL_LEFTOVERS = (".partial.json", ".autoattack-state.json")
+
+
+def written_by_eval(path):
+    """Whether the JSON file at `path` is a report or a leftover that eval.py wrote, whatever its name."""
+    if not path.endswith(".json"):
+        return False
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(content, dict) and (content.get("written_by") == "eval.py" or (
+        content.get("mode") in EVAL_MODES and "checkpoint" in content))
 
 
 def earlier_files(out):
@@ -448,8 +468,14 @@ def earlier_files(out):
         base = re.sub(r"\.tmp\d*$", "", name)
         base = next((base[:-len(s)] for s in EVAL_LEFTOVERS if base.endswith(s) and base[:-len(s)] in EVAL_FILES),
                     base)
-        if base != LOCK:
-            (run if base in RUN_FILES else evaluations if base in EVAL_FILES else other).append(name)
+        if base == LOCK:
+            continue
+        if base in RUN_FILES:
+            run.append(name)
+        elif base in EVAL_FILES or (base == name and written_by_eval(os.path.join(out, name))):
+            evaluations.append(name)
+        else:
+            other.append(name)
     return run, evaluations, other
 
 
@@ -467,6 +493,8 @@ def _check_run_dir(args):
     if args.overwrite:
         for name in run + evaluations:
             os.remove(os.path.join(args.out, name))
+        if run or evaluations:
+            print(f"--overwrite: removed {', '.join(run + evaluations)} from {args.out}", flush=True)
         return
     require(run or not evaluations, f"{args.out} holds eval.py's reports of an earlier run ({', '.join(evaluations)}) "
                                     f"but not the run: start afresh there with --overwrite (deletes them), or choose "
@@ -506,7 +534,8 @@ def provenance(args, accelerator):
     import accelerate
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"args": vars(args), "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
+    paths = {k: cli.record_path(getattr(args, k)) for k in ("data_dir", "out", "resume")}  # inside the repository: relative
+    return {"args": {**vars(args), **paths}, "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
             "torch": torch.__version__, "accelerate": accelerate.__version__, "device": device,
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
 

@@ -1,6 +1,7 @@
 """eval.py end to end on a tiny checkpoint and a generated ImageFolder; its one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -264,14 +265,97 @@ def test_the_default_suite_reports_the_fgsm_column(setup, capsys):
 
 
 # --------------------------------------------------------------------------- --out
-@pytest.mark.parametrize("out, written", [("results/", "results/eval.json"), ("new/dir/", "new/dir/eval.json")])
-def test_a_missing_output_directory_is_created(setup, tmp_path, out, written):
+QUICK = ["--eps", "8/255", "--n", "4", "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity"]
+
+
+@pytest.mark.parametrize("out", ["results/", "new/dir/"])
+def test_a_missing_output_directory_is_created(setup, tmp_path, out):
     """The README's `--out results/` on a fresh clone (a file in a missing directory stays an error:
-    test_reliability)."""
-    eval_script.main([str(setup / "model.safetensors"), "--eps", "8/255", "--data-dir", str(setup / "data"), "--n", "4",
-                      "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(tmp_path, out)])
-    with open(tmp_path / written) as f:
+    test_reliability): the report is named after the checkpoint, RUN.CHECKPOINT.eval.json."""
+    eval_script.main([str(setup / "model.safetensors"), "--data-dir", str(setup / "data"), *QUICK,
+                      "--out", os.path.join(tmp_path, out)])
+    with open(tmp_path / out / f"{setup.name}.model.eval.json") as f:
         assert json.load(f)["n_images"] == 4
+
+
+def _two_checkpoints(setup, tmp_path):
+    paths = []
+    for run in ("x", "y"):
+        os.makedirs(tmp_path / run)
+        paths.append(str(tmp_path / run / "best.safetensors"))
+        shutil.copyfile(setup / "model.safetensors", paths[-1])
+    return paths
+
+
+def test_out_directory_holds_one_report_per_checkpoint(setup, tmp_path):
+    """`--out results/` for runs/x then runs/y: two reports, each naming its own checkpoint; in the
+    checkpoint's own directory the report is the one written beside it by default."""
+    x, y = _two_checkpoints(setup, tmp_path)
+    for checkpoint in (x, y):
+        eval_script.main([checkpoint, "--data-dir", str(setup / "data"), *QUICK, "--out", str(tmp_path / "results")
+                          + os.sep])
+    assert sorted(os.listdir(tmp_path / "results")) == ["x.best.eval.json", "y.best.eval.json"]
+    for run in ("x", "y"):
+        with open(tmp_path / "results" / f"{run}.best.eval.json") as f:
+            assert json.load(f)["checkpoint"] == str(tmp_path / run / "best.safetensors")
+    eval_script.main([x, "--data-dir", str(setup / "data"), *QUICK, "--out", str(tmp_path / "x")])
+    assert os.path.exists(tmp_path / "x" / "best.eval.json")
+
+
+def test_an_evaluation_with_other_settings_is_never_replaced(setup, tmp_path):
+    """A report beside the checkpoint (or at --out) is replaced only by an evaluation with the same
+    settings; other images, attacks, steps, seed or ε, or another checkpoint, are refused in one line
+    naming --out before any work, and the report is kept as it was."""
+    x, y = _two_checkpoints(setup, tmp_path)
+    data = ["--data-dir", str(setup / "data")]
+    eval_script.main([x, *data, *QUICK])
+    report = tmp_path / "x" / "best.eval.json"
+    kept = report.read_bytes()
+    for change in (["--n", "3"], ["--seed", "1"], ["--eps", "4/255"], ["--fgsm-steps", "2"],
+                   ["--attacks", "fgsm20,fgsm"]):
+        message = _error([x, *data, *QUICK, *change])
+        assert "holds an evaluation with other settings" in message and "--out" in message, message
+        assert report.read_bytes() == kept
+    assert "n_images 4 there, 3 here" in _error([x, *data, *QUICK, "--n", "3"])
+    assert "checkpoint" in _error([y, *data, *QUICK, "--out", str(report)])
+    eval_script.main([x, *data, *QUICK])  # the same settings: replaced, as before
+    eval_script.main([x, *data, *QUICK, "--n", "3", "--out", str(tmp_path / "x" / "best.n3.eval.json")])
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert "not an evaluation written by eval.py" in _error([x, *data, *QUICK, "--out", str(notes)])
+    assert notes.read_text() == '{"mine": 1}'
+
+
+def test_an_older_report_without_settings_is_compared_by_what_it_holds(setup, tmp_path):
+    """The committed reports predate the "settings" record: their images, seed, ε and attack options
+    still decide whether an evaluation may replace them."""
+    x, _ = _two_checkpoints(setup, tmp_path)
+    data = ["--data-dir", str(setup / "data")]
+    eval_script.main([x, *data, *QUICK])
+    report = tmp_path / "x" / "best.eval.json"
+    old = json.loads(report.read_text())
+    del old["settings"], old["written_by"]
+    report.write_text(json.dumps(old))
+    assert "n_images 4 there, 3 here" in _error([x, *data, *QUICK, "--n", "3"])
+    eval_script.main([x, *data, *QUICK])
+
+
+def test_out_that_is_neither_a_directory_nor_json_is_refused(setup, tmp_path):
+    message = _error([str(setup / "model.safetensors"), "--data-dir", str(setup / "data"), *QUICK,
+                      "--out", str(tmp_path / "results2")])
+    assert "neither a directory nor a .json file" in message and "results2/" in message
+    assert not os.path.exists(tmp_path / "results2")
+
+
+def test_a_missing_recorded_data_directory_is_named_with_the_default(setup, tmp_path, monkeypatch):
+    """A checkpoint trained elsewhere records a data path that does not exist here: the error names
+    it and the default eval.py looked in instead."""
+    model = models.load_checkpoint(str(setup / "model.safetensors"))
+    models.save_checkpoint(model, str(tmp_path / "moved.safetensors"), dataset="cifar10",
+                           data_dir="/elsewhere/cifar10-jpeg")
+    monkeypatch.chdir(tmp_path)
+    message = _error([str(tmp_path / "moved.safetensors"), *QUICK])
+    assert "'data/cifar10'" in message and "'/elsewhere/cifar10-jpeg'" in message and "--data-dir" in message
 
 
 # --------------------------------------------------------------------------- a model nobody can attack

@@ -6,11 +6,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bench
+import cli
 import eval as eval_script
 import methods
 import models
@@ -18,6 +20,7 @@ import plots
 import suite
 import train_cifar
 import train_imagenet
+import training
 from conftest import ROOT, crash_at, hooked, make_image_folder, nan_from, read_log, signal_at
 
 TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
@@ -283,6 +286,55 @@ def test_overwrite_deletes_the_earlier_run_and_its_evaluations_and_nothing_else(
     (reported / "best.eval.json").write_text("{}")
     message = _one_line_error(train_cifar.main, [*base, "--out", str(reported)], "train_cifar.py")
     assert "holds eval.py's reports of an earlier run (best.eval.json)" in message and "--overwrite" in message
+
+
+def test_overwrite_removes_an_evaluation_eval_wrote_under_any_name_and_lists_what_it_removed(data_dir, tmp_path,
+                                                                                              capsys):
+    """`eval.py --out RUN/my-eval.json` (and its leftovers) is eval.py's output like best.eval.json:
+    --overwrite deletes it with the run and prints each file it deleted; a JSON file of the user's
+    own is still refused."""
+    run = str(tmp_path / "run")
+    common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY, "--out", run]
+    train_cifar.main(common)
+    eval_script.main([run, "--eps", "8/255", "--data-dir", data_dir, "--n", "2", "--attacks", "fgsm20",
+                      "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(run, "my-eval.json")])
+    with open(os.path.join(run, "mine.partial.json"), "w") as f:  # an interrupted evaluation's leftover
+        json.dump({"written_by": "eval.py", "settings": {}, "columns": {}}, f)
+    capsys.readouterr()
+    train_cifar.main([*common, "--overwrite"])
+    printed = capsys.readouterr().out
+    assert "--overwrite: removed" in printed and "my-eval.json" in printed and "mine.partial.json" in printed
+    assert "last.safetensors" in printed.split("--overwrite: removed")[1].splitlines()[0]
+    assert not {"my-eval.json", "mine.partial.json"} & set(os.listdir(run))
+    with open(os.path.join(run, "notes.json"), "w") as f:
+        json.dump({"mode": "mine"}, f)
+    message = _one_line_error(train_cifar.main, [*common, "--overwrite"], "train_cifar.py")
+    assert "holds files that are not a training run's (notes.json)" in message
+
+
+def test_paths_inside_the_repository_are_recorded_relative_to_it(tmp_path, monkeypatch):
+    """config.json records the data and the run directory relative to the repository when they lie
+    inside it (a clone elsewhere finds them), absolute otherwise; --resume reads both forms, from
+    any working directory, and a repeated --data-dir naming the same directory is no change."""
+    inside = os.path.join(ROOT, "data", "cifar10-jpeg")
+    assert cli.record_path(inside) == os.path.join("data", "cifar10-jpeg") and cli.recorded_path("data/x") == \
+        os.path.join(ROOT, "data", "x")
+    assert cli.record_path(str(tmp_path)) == cli.recorded_path(str(tmp_path)) == str(tmp_path)
+    args = train_cifar.get_args(["--data-dir", inside, "--out", os.path.join(ROOT, "runs", "x")])
+    config = training.provenance(args, SimpleNamespace(num_processes=1, mixed_precision="no"))
+    assert (config["args"]["data_dir"], config["args"]["out"]) == (os.path.join("data", "cifar10-jpeg"),
+                                                                    os.path.join("runs", "x"))
+    assert args.data_dir == inside  # the run itself goes on with the path as given
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {**vars(train_cifar.get_args(["--data-dir", str(tmp_path / "data")])), "data_dir": os.path.relpath(
+        tmp_path / "data", ROOT)}  # a relative record of a directory outside the repository, as a test can make
+    (run / "config.json").write_text(json.dumps({"args": saved}))
+    monkeypatch.chdir(tmp_path / "run")
+    resumed = train_cifar.get_args(["--resume", str(run)])
+    assert os.path.samefile(os.path.dirname(resumed.data_dir), tmp_path) and resumed.resume_changes == {}
+    again = train_cifar.get_args(["--resume", str(run), "--data-dir", os.path.join("..", "data")])
+    assert again.resume_changes == {}
 
 
 def test_resume_of_what_is_not_a_run_says_so(tmp_path):
