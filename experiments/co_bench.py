@@ -183,6 +183,16 @@ def choose_setting(table, setting):
     return None, "no model has a pair of ε that meets the rule"
 
 
+def unmet(table, setting, model):
+    """Why no pair of `model`'s ε meets the setting rule, in the rule's terms and as explore.md shows it."""
+    cells = {eps: table[(model, eps)] for eps in setting["explore_eps"]}
+    low = [f"{e}/255" for e, c in cells.items() if c["adv10"]["clean"] < setting["min_adv10_clean"]]
+    partial = [f"{e}/255" for e, c in cells.items() if sum(c["fgsm"]) < len(setting["seeds"])]
+    reasons = ([f"ADV-10's final clean accuracy under {100 * setting['min_adv10_clean']:g}% at {', '.join(low)}"]
+               if low else []) + ([f"FGSM collapsed in fewer than all seeds at {', '.join(partial)}"] if partial else [])
+    return "; ".join(reasons) or "no two ε qualify"
+
+
 def budget(setting, table, chosen):
     """Hours (of the 2-core machine, `processes` one-thread processes) spent by the exploration and the
     estimate of the train and eval stages still to run: each run's step cost × epochs (and EVAL_COST epochs
@@ -215,8 +225,9 @@ def explore(setting, worker):
     if chosen is None and os.path.exists(path):  # chosen by hand (--choose): the rule met none
         chosen = read_setting(setting)
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
-        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}  # random images: no CO
-        why = "smoke: generated images do not collapse; the first model and the first two ε instead"
+        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}
+        why = (f"smoke: no pair of ε meets the setting rule on generated images ({unmet(table, setting, chosen['model'])})"
+               f"; the first model and the first two ε instead")
     write_explore_table(setting, table, chosen)
     if chosen is None and all(c["done"] for c in table.values()):
         sys.exit(f"co_bench.py: no setting meets the rule ({why}): see explore.md, and the README for what then")
@@ -435,6 +446,7 @@ def figures(setting, chosen, runs, done):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no matplotlib (make install-extras): skipped the figures robust.png and curves.png")
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     methods = COMPARED + ("adv10",)
@@ -493,10 +505,7 @@ def smoke_setting(root):
     """Every stage on generated images in seconds: 2 epochs of 2 steps, one model, two ε, one seed, two grid points,
     eval.py's
     suite on 10 images with 2-step attacks and without γ (its 50-step search is most of an evaluation's time)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    return {"data": make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
+    return {"data": common.make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
             "out": os.path.join(root, "co-bench"), "smoke": True, "models": ("cnn-1x4",), "explore_eps": (8, 16),
             "seeds": (0,),
             "epochs": 2, "batch_size": 8, "holdout": 4, "pgd_steps": 2, "grid": GRID[:2],

@@ -2,7 +2,7 @@
 imports another: where things are, running the project's scripts, the stages of a
 train-then-evaluate experiment (each run trained with train_cifar.py, resumed when interrupted,
 then evaluated with eval.py, several at once), reading runs and reports, the README parts an
-experiment writes, its command line; and the comparison cpu_repro.py runs on 2 CPU cores, which
+experiment writes, its command line, the generated images of the smoke runs (no test runner needed); and the comparison cpu_repro.py runs on 2 CPU cores, which
 gpu_report.py runs again at GPU scale."""
 import concurrent.futures
 import json
@@ -41,6 +41,24 @@ SMOKE_COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "2", "--batch-si
                 "--eval-steps", "2", "--gamma-n", "4", "--log-every", "1"]
 SMOKE_EVAL = ["--eps", EPS, "--n", "8", "--gamma", "--steps", "2", "--restarts", "1", "--square-queries", "5",
               "--no-sanity"]
+
+
+def make_image_folder(root, splits=("train", "test"), classes=3, per_class=4, size=8, seed=0):
+    """Write a tiny ImageFolder of random JPEGs: root/<split>/<class>/<i>.jpg (the smoke runs' and the
+    tests' data; it needs neither pytest nor a download)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                # class-dependent mean colour, so a model can learn something
+                pixels = rng.integers(0, 80, (size, size, 3)) + 80 * (np.arange(3) == c % 3)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=95)
+    return root
 
 
 # --------------------------------------------------------------------------- runs and their stages

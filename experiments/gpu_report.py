@@ -289,10 +289,7 @@ def step_sync_bn(setting, work):
 
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s) visible; this step needs 2"}
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    folder = make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
+    folder = common.make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
                                size=40)
     tiny = ["--data-dir", folder, "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
             "--per-device-batch", "8", "--epochs", "1", "--val-n", "8", "--workers", "0", "--log-every", "1",
@@ -403,10 +400,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         setting = smoke_setting(args.smoke)
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from conftest import make_image_folder
-
-        make_image_folder(setting["data"], classes=3, per_class=10, size=16)
+        common.make_image_folder(setting["data"], classes=3, per_class=10, size=16)
     else:
         setting = {"root": ROOT, "out": os.path.join(HERE, "gpu-report"), "data": os.path.join(ROOT, args.data_dir),
                    "archive": args.archive, "bench": [], "fast": ["--bf16", "--channels-last"],

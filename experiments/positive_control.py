@@ -156,6 +156,7 @@ def curves(setting):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no matplotlib (make install-extras): skipped the figure curves.png")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, activation in zip(axes, ACTIVATIONS):
@@ -184,10 +185,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     setting = {**SETTING, "data": os.path.join(ROOT, DATA), "out": os.path.join(HERE, "positive-control")}
     if args.smoke:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from conftest import make_image_folder
-
-        setting.update(data=make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4, size=32),
+        setting.update(data=common.make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4, size=32),
                        out=os.path.join(args.smoke, "positive-control"), epochs=2, batch_size=8, holdout=8,
                        pgd_steps=2, runs=[("relu", 0), ("softplus", 0)])
     elif not os.path.isdir(os.path.join(setting["data"], "train")):
