@@ -2,8 +2,9 @@
 imports another: where things are, running the project's scripts, the stages of a
 train-then-evaluate experiment (each run trained with train_cifar.py, resumed when interrupted,
 then evaluated with eval.py, several at once), reading runs and reports, the README parts an
-experiment writes, its command line, the generated images of the smoke runs (no test runner needed); and the comparison cpu_repro.py runs on 2 CPU cores, which
-gpu_report.py runs again at GPU scale."""
+experiment writes, its command line, the generated images of the smoke runs (no test runner
+needed); and the comparison cpu_repro.py runs on 2 CPU cores, which gpu_report.py runs again at
+GPU scale."""
 import concurrent.futures
 import json
 import os
