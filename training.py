@@ -560,6 +560,7 @@ class Run:
         self.metadata = {**dataset, "method": args.method, "options": method_options(args), "eps": eps,
                          "norm": args.norm}
         self.saved_step, self.last_save = None, time.time()  # of last.safetensors and state.pt
+        self.bar = None  # the progress bar, once `progress` has made it
         if accelerator.is_main_process and not args.resume:
             write_json(os.path.join(args.out, "config.json"), provenance(args, accelerator))
 
@@ -614,9 +615,10 @@ class Run:
             os.replace(path + ".tmp", path)
 
     def progress(self, step):
-        """A progress bar (main process) from `step` to the end."""
-        return tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
-                    disable=not self.accelerator.is_main_process)
+        """A progress bar (main process) from `step` to the end; `evaluate` pauses its clock."""
+        self.bar = tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
+                        disable=not self.accelerator.is_main_process)
+        return self.bar
 
     def schedule(self, step, optimizer):
         """The learning rate (set in `optimizer`) and ε of optimiser step `step` (counted from 0)."""
@@ -664,13 +666,19 @@ class Run:
     def evaluate(self, step, model, images, labels):
         """`evaluate` of the held-out images with the run's settings (--eval-steps, --eval-restarts,
         --gamma-n; γ's random starts from (seed, step)), split across the processes; logged and
-        printed. Returns its metrics."""
+        printed. Returns its metrics. Its own progress shows in a second bar (this process's share of
+        the images), and the training bar's clock stops meanwhile: its rate and time left count training only."""
         args, accelerator = self.args, self.accelerator
-        result = evaluate(model, images, labels, self.eps, norm=args.norm, steps=args.eval_steps,
-                          restarts=args.eval_restarts, seed=args.seed, gamma_n=args.gamma_n,
-                          gamma_seed=stream_seed(args.seed, step, "gamma", 1),  # (another stream than log_gamma's)
-                          process=accelerator.process_index, processes=accelerator.num_processes,
-                          reduce=accelerator.reduce)
+        share = len(range(accelerator.process_index, len(labels), accelerator.num_processes))
+        with tqdm(total=share, desc="validation", unit="img", leave=False, dynamic_ncols=True,
+                  disable=not accelerator.is_main_process) as shown:
+            result = evaluate(model, images, labels, self.eps, norm=args.norm, steps=args.eval_steps,
+                              restarts=args.eval_restarts, seed=args.seed, gamma_n=args.gamma_n,
+                              gamma_seed=stream_seed(args.seed, step, "gamma", 1),  # (another stream than log_gamma's)
+                              process=accelerator.process_index, processes=accelerator.num_processes,
+                              reduce=accelerator.reduce, progress=shown.update)
+        if self.bar is not None:
+            self.bar.unpause()  # the time since its last update was the evaluation's: left out of its rate
         self.log(step, {"kind": "eval", "eps": self.eps, **result})
         self.print(f"step {step}, {result['val_n']} validation images: clean {100 * result['val_clean_acc']:.2f}%, "
                    f"FGSM {100 * result['val_fgsm_acc']:.2f}%, {result['pgd']} {100 * result['val_pgd_acc']:.2f}%, "
@@ -812,7 +820,7 @@ def write_json(path, obj):
 
 
 def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, seed=0, gamma_n=128, gamma_seed=0,
-             process=0, processes=1, reduce=None):
+             process=0, processes=1, reduce=None, progress=None):
     """An evaluation on held-out images (uint8 [N, 3, H, W] and labels [N], on the model's device):
     clean accuracy; accuracy under FGSM (one signed step of ε on the cross-entropy from x: the weak
     attack a model that obfuscates its gradients learns to resist) and under the Untargeted margin
@@ -820,7 +828,8 @@ def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, s
     metric that chooses best.safetensors); and γ(ε, x) (50 Adam steps from a generator seeded by
     `gamma_seed`) on the first `gamma_n` images. Across processes, this one (`process` of
     `processes`) takes every processes-th image and `reduce(tensor)` sums a tensor over them
-    (Accelerate's `accelerator.reduce`; None: one process). Returns val_clean_acc, val_fgsm_acc,
+    (Accelerate's `accelerator.reduce`; None: one process); `progress(k)`, if given, is called after
+    each chunk of k images (a progress bar's update). Returns val_clean_acc, val_fgsm_acc,
     val_pgd_acc, val_gamma_mean, val_n, val_gamma_n and pgd (the strong attack's name)."""
     model.eval()
     share = torch.arange(len(labels))[process::processes]
@@ -837,6 +846,8 @@ def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, s
             gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=norm,
                                            generator=torch.Generator(device=x.device).manual_seed(gamma_seed))
             counts[4:] += torch.stack([gamma.sum(), torch.tensor(float(len(gamma)), device=gamma.device)])
+        if progress is not None:
+            progress(len(chunk))
     counts = counts if reduce is None else reduce(counts)
     model.train()
     n = counts[3].item()

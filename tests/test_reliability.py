@@ -256,6 +256,23 @@ def test_a_fresh_start_into_a_used_directory_needs_overwrite(data_dir, tmp_path)
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
 
 
+def test_validation_shows_its_progress_and_pauses_the_training_bar(data_dir, tmp_path, monkeypatch):
+    """The per-epoch validation reports its own progress image by image (a second bar), and the training
+    bar's clock is paused over it (tqdm.unpause), so that its rate and time left count training only."""
+    from tqdm import tqdm
+
+    paused, counted = [], []
+    monkeypatch.setattr(tqdm, "unpause", lambda bar: paused.append(bar.total))
+    original = training.evaluate
+
+    def spy(*args, progress, **kwargs):
+        return original(*args, progress=lambda k: counted.append(k) or progress(k), **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY, "--out", str(tmp_path / "r")])
+    assert sum(counted) == 6 and paused == [3]  # the 6 held-out images; the bar of 3 steps, once
+
+
 def test_overwrite_deletes_the_earlier_run_and_its_evaluations_and_nothing_else(data_dir, tmp_path):
     """eval.py's reports of the earlier run's checkpoints (and an interrupted evaluation's leftovers)
     go with it, or they would describe the new model; a directory holding only such a report is
