@@ -35,7 +35,7 @@ import suite
 
 GRADIENT_FREE_MISS_SHARE = 0.01  # flag the model when Square breaks more than 1% of the gradient attacks' survivors
 # Flag single-step masking (catastrophic overfitting) when the worst case of the other attacks is at most
-# SINGLE_STEP_RATIO of one FGSM step's accuracy (issue 28's collapse rule: PGD at most half of FGSM) and at
+# SINGLE_STEP_RATIO of one FGSM step's accuracy (as the collapse rule, experiments/common.collapsed) and at
 # least SINGLE_STEP_GAP_POINTS percentage points below it (a few images of difference are noise, not masking).
 SINGLE_STEP_RATIO = 0.5
 SINGLE_STEP_GAP_POINTS = 5

@@ -1,4 +1,4 @@
-"""Catastrophic overfitting (CO), side by side (issue 28): LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
+"""Catastrophic overfitting (CO), side by side: LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
 ELLE and ELLE-A, each a train_cifar.py run, on a small ReLU CNN that a 2-core CPU trains, where FGSM
 collapses reproducibly. `make co-bench`; the write-up is experiments/co-bench/README.md.
 
@@ -34,7 +34,7 @@ Fixed before any run (the README says why):
   least, never the evaluation). When the finished exploration meets no setting, `--choose MODEL:LO,HI
   --reason TEXT` writes setting.json in the same way with "by hand: TEXT" as its "rule" (and the README
   says why).
-- The collapse rule (`common.collapsed`, the issue's words): a run has collapsed when, at the end of training,
+- The collapse rule (`common.collapsed`, as the design fixed it): a run has collapsed when, at the end of training,
   its held-out PGD-20 accuracy is at most a quarter of its best during training and at most half of
   its FGSM accuracy (the log's "eval" entries: val_pgd_acc, val_fgsm_acc).
 - The LLR grid's point is chosen by the held-out PGD-20 accuracy at the end of training (the run's own
@@ -57,7 +57,7 @@ import eval as eval_py  # noqa: E402  (eval.py; the alias keeps the builtin)
 import train_cifar  # noqa: E402
 import training  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.common import collapsed  # noqa: E402  (issue 28's collapse rule)
+from experiments.common import collapsed  # noqa: E402  (the collapse rule)
 
 EPOCHS = 15  # the budget: 10 hours of a 2-core machine for the exploration, the grid and its evaluation
 PROTOCOL = ["--activation", "relu", *common.GRADALIGN_CNN]  # the positive control's: GradAlign's CNN setting

@@ -178,7 +178,7 @@ def epoch_evaluations(run_dir):
 
 
 def collapsed(log):
-    """Issue 28's collapse rule, fixed before any run of co-bench: at the end of training the held-out
+    """The collapse rule, fixed before any run of co-bench: at the end of training the held-out
     PGD-20 accuracy is at most a quarter of its best during training and at most half of the FGSM
     accuracy. `log`: the evaluations of a finished run (`epoch_evaluations`), in epoch order. (A run
     whose PGD-20 accuracy was 0 at every epoch meets it: the rule's words; no such run is expected.)"""
@@ -246,7 +246,7 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
 
 
-# --------------------------------------------------------------------------- catastrophic overfitting (issue 28)
+# --------------------------------------------------------------------------- catastrophic overfitting
 # GradAlign's CNN training setting (tml-epfl/understanding-fast-adv-training: train.py, utils.py; the positive
 # control's docstring gives each flag's source): zero-padded crops, Adam at 0.003 with weight decay 5e-4 on every
 # parameter, their one-cycle schedule peaking at 40% of training; and the held-out evaluation after each epoch

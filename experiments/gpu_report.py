@@ -43,11 +43,11 @@ should take (the estimates add up to several hours: most of it is the contrast's
    target: LLR-2 at most 0.25x ADV-30).
 9. compiled-profile: torch.profiler's operator tables of a compiled plain and LLR-2 step on
    bench-cifar's model (compiled-profile.txt), where the compiled LLR step's time goes.
-10. contrast-*: issue 24's experiment, the paper's contrast with a positive control, on the full
+10. contrast-*: the paper's contrast with a positive control, on the full
    CIFAR-10 copy with PreAct ResNet-18, 15 epochs, the one-cycle learning rate peaking at 0.2
    (CONTRAST): P1 ReLU with train-mode batch norm in the attack, FGSM-RS at step 2ε and FGSM
    from x at step ε, and FGSM-RS with eval-mode batch norm; P2 softplus in P1's setting and at
-   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); P5 (issue 28)
+   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); P5
    co_bench.py's methods (FGSM, FGSM-RS, N-FGSM, GradAlign, ELLE, ELLE-A, LLR-1, LLR-2, ADV-10) with
    ReLU at 8/255 and 16/255; then P4, each one's evaluation on 1,000 test images (the suite, APGD-T, γ). The validation curves of
    each run come back in its training step's JSON.
@@ -233,7 +233,7 @@ def repro_steps(setting):
     return steps
 
 
-# issue 24's GPU experiment: PreAct ResNet-18 on the full CIFAR-10 copy, 15 epochs, the one-cycle learning rate
+# the contrast's GPU experiment: PreAct ResNet-18 on the full CIFAR-10 copy, 15 epochs, the one-cycle learning rate
 # peaking at 0.2 (fast adversarial training's setting, locuslab/fast_adversarial train_fgsm.py)
 CONTRAST_COMMON = ["--arch", "preact-resnet18", "--epochs", "15", "--batch-size", "128", "--lr", "0.2",
                    "--lr-schedule", "cyclic", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
@@ -263,7 +263,7 @@ CONTRAST = {  # name: (what it tests, flags after CONTRAST_COMMON)
         "--activation", "softplus", "--eps", "16/255", "--method", "adv", "--adv-steps", "2", "--adv-optimizer",
         "adam", "--adv-loss", "margin"]),
 }
-# P5, issue 28: co_bench.py's catastrophic-overfitting comparison (common.CO_METHODS, each at its authors'
+# P5: co_bench.py's catastrophic-overfitting comparison (common.CO_METHODS, each at its authors'
 # hyperparameters for its ε) at PreAct ResNet-18 scale, as the CO literature trains it: ReLU, zero-padded crops,
 # weight decay on every parameter, at 8/255 and 16/255
 CONTRAST.update({f"p5-{name}-e{eps}": (f"P5 {label}, ReLU, ε {eps}/255", [

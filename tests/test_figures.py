@@ -1,4 +1,4 @@
-"""Issue 8's measurements and plots: loss surfaces, strength sweeps, plots.py commands."""
+"""The figures' measurements and plots: loss surfaces, strength sweeps, plots.py commands."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The frictions a new user hit (issue 25), each fixed and kept fixed: resuming with repeated flags and
+"""The frictions a new user hit, each fixed and kept fixed: resuming with repeated flags and
 a finished run, eval.py's --out directory, unwritable outputs and default ε, llr.py's input checks,
 what the evaluation table and progress bars say they count."""
 import json

@@ -513,7 +513,7 @@ def test_cyclic_learning_rate_schedule():
         pytest.approx(0.02)
 
 
-def test_issue_24_flags_train_end_to_end(data_dir, tmp_path):
+def test_the_contrast_configurations_train_end_to_end(data_dir, tmp_path):
     run = str(tmp_path / "run")
     train_cifar.main(["--method", "adv", "--adv-steps", "2", "--adv-bn", "train", "--adv-optimizer", "adam",
                       "--adv-loss", "margin", "--lr-schedule", "cyclic", "--activation", "relu", "--data-dir",

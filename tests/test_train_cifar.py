@@ -225,7 +225,7 @@ def test_l2_threat_model_from_training_to_evaluation(data_dir, tmp_path):
     assert report["norm"] == "l2" and "square" not in report["results"] and "untargeted" in report["results"]
 
 
-# --------------------------------------------------------------------------- the CO literature's settings (issue 28)
+# --------------------------------------------------------------------------- the CO literature's settings
 def test_cyclic_schedules_against_their_sources():
     """cyclic-gradalign at --lr-peak 0.4 is GradAlign's np.interp(t, [0, 2·epochs//5, epochs], [0, lr, 0]) at
     t = epoch + (i + 1)/batches (their utils.py:335, train.py:127); cyclic is torch's CyclicLR stepped after
