@@ -14,7 +14,8 @@ attacks to the worst case and the sanity checks of Athalye et al. (2018) and Car
 (2019), each flagged when violated.
 
 Beside the suite: `--autoattack` cross-checks it (autoattack_check.py); `--surface`, `--strength`
-and `--gamma-sweep` replace it with the data behind plots.py's figures (probe.py).
+and `--gamma-sweep` replace it with the data behind plots.py's figures (probe.py). What the three
+share, running one attack with every break verified, lives below them in suite.py.
 """
 import inspect
 import json
@@ -129,7 +130,8 @@ def output_path(out, checkpoint, mode):
         if os.path.isdir(path):
             folder = os.path.dirname(os.path.abspath(checkpoint))
             own = os.path.samefile(path, folder)
-            path = os.path.join(path, f"{stem}.{mode}.json" if own else f"{os.path.basename(folder)}.{stem}.{mode}.json")
+            named = f"{stem}.{mode}.json" if own else f"{os.path.basename(folder)}.{stem}.{mode}.json"
+            path = os.path.join(path, named)
         elif not path.endswith(".json"):
             raise ValueError(f"--out {out}: neither a directory nor a .json file; write {out}/ for a directory "
                              f"(created if missing) or {out}.json for a file")
@@ -344,10 +346,10 @@ def run_suite(model, images, labels, eps, args, num_classes, device, partial=Non
         if name not in finished:
             options = suite.attack_options(name, args, num_classes, eps)
             every = name == "random-targeted"  # its success rate is over all images; the others attack the correct
-            robust, counts, seconds = suite.run_attack(model, images, labels, eps, name, options, num_classes,
-                                                 args.batch_size, device, args.seed, only=None if every else correct,
-                                                 desc=f"{suite.SUITE[name][0]} ({'all' if every else 'correctly classified'} "
-                                                      f"images)")
+            robust, counts, seconds = suite.run_attack(
+                model, images, labels, eps, name, options, num_classes, args.batch_size, device, args.seed,
+                only=None if every else correct,
+                desc=f"{suite.SUITE[name][0]} ({'all' if every else 'correctly classified'} images)")
             defaults = inspect.signature(suite.SUITE[name][1]).parameters  # the attack holds its defaults
             steps, restarts = (options.get(k, defaults[k].default)
                                for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
@@ -510,8 +512,9 @@ def main(argv=None):
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
     start = time.time()
-    report = {"written_by": "eval.py", "settings": settings, "mode": mode, "checkpoint": cli.record_path(args.checkpoint),
-              "model": config, "dataset": dataset, "data_dir": cli.record_path(data_dir),
+    report = {"written_by": "eval.py", "settings": settings, "mode": mode,
+              "checkpoint": cli.record_path(args.checkpoint), "model": config, "dataset": dataset,
+              "data_dir": cli.record_path(data_dir),
               "eps": eps, "eps_text": args.eps, "norm": args.norm, "split": args.split, "selection_conflict": conflict,
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "device_name": device_name(args.device), "torch": torch.__version__,

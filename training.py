@@ -534,7 +534,7 @@ def provenance(args, accelerator):
     import accelerate
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    paths = {k: cli.record_path(getattr(args, k)) for k in ("data_dir", "out", "resume")}  # inside the repository: relative
+    paths = {k: cli.record_path(getattr(args, k)) for k in ("data_dir", "out", "resume")}  # relative inside the repo
     return {"args": {**vars(args), **paths}, "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
             "torch": torch.__version__, "accelerate": accelerate.__version__, "device": device,
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}

@@ -188,8 +188,9 @@ def unmet(table, setting, model):
     cells = {eps: table[(model, eps)] for eps in setting["explore_eps"]}
     low = [f"{e}/255" for e, c in cells.items() if c["adv10"]["clean"] < setting["min_adv10_clean"]]
     partial = [f"{e}/255" for e, c in cells.items() if sum(c["fgsm"]) < len(setting["seeds"])]
-    reasons = ([f"ADV-10's final clean accuracy under {100 * setting['min_adv10_clean']:g}% at {', '.join(low)}"]
-               if low else []) + ([f"FGSM collapsed in fewer than all seeds at {', '.join(partial)}"] if partial else [])
+    floor = 100 * setting["min_adv10_clean"]
+    reasons = [f"ADV-10's final clean accuracy under {floor:g}% at {', '.join(low)}"] * bool(low)
+    reasons += [f"FGSM collapsed in fewer than all seeds at {', '.join(partial)}"] * bool(partial)
     return "; ".join(reasons) or "no two ε qualify"
 
 
@@ -226,8 +227,8 @@ def explore(setting, worker):
         chosen = read_setting(setting)
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
         chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}
-        why = (f"smoke: no pair of ε meets the setting rule on generated images ({unmet(table, setting, chosen['model'])})"
-               f"; the first model and the first two ε instead")
+        why = (f"smoke: no pair of ε meets the setting rule on generated images "
+               f"({unmet(table, setting, chosen['model'])}); the first model and the first two ε instead")
     write_explore_table(setting, table, chosen)
     if chosen is None and all(c["done"] for c in table.values()):
         sys.exit(f"co_bench.py: no setting meets the rule ({why}): see explore.md, and the README for what then")

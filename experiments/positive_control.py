@@ -187,7 +187,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     setting = {**SETTING, "data": os.path.join(ROOT, DATA), "out": os.path.join(HERE, "positive-control")}
     if args.smoke:
-        setting.update(data=common.make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4, size=32),
+        setting.update(data=common.make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4,
+                                                     size=32),
                        out=os.path.join(args.smoke, "positive-control"), epochs=2, batch_size=8, holdout=8,
                        pgd_steps=2, runs=[("relu", 0), ("softplus", 0)])
     elif not os.path.isdir(os.path.join(setting["data"], "train")):
