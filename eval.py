@@ -284,18 +284,19 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
     if not args.no_sanity:
         big = 0.5
         robust, _, _ = suite.run_attack(model, images, labels, big, "untargeted", {"steps": 20, "restarts": 1},
-                                  num_classes, args.batch_size, device, args.seed, only=correct,
-                                  desc=f"sanity check: Untargeted at eps = {big}")
+                                        num_classes, args.batch_size, device, args.seed, only=correct,
+                                        desc=f"sanity check: Untargeted at eps = {big}")
         acc = robust.float().mean().item()
         checks.append({"name": "accuracy reaches 0 as eps grows", "ok": acc == 0,
                        "detail": f"Untargeted 20 steps at eps = {big}: {100 * acc:.1f}%"})
         if "untargeted" in results:
             full = results["untargeted"]
             steps = max(1, full["steps"] // 4)
-            weak_options = {**suite.attack_options("untargeted", args, num_classes, eps), "steps": steps, "restarts": 1}
+            weak_options = {**suite.attack_options("untargeted", args, num_classes, eps), "steps": steps,
+                            "restarts": 1}
             robust, _, _ = suite.run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
-                                      args.batch_size, device, args.seed + 10**6, only=correct,
-                                      desc=f"sanity check: Untargeted, {steps} steps")
+                                            args.batch_size, device, args.seed + 10**6, only=correct,
+                                            desc=f"sanity check: Untargeted, {steps} steps")
             weak_acc = robust.float().mean().item()
             checks.append({"name": "more steps never help the model", "ok": weak_acc >= full["accuracy"],
                            "detail": f"Untargeted {steps} steps x 1: {100 * weak_acc:.1f}% vs "
