@@ -69,20 +69,26 @@ def load_image_folder(folder):
     for path in files:
         try:
             with Image.open(path) as image:
-                mode, (width, height) = image.mode, image.size
-                images.append(np.asarray(image))
+                images.append(np.asarray(rgb(image, path)))
         except OSError as e:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot decode {path} ({e})") from None
-        if mode != "RGB":
-            raise DataError(f"{path} is a {mode} image of {width}x{height} px; expected RGB (CIFAR-10: RGB 32x32): "
-                            f"a silent conversion would change the input and its ε-ball, so convert the folder first "
-                            f"if that is what you mean")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise DataError(f"images in {folder} differ in size ({sorted(sizes)[:3]} ...); this loader needs one size")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images[order], torch.tensor(labels)[order], classes
+
+
+def rgb(image, path):
+    """The rule of every loader here (train_cifar.py's folders, train_imagenet.py's, eval.py's): an
+    image must be RGB. Another mode (grayscale, CMYK, palette, RGBA) is refused, naming the file:
+    converting it would change the input, and its ε-ball, without a word. Returns `image`."""
+    if image.mode != "RGB":
+        raise DataError(f"{path} is a {image.mode} image of {image.size[0]}x{image.size[1]} px; expected RGB: a "
+                        f"silent conversion would change the input and its ε-ball, so convert the folder first if "
+                        f"that is what you mean")
+    return image
 
 
 def describe(images, classes):
@@ -171,11 +177,12 @@ def imagenet_transform(train, size=224):
         steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps = [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose([v2.ToImage(), v2.RGB(), *steps])
+    return v2.Compose([v2.ToImage(), *steps])  # RGB only: ImageFolderDataset refuses other modes (`rgb`)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An ImageFolder tree as (uint8 image [3, H, W], label) pairs, read and transformed on access."""
+    """An ImageFolder tree as (uint8 image [3, H, W], label) pairs, read and transformed on access;
+    an image that is not RGB raises DataError (`rgb`)."""
 
     def __init__(self, folder, transform):
         self.files, self.labels, self.classes = _list_image_folder(folder)
@@ -188,7 +195,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as image:
-            return self.transform(image), self.labels[i]
+            return self.transform(rgb(image, self.files[i])), self.labels[i]
 
 
 def load_folder_subset(folder, n, size=224, workers=8):

@@ -134,7 +134,8 @@ def llr_loss(model, x, y, eps, lam=2.0, mu=0.6, steps=10, lr=0.1, generator=None
     ℓ(x + δ_LLR) and ∇ₓℓ(x) (double backprop). Costs: one clean forward and input backward with graph,
     `steps` forward + input-backward passes, one forward on x + δ_LLR. Under torch.no_grad() the loss
     is measured, not differentiable. Images outside [0, 1] or requiring grad, labels not [B], a model
-    that does not return logits [B, K] or a string ε raise ValueError; a model with ReLU warns once.
+    that does not return logits [B, K] or a string ε raise ValueError; nn.ReLU modules warn once
+    (a torch.relu or F.relu called in a forward is not seen: the warning looks at modules only).
 
     Returns (loss, info); info holds detached per-sample tensors: `delta` [B, ...], `gamma`, `grad_term`
     (|δ_LLRᵀ∇ₓℓ(x)|), `clean_loss` ([B] each) and the clean `logits` [B, K] (accuracy, no extra pass).

@@ -1,4 +1,4 @@
-"""Catastrophic overfitting (CO), side by side (issue 28): LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
+"""Catastrophic overfitting (CO), side by side: LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
 ELLE and ELLE-A, each a train_cifar.py run, on a small ReLU CNN that a 2-core CPU trains, where FGSM
 collapses reproducibly. `make co-bench`; the write-up is experiments/co-bench/README.md.
 
@@ -34,7 +34,7 @@ Fixed before any run (the README says why):
   least, never the evaluation). When the finished exploration meets no setting, `--choose MODEL:LO,HI
   --reason TEXT` writes setting.json in the same way with "by hand: TEXT" as its "rule" (and the README
   says why).
-- The collapse rule (`common.collapsed`, the issue's words): a run has collapsed when, at the end of training,
+- The collapse rule (`common.collapsed`, as the design fixed it): a run has collapsed when, at the end of training,
   its held-out PGD-20 accuracy is at most a quarter of its best during training and at most half of
   its FGSM accuracy (the log's "eval" entries: val_pgd_acc, val_fgsm_acc).
 - The LLR grid's point is chosen by the held-out PGD-20 accuracy at the end of training (the run's own
@@ -57,7 +57,7 @@ import eval as eval_py  # noqa: E402  (eval.py; the alias keeps the builtin)
 import train_cifar  # noqa: E402
 import training  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.common import collapsed  # noqa: E402  (issue 28's collapse rule)
+from experiments.common import collapsed  # noqa: E402  (the collapse rule)
 
 EPOCHS = 15  # the budget: 10 hours of a 2-core machine for the exploration, the grid and its evaluation
 PROTOCOL = ["--activation", "relu", *common.GRADALIGN_CNN]  # the positive control's: GradAlign's CNN setting
@@ -202,6 +202,17 @@ def choose_setting(table, setting):
     return None, "no model has a pair of ε that meets the rule"
 
 
+def unmet(table, setting, model):
+    """Why no pair of `model`'s ε meets the setting rule, in the rule's terms and as explore.md shows it."""
+    cells = {eps: table[(model, eps)] for eps in setting["explore_eps"]}
+    low = [f"{e}/255" for e, c in cells.items() if c["adv10"]["clean"] < setting["min_adv10_clean"]]
+    partial = [f"{e}/255" for e, c in cells.items() if sum(c["fgsm"]) < len(setting["seeds"])]
+    floor = 100 * setting["min_adv10_clean"]
+    reasons = [f"ADV-10's final clean accuracy under {floor:g}% at {', '.join(low)}"] * bool(low)
+    reasons += [f"FGSM collapsed in fewer than all seeds at {', '.join(partial)}"] * bool(partial)
+    return "; ".join(reasons) or "no two ε qualify"
+
+
 def budget(setting, table, chosen):
     """Hours (of the 2-core machine, `processes` one-thread processes) spent by the exploration and the
     estimate of the train and eval stages still to run: each run's step cost × epochs (and EVAL_COST epochs
@@ -234,8 +245,9 @@ def explore(setting, worker):
     if chosen is None and os.path.exists(path):  # chosen by hand (--choose): the rule met none
         chosen = read_setting(setting)
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
-        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}  # random images: no CO
-        why = "smoke: generated images do not collapse; the first model and the first two ε instead"
+        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}
+        why = (f"smoke: no pair of ε meets the setting rule on generated images "
+               f"({unmet(table, setting, chosen['model'])}); the first model and the first two ε instead")
     write_explore_table(setting, table, chosen)
     if chosen is None and all(c["done"] for c in table.values()):
         sys.exit(f"co_bench.py: no setting meets the rule ({why}): see explore.md, and the README for what then")
@@ -488,6 +500,7 @@ def figures(setting, chosen, runs, done):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no matplotlib (make install-extras): skipped the figures robust.png and curves.png")
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     methods = COMPARED + ("adv10",)
@@ -546,10 +559,7 @@ def smoke_setting(root):
     """Every stage on generated images in seconds: 2 epochs of 2 steps, one model, two ε, one seed, two grid points,
     eval.py's
     suite on 10 images with 2-step attacks and without γ (its 50-step search is most of an evaluation's time)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    return {"data": make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
+    return {"data": common.make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
             "out": os.path.join(root, "co-bench"), "smoke": True, "models": ("cnn-1x4",), "explore_eps": (8, 16),
             "seeds": (0,),
             "epochs": 2, "batch_size": 8, "holdout": 4, "pgd_steps": 2, "grid": GRID[:2],

@@ -4,6 +4,8 @@ every method, seeds, the grid), the workers' shares, and every stage end to end 
 stopped and resumed, then done (no accuracy is asserted)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +13,7 @@ import ball
 import eval as eval_py
 import methods
 import train_cifar
+from conftest import ROOT
 from experiments import co_bench as cb, common
 
 POSITIVE_CONTROL = os.path.join(os.path.dirname(cb.HERE), "experiments", "positive-control")
@@ -221,6 +224,10 @@ def test_smoke_end_to_end_stopped_resumed_and_done(tmp_path, monkeypatch, fresh_
     setting = json.loads((out / "setting.json").read_text())
     assert (setting["model"], setting["eps"], setting["grid_eps"]) == ("cnn-1x4", [8, 16], 16)
     assert setting["rule"].startswith("smoke") and "explore_hours" in setting["budget"]
+    # the smoke's reason agrees with explore.md: FGSM collapsed in its one seed (generated images, PGD-20 at 0),
+    # and ADV-10 stays under the rule's clean-accuracy floor
+    assert "| cnn-1x4 | 8/255 | 1/1 |" in (out / "explore.md").read_text() and "not collapse" not in setting["rule"]
+    assert "ADV-10's final clean accuracy under 30% at 8/255, 16/255" in setting["rule"], setting["rule"]
     runs = cb.train_runs({**cb.SETTING, **cb.smoke_setting(str(tmp_path))}, setting)
     assert len(summary["runs"]) == len(runs) == 2 * (8 + 1) + 2 + 2 * 3  # one seed, two grid points, the twins
     for run in runs:
@@ -277,3 +284,25 @@ def test_gpu_report_p5_runs_train_on_the_cpu(tmp_path, fresh_accelerate_state):
         flags = [*common_flags, *gpu_report.CONTRAST[name][1], "--gamma-n", "0"]  # γ's 50-step search: not needed
         assert train_cifar.main([*flags, "--data-dir", data, "--out", str(out)]) == 0
         assert (out / "last.safetensors").exists()
+
+
+def test_the_report_says_when_it_skips_the_figures(monkeypatch, capsys):
+    """Without matplotlib (not in requirements.txt) `--only report` writes the tables and says that it
+    skipped the figures, rather than leaving them out silently."""
+    from experiments import positive_control
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    cb.figures({}, None, None, None)
+    positive_control.curves({})
+    printed = capsys.readouterr().out
+    assert "skipped the figures robust.png and curves.png" in printed and "skipped the figure curves.png" in printed
+
+
+def test_the_smoke_data_needs_no_test_runner(tmp_path):
+    """`python -m experiments.co_bench --smoke DIR` generates its images without pytest (which make
+    install does not bring)."""
+    code = ("import sys; sys.modules['pytest'] = None; from experiments import co_bench; "
+            f"co_bench.smoke_setting({str(tmp_path)!r})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert os.path.isdir(tmp_path / "data" / "train" / "class9")

@@ -73,8 +73,23 @@ def test_a_folder_of_other_images_is_refused_or_described(tmp_path):
     assert data.describe(*data.load_cifar10(str(tmp_path), "test")[::2]) == {"channels": 3, "size": [8, 8],
                                                                            "classes": 2}
     Image.new("L", (8, 8), 128).save(tmp_path / "test" / "class1" / "gray.png")
-    with pytest.raises(data.DataError, match=r"class1/gray.png is a L image of 8x8 px; expected RGB \(CIFAR-10: "):
+    with pytest.raises(data.DataError, match=r"class1/gray.png is a L image of 8x8 px; expected RGB: "):
         data.load_cifar10(str(tmp_path), "test")
+
+
+def test_the_imagenet_loader_refuses_grayscale_as_the_cifar_loader_does(tmp_path):
+    """One rule (data.rgb) for train_imagenet.py's folders as for train_cifar.py's: a grayscale image is
+    refused, naming the file, where torchvision's pipeline would have converted it without a word."""
+    from PIL import Image
+
+    make_image_folder(str(tmp_path), splits=("train",), classes=2, per_class=1, size=8)
+    Image.new("L", (8, 8), 128).save(tmp_path / "train" / "class1" / "gray.png")
+    folder = data.ImageFolderDataset(str(tmp_path / "train"), data.imagenet_transform(train=True, size=8))
+    assert folder[0][0].shape == (3, 8, 8)  # class0/0.jpg: RGB
+    with pytest.raises(data.DataError, match=r"class1/gray.png is a L image of 8x8 px; expected RGB: "):
+        [folder[i] for i in range(len(folder))]
+    with pytest.raises(data.DataError, match="gray.png is a L image"):
+        data.load_folder_images(str(tmp_path / "train"), [0, 1, 2], size=8, workers=0)
 
 
 def test_torchvision_layout(tmp_path, monkeypatch):

@@ -221,7 +221,8 @@ def test_eval_refuses_the_images_that_chose_the_checkpoint(data_dir, tmp_path):
     assert "chosen on the 6 held-out training images" in str(e.value.code) and "\n" not in str(e.value.code)
     report = eval_script.main([best, *common, "--split", "holdout", "--allow-selection-images"])
     assert report["selection_conflict"] and report["split"] == "holdout"
-    assert eval_script.main([run, *common])["checkpoint"] == best  # a run directory: its best checkpoint
+    test_split = [*common[:-1], str(tmp_path / "e-test.json")]  # e.json holds the holdout split's evaluation
+    assert eval_script.main([run, *test_split])["checkpoint"] == best  # a run directory: its best checkpoint
     # an older best.safetensors, chosen on the first test images, is refused on them
     legacy = str(tmp_path / "legacy.safetensors")
     models.save_checkpoint(models.load_checkpoint(best), legacy, eval_robust_acc=0.5, eval_n=1000)
@@ -243,7 +244,7 @@ def test_l2_threat_model_from_training_to_evaluation(data_dir, tmp_path):
     assert report["norm"] == "l2" and "square" not in report["results"] and "untargeted" in report["results"]
 
 
-# --------------------------------------------------------------------------- the CO literature's settings (issue 28)
+# --------------------------------------------------------------------------- the CO literature's settings
 def test_cyclic_schedules_against_their_sources():
     """cyclic-gradalign at --lr-peak 0.4 is GradAlign's np.interp(t, [0, 2·epochs//5, epochs], [0, lr, 0]) at
     t = epoch + (i + 1)/batches (their utils.py:335, train.py:127); cyclic is torch's CyclicLR stepped after
