@@ -59,8 +59,8 @@ cpu-repro: install install-extras data/cifar10-jpeg/train  ## the paper's centra
 l2-compare: install data/cifar10-jpeg/train  ## certified (SOC) against empirical (LLR, ADV) l2 robustness: GPU for the evaluation
 	$(PY) -m experiments.l2_compare
 
-gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU)
-	$(PY) -m experiments.gpu_report $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR))
+gpu-report: install install-extras  ## everything owed to a GPU, in resumable steps of under 8 minutes (needs a GPU); BUDGET=10: only what fits 10 min
+	$(PY) -m experiments.gpu_report $(if $(wildcard data/cifar10-jpeg/train),,--archive $(CIFAR_TAR)) $(if $(BUDGET),--budget $(BUDGET))
 
 positive-control: install install-extras data/cifar10-jpeg/train  ## can this pipeline overfit catastrophically? GradAlign's CNN, ~35 min on 2 cores
 	OMP_NUM_THREADS=1 $(PY) -m experiments.positive_control --only train --activation relu & relu=$$!; \

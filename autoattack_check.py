@@ -4,7 +4,7 @@ images, as a cross-check of the suite, resumable chunk by chunk.
     python eval.py runs/cifar-llr/best.safetensors --eps 8/255 --autoattack
     python eval.py runs/cifar-llr/best.safetensors --eps 8/255 --autoattack --aa-version custom --aa-attacks apgd-t
 
-Its examples are verified as the suite's are (`eval.verify`); the report gains AutoAttack's
+Its examples are verified as the suite's are (`suite.verify`); the report gains AutoAttack's
 accuracy, the per-sample worst case over the suite and AutoAttack together, the cross-check counts,
 and two checks in the obfuscation report. The package is imported only when the flag is given.
 """
@@ -15,7 +15,7 @@ import time
 
 from tqdm import tqdm
 
-import eval as suite  # the suite this cross-checks; eval.py imports this module only inside main()
+import suite  # the suite's verification (eval.py imports this module; it never imports eval.py)
 
 AUTOATTACK_VERSION = "0.2.0"  # the pyautoattack release this was tested with (requirements-extras.txt)
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -68,7 +68,7 @@ def run_autoattack(model, images, labels, eps, args, device, state_path):
     options = autoattack_options(args)
     config = {"checkpoint": args.checkpoint, "norm": args.norm, "eps": eps, "n": len(labels), "seed": args.seed,
               "chunk": args.batch_size, "bf16": args.bf16, **options}
-    state = {"config": config, "chunks": {}}
+    state = {"written_by": "eval.py", "config": config, "chunks": {}}
     if os.path.exists(state_path):
         with open(state_path) as f:
             saved = json.load(f)

@@ -1,9 +1,30 @@
 """Command-line conventions of every script here: `--help` shows each flag's default, a bad value
 gets one line naming the flag (and a non-zero exit) before any work starts, and fractions such as
-2/255 are read wherever a number is. ε has its own reader, `ball.parse_eps`."""
+2/255 are read wherever a number is. ε has its own reader, `ball.parse_eps`. Paths that a run or an
+evaluation records (data, run directory, checkpoint) are written relative to the repository when
+they lie inside it, so that a clone elsewhere finds them (`record_path`, `recorded_path`)."""
 import argparse
 import os
 from fractions import Fraction
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
+
+
+def record_path(path):
+    """`path` as a run or report records it: relative to the repository root when it lies inside
+    the repository, else absolute (None stays None)."""
+    if path is None:
+        return None
+    absolute = os.path.abspath(path)
+    inside = os.path.commonpath([absolute, ROOT]) == ROOT
+    return os.path.relpath(absolute, ROOT) if inside else absolute
+
+
+def recorded_path(text):
+    """A path read from a run or report: an absolute one as it is (older records, or outside the
+    repository), a relative one joined to the repository root (None stays None)."""
+    return text if text is None or os.path.isabs(text) else os.path.normpath(os.path.join(ROOT, text))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -10,6 +10,7 @@ order (seed 0) when loaded: "the first N test images" are then a mix of classes,
 as in CIFAR-10's own test order.
 """
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -58,31 +59,63 @@ def load_cifar10(data_dir, split, download=False):
 
 
 def load_image_folder(folder):
-    """Every image of an ImageFolder tree `folder/<class>/*`, all RGB and of one size, in a fixed random
-    order (seed 0). Returns (uint8 images [N, 3, H, W], labels [N], class names). Other modes are refused:
-    converting grayscale to RGB would change the input, and the ε-ball, without a word."""
+    """Every image of an ImageFolder tree `folder/<class>/*`, RGB (`rgb`'s rule) and of one size, in a fixed
+    random order (seed 0). Returns (uint8 images [N, 3, H, W], labels [N], class names)."""
     import numpy as np
     from PIL import Image
 
     files, labels, classes = _list_image_folder(folder)
+    check_rgb_folder(folder, files, classes)
     images = []
     for path in files:
         try:
             with Image.open(path) as image:
-                mode, (width, height) = image.mode, image.size
-                images.append(np.asarray(image))
+                images.append(np.asarray(rgb(image, path)))
         except OSError as e:  # includes PIL's UnidentifiedImageError
             raise DataError(f"cannot decode {path} ({e})") from None
-        if mode != "RGB":
-            raise DataError(f"{path} is a {mode} image of {width}x{height} px; expected RGB (CIFAR-10: RGB 32x32): "
-                            f"a silent conversion would change the input and its ε-ball, so convert the folder first "
-                            f"if that is what you mean")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise DataError(f"images in {folder} differ in size ({sorted(sizes)[:3]} ...); this loader needs one size")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images[order], torch.tensor(labels)[order], classes
+
+
+def rgb(image, path):
+    """The rule of every loader here (train_cifar.py's folders, train_imagenet.py's, eval.py's), with
+    `check_rgb_folder`: the images are RGB. A folder of images in another mode (grayscale, CMYK, palette,
+    RGBA) is refused before any work: converting it would change the inputs, and their ε-balls, without a
+    word. A stray image of another mode in a folder of RGB ones is converted to RGB with a warning naming
+    it (ILSVRC-2012's training set holds a few CMYK and grayscale JPEGs; torchvision's loader converts them
+    silently). Returns the RGB image."""
+    if image.mode == "RGB":
+        return image
+    warnings.warn(f"{path} is a {image.mode} image of {image.size[0]}x{image.size[1]} px in a folder of RGB "
+                  f"images: converted to RGB", stacklevel=2)
+    return image.convert("RGB")
+
+
+def check_rgb_folder(folder, files, classes):
+    """Before any work: DataError (one line) when most of the first image of each class are not RGB, a folder
+    of grayscale or other images (`rgb`'s rule); reads only the images' headers."""
+    from PIL import Image
+
+    firsts = {}
+    for path in files:  # sorted by class: the first file of each class directory
+        firsts.setdefault(os.path.dirname(path), path)
+    modes = {}
+    for path in firsts.values():
+        try:
+            with Image.open(path) as image:
+                modes[path] = image.mode
+        except OSError as e:
+            raise DataError(f"cannot decode {path} ({e})") from None
+    other = [p for p, mode in modes.items() if mode != "RGB"]
+    if 2 * len(other) > len(modes):
+        raise DataError(f"{folder} holds images that are not RGB ({len(other)} of the first images of its "
+                        f"{len(classes)} classes, e.g. {other[0]}: {modes[other[0]]}); converting them would change "
+                        f"the inputs and their ε-balls without a word, so convert the folder first if that is what "
+                        f"you mean")
 
 
 def describe(images, classes):
@@ -171,14 +204,16 @@ def imagenet_transform(train, size=224):
         steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps = [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose([v2.ToImage(), v2.RGB(), *steps])
+    return v2.Compose([v2.ToImage(), *steps])  # RGB only: ImageFolderDataset's images pass `rgb`
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An ImageFolder tree as (uint8 image [3, H, W], label) pairs, read and transformed on access."""
+    """An ImageFolder tree as (uint8 image [3, H, W], label) pairs, read and transformed on access; a folder
+    of images that are not RGB is refused, a stray one converted with a warning (`rgb`)."""
 
     def __init__(self, folder, transform):
         self.files, self.labels, self.classes = _list_image_folder(folder)
+        check_rgb_folder(folder, self.files, self.classes)
         self.transform = transform
 
     def __len__(self):
@@ -188,7 +223,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as image:
-            return self.transform(image), self.labels[i]
+            return self.transform(rgb(image, self.files[i])), self.labels[i]
 
 
 def load_folder_subset(folder, n, size=224, workers=8):

@@ -14,7 +14,8 @@ attacks to the worst case and the sanity checks of Athalye et al. (2018) and Car
 (2019), each flagged when violated.
 
 Beside the suite: `--autoattack` cross-checks it (autoattack_check.py); `--surface`, `--strength`
-and `--gamma-sweep` replace it with the data behind plots.py's figures (probe.py).
+and `--gamma-sweep` replace it with the data behind plots.py's figures (probe.py). What the three
+share, running one attack with every break verified, lives below them in suite.py.
 """
 import inspect
 import json
@@ -25,34 +26,23 @@ import time
 import torch
 from tqdm import tqdm
 
-import attacks
+import autoattack_check
 import ball
 import cli
 import data
-import llr
 import models
+import probe
+import suite
 
-SUITE = {  # name: (table label, attack); the order is the worst-case order
-    "fgsm": ("FGSM (one step)", attacks.fgsm_k),  # options in attack_options: one step of ε on the cross-entropy
-    "fgsm20": ("FGSM-20 (weak)", attacks.fgsm_k),
-    "untargeted": ("Untargeted (strong)", attacks.untargeted),
-    "multi-targeted": ("Multi-Targeted (very strong)", attacks.multi_targeted),
-    "square": ("Square (gradient-free)", attacks.square),
-    "random-targeted": ("Random-Targeted success", attacks.random_targeted),
-    "deepfool": ("DeepFool", attacks.deepfool_linf),
-}
-DEFAULT_SUITE = "fgsm,fgsm20,untargeted,multi-targeted,square,random-targeted"
 GRADIENT_FREE_MISS_SHARE = 0.01  # flag the model when Square breaks more than 1% of the gradient attacks' survivors
 # Flag single-step masking (catastrophic overfitting) when the worst case of the other attacks is at most
-# SINGLE_STEP_RATIO of one FGSM step's accuracy (issue 28's collapse rule: PGD at most half of FGSM) and at
+# SINGLE_STEP_RATIO of one FGSM step's accuracy (as the collapse rule, experiments/common.collapsed) and at
 # least SINGLE_STEP_GAP_POINTS percentage points below it (a few images of difference are noise, not masking).
 SINGLE_STEP_RATIO = 0.5
 SINGLE_STEP_GAP_POINTS = 5
 
 
 def get_args(argv=None):
-    import autoattack_check  # here, not at the top: it builds on this module (imports it)
-
     p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by the training scripts, or a run "
                    "directory (its best.safetensors, else its last.safetensors)")
@@ -74,7 +64,7 @@ def get_args(argv=None):
     g.add_argument("--n", type=int, default=1000, help="evaluate the first N images of the split")
     g.add_argument("--batch-size", type=int, default=256, help="images per attack batch")
     g = p.add_argument_group("attacks")
-    g.add_argument("--attacks", default=DEFAULT_SUITE, help=f"comma-separated, from {', '.join(SUITE)}")
+    g.add_argument("--attacks", default=suite.DEFAULT_SUITE, help=f"comma-separated, from {', '.join(suite.SUITE)}")
     g.add_argument("--steps", type=int, help="steps of the strong attacks (unset: each attack's, 100)")
     g.add_argument("--restarts", type=int, help="restarts of the strong attacks (unset: untargeted and "
                    "random-targeted 5, multi-targeted 1 per target)")
@@ -113,31 +103,105 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the model")
-    g.add_argument("--out", help="JSON path, or a directory to write eval.json (surface.json, ...) in (a path "
-                                 "ending in / is a directory, created if missing) (unset: "
-                                 "CHECKPOINT with .eval.json, .surface.json or .strength.json); "
-                                 "each finished attack column is kept in OUT.partial.json until the end, and a run "
-                                 "with the same settings continues from it")
+    g.add_argument("--out", help="a .json path, or a directory (existing, or a path ending in /, then created) "
+                                 "to hold one report per checkpoint, named after it: runs/x/best.safetensors -> "
+                                 "DIR/x.best.eval.json (in the checkpoint's own directory best.eval.json); any other "
+                                 "path is refused (unset: beside the checkpoint, CHECKPOINT.eval.json, .surface.json, "
+                                 ".strength.json or .gamma.json). A report with other settings (images, attacks, "
+                                 "steps, seed, ε, ...) is never replaced: choose another --out. Each finished attack "
+                                 "column is kept in OUT.partial.json until the end, and a run with the same settings "
+                                 "continues from it")
     return p.parse_args(argv)
 
 
 def output_path(out, checkpoint, mode):
-    """The JSON path of --out `out` (None: beside the checkpoint, CHECKPOINT.MODE.json; a directory,
-    existing or named with a trailing separator and then created: MODE.json in it), checked writable
-    before any attack (ValueError, one line). A file path in a missing directory stays an error:
-    more likely a typo than a wish."""
-    path = out or os.path.splitext(checkpoint)[0] + f".{mode}.json"
+    """The JSON path of --out `out`, checked writable before any attack (ValueError, one line).
+    None: beside the checkpoint, CHECKPOINT.MODE.json. A directory (existing, or named with a
+    trailing separator and then created): a file named after the checkpoint, RUN.CHECKPOINT.MODE.json
+    (runs/x/best.safetensors -> x.best.eval.json), so that the reports of several checkpoints sit
+    side by side; in the checkpoint's own directory CHECKPOINT.MODE.json, as beside it. Else a path
+    ending in .json; anything else (`--out results2`) is refused rather than written as a file of
+    that name. A file path in a missing directory stays an error: more likely a typo than a wish."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    path = out or os.path.join(os.path.dirname(checkpoint), f"{stem}.{mode}.json")
     try:
         if path.endswith(("/", os.sep)):
             os.makedirs(path, exist_ok=True)
         if os.path.isdir(path):
-            path = os.path.join(path, f"{mode}.json")
+            folder = os.path.dirname(os.path.abspath(checkpoint))
+            own = os.path.samefile(path, folder)
+            named = f"{stem}.{mode}.json" if own else f"{os.path.basename(folder)}.{stem}.{mode}.json"
+            path = os.path.join(path, named)
+        elif not path.endswith(".json"):
+            raise ValueError(f"--out {out}: neither a directory nor a .json file; write {out}/ for a directory "
+                             f"(created if missing) or {out}.json for a file")
         with open(path + ".tmp", "w"):
             pass
         os.remove(path + ".tmp")
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def evaluation_settings(args, mode, eps, n_images, num_classes):
+    """What an evaluation measures, recorded in its report ("settings") and compared with the
+    report already at its path before any work: the mode, the checkpoint, ε, the norm, the images,
+    the seed, bf16 and, for the suite, each attack's options, --gamma and AutoAttack's options;
+    for the figure modes, their flags. The batch size and the device are not settings: they do not
+    change what is measured."""
+    settings = {"mode": mode, "checkpoint": cli.record_path(args.checkpoint), "eps": eps, "norm": args.norm,
+                "split": args.split, "n_images": n_images, "seed": args.seed, "bf16": args.bf16}
+    if mode == "eval":
+        settings["attacks"] = {name: suite.attack_options(name, args, num_classes, eps)
+                               for name in suite.parse_suite(args.attacks, args.norm)}
+        settings.update(gamma=args.gamma, autoattack=autoattack_check.autoattack_options(args) if args.autoattack
+                        else None, certify=args.certify)
+    else:
+        settings[mode] = {"surface": [args.surface, args.surface_grid, args.surface_radius],
+                          "strength": args.strengths, "gamma": args.gamma_sweep}[mode]
+    return json.loads(json.dumps(settings))  # as it reads back from the report
+
+
+def recorded_settings(report):
+    """The settings of a report eval.py wrote (`evaluation_settings`); reports older than the record
+    give what they hold of them: the mode, checkpoint, ε, norm, images, seed, bf16 and the attacks."""
+    if "settings" in report:
+        return report["settings"]
+    settings = {k: report[k] for k in ("mode", "checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16")
+                if k in report}
+    if report.get("mode") == "eval" and "results" in report:
+        settings["attacks"] = {name: column["options"] for name, column in report["results"].items()
+                               if name in suite.SUITE}
+    return settings
+
+
+def check_existing_report(path, settings):
+    """Refuse (ValueError, one line) to replace the file at `path` unless it is a report of an
+    evaluation with the same `settings` (which may be resumed or replaced): another evaluation's
+    numbers, or a file eval.py did not write, are never lost."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        old = recorded_settings(report) if isinstance(report, dict) and "checkpoint" in report else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        old = None
+    if old is None:
+        raise ValueError(f"{path} exists and is not an evaluation written by eval.py: choose another --out")
+    same_checkpoint = os.path.realpath(cli.recorded_path(old["checkpoint"])) == os.path.realpath(
+        cli.recorded_path(settings["checkpoint"]))
+    differing = [k for k in settings if k in old and k != "checkpoint" and old[k] != settings[k]]
+    differing = ([] if same_checkpoint else ["checkpoint"]) + differing
+    if differing:
+        what = "; ".join(f"{k} {_short(old[k])} there, {_short(settings[k])} here" for k in differing[:3])
+        raise ValueError(f"{path} holds an evaluation with other settings ({what}): it is kept; write this one "
+                         f"elsewhere with --out (e.g. --out {os.path.splitext(path)[0]}-2.json)")
+
+
+def _short(value):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_args(args):
@@ -204,138 +268,9 @@ def resolve_checkpoint(path):
     raise ValueError(f"{path} is a directory without best.safetensors or last.safetensors")
 
 
-def batches(images, labels, batch_size, device):
-    for i in range(0, len(labels), batch_size):
-        yield i, images[i:i + batch_size].to(device).float() / 255, labels[i:i + batch_size].to(device)
-
-
-LINF_ONLY = ("square", "deepfool")
-
-
-def parse_suite(text, norm="linf"):
-    """The attack names of --attacks. In ℓ2 the default suite leaves out the ℓ∞-only attacks; naming
-    one explicitly is an error."""
-    if norm == "l2" and text == DEFAULT_SUITE:
-        text = ",".join(n for n in text.split(",") if n not in LINF_ONLY)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SUITE]
-    if unknown:
-        raise ValueError(f"unknown attack {unknown[0]!r}; choose from {', '.join(SUITE)}")
-    if norm == "l2" and set(names) & set(LINF_ONLY):
-        raise ValueError(f"{sorted(set(names) & set(LINF_ONLY))[0]} is an ℓ∞ attack here; with --norm l2 choose "
-                         f"from {', '.join(n for n in SUITE if n not in LINF_ONLY)}")
-    return names
-
-
-def verify(model, x, x_adv, eps, y, target=None, norm="linf"):
-    """Check adversarial examples with a fresh forward pass (eval mode). Per sample [B]: `valid`
-    (x_adv inside the ε-ball around x and [0, 1], in x's dtype), `broken` (valid, and misclassified;
-    for random-targeted, classified as `target`), and `doubtful` (not broken, but invalid or within
-    attacks.MARGIN of a break: where another pass's rounding could decide; eval.py attacks these again)."""
-    x_adv = x_adv.to(x.dtype)
-    valid = ball.inside(x_adv, x, eps, norm=norm)  # up to float32 rounding; anything further out is not counted
-    with torch.no_grad():
-        logits = model(x_adv)
-    score = attacks.margin(logits, y) if target is None else -attacks.margin(logits, target)
-    broken = valid & (score > 0)
-    return valid, broken, ~broken & (~valid | (score > -attacks.MARGIN))
-
-
-def attack_options(name, args, num_classes, eps):
-    """Keyword options of each attack from the command line (absent: the attack's default)."""
-    if name == "fgsm":  # one signed step of ε from x on the cross-entropy, as training.evaluate's FGSM
-        return {"steps": 1, "step_size": eps, "loss": "ce", "norm": args.norm}
-    if name == "fgsm20":
-        return {"steps": args.fgsm_steps, "norm": args.norm}
-    if name == "deepfool":
-        return {}
-    if name == "square":
-        return {"queries": args.square_queries}
-    options = {"optimizer": args.optimizer, "norm": args.norm}
-    options.update({k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None})
-    if name == "multi-targeted":
-        options["num_targets"] = min(num_classes - 1, args.num_targets or 20)
-    return options
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def device_name(device):
     """The accelerator's name ("NVIDIA H200"), or "cpu": a report says which machine measured it."""
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-
-
-REATTACKS = 2  # fresh attempts on a sample whose break does not verify, or nearly does
-
-
-def run_attack(model, images, labels, eps, name, options, num_classes, batch_size, device, seed, only=None,
-               desc=None):
-    """One attack over the images (those where the mask `only` is true; the others count as not
-    robust, e.g. the misclassified clean images), every break verified (`verify`). A sample whose verification is
-    doubtful is attacked again with a new seed, up to REATTACKS times, and is counted robust only if
-    it is then still not broken. Returns, per sample on the CPU, `robust` [N] (for random-targeted:
-    the attack did *not* reach its target), the counts {"invalid": examples outside the ball or box
-    at the first check, "reattacked": samples attacked again, "unverified": samples still doubtful
-    after that, counted robust}, and the seconds taken."""
-    if only is not None:
-        robust = torch.zeros(len(labels), dtype=torch.bool)
-        rows = only.nonzero().squeeze(1)
-        robust[rows], counts, seconds = run_attack(model, images[rows], labels[rows], eps, name, options,
-                                                   num_classes, batch_size, device, seed, desc=desc)
-        return robust, counts, seconds
-    fn = SUITE[name][1]
-    robust, counts = [], {"invalid": 0, "reattacked": 0, "unverified": 0}
-    _sync(device)
-    start = time.time()
-    bar = tqdm(total=len(labels), desc=desc or SUITE[name][0], unit="img", leave=False)  # the images it attacks
-    for i, x, y in batches(images, labels, batch_size, device):
-        seed_i = seed + i  # another random stream for each batch
-        target = attacks.random_targets(y, num_classes, seed_i) if name == "random-targeted" else None
-        targeted = (lambda rows: {"target": target[rows]}) if target is not None else (lambda rows: {})  # noqa: E731
-        every = torch.arange(len(y), device=y.device)
-        x_adv = fn(model, x, y, eps, seed=seed_i, **targeted(every), **options)
-        valid, broken, doubtful = verify(model, x, x_adv, eps, y, target, options.get("norm", "linf"))
-        counts["invalid"] += int((~valid).sum())
-        counts["reattacked"] += int(doubtful.sum())
-        for attempt in range(1, REATTACKS + 1):
-            rows = doubtful.nonzero().squeeze(1)
-            if len(rows) == 0:
-                break
-            x_adv[rows] = fn(model, x[rows], y[rows], eps, seed=seed_i + attempt * 1_000_003, **targeted(rows), **options)
-            _, broken, doubtful = verify(model, x, x_adv, eps, y, target, options.get("norm", "linf"))
-        counts["unverified"] += int(doubtful.sum())
-        robust.append(~broken)
-        bar.update(len(y))
-    bar.close()
-    _sync(device)
-    return torch.cat(robust).cpu(), counts, time.time() - start
-
-
-def clean_correct(model, images, labels, batch_size, device):
-    with torch.no_grad():
-        return torch.cat([(model(x).argmax(1) == y).cpu() for _, x, y in batches(images, labels, batch_size, device)])
-
-
-def gamma_of_images(model, images, labels, eps, batch_size, device, seed, norm="linf", steps=50):
-    """γ(ε, x) per image with `llr.local_linearity` (`steps` Adam steps, lr 0.1; 50 as the paper's
-    Fig. F3). The random starts depend on `seed` and the batch alone, so calls with more steps
-    continue the same searches and never find less (`--gamma-sweep`)."""
-    values = []
-    bar = tqdm(total=len(labels), desc=f"γ(ε, x), {steps} steps", unit="img", leave=False)
-    for i, x, y in batches(images, labels, batch_size, device):
-        generator = torch.Generator(device=x.device).manual_seed(seed + i)
-        values.append(llr.local_linearity(model, x, y, eps, steps=steps, lr=0.1, generator=generator,
-                                          norm=norm)[0].cpu())
-        bar.update(len(y))
-    bar.close()
-    values = torch.cat(values).double()
-    q = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=values.dtype)
-    p10, p50, p90, p99 = values.quantile(q).tolist()
-    return {"steps": steps, "lr": 0.1, "mean": values.mean().item(), "median": p50, "p10": p10, "p90": p90,
-            "p99": p99, "max": values.max().item(), "values": values.tolist()}
 
 
 def sanity_checks(model, images, labels, eps, results, args, num_classes, device):
@@ -348,19 +283,20 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
     correct = torch.tensor(results["nominal"]["robust"])
     if not args.no_sanity:
         big = 0.5
-        robust, _, _ = run_attack(model, images, labels, big, "untargeted", {"steps": 20, "restarts": 1},
-                                  num_classes, args.batch_size, device, args.seed, only=correct,
-                                  desc=f"sanity check: Untargeted at eps = {big}")
+        robust, _, _ = suite.run_attack(model, images, labels, big, "untargeted", {"steps": 20, "restarts": 1},
+                                        num_classes, args.batch_size, device, args.seed, only=correct,
+                                        desc=f"sanity check: Untargeted at eps = {big}")
         acc = robust.float().mean().item()
         checks.append({"name": "accuracy reaches 0 as eps grows", "ok": acc == 0,
                        "detail": f"Untargeted 20 steps at eps = {big}: {100 * acc:.1f}%"})
         if "untargeted" in results:
             full = results["untargeted"]
             steps = max(1, full["steps"] // 4)
-            weak_options = {**attack_options("untargeted", args, num_classes, eps), "steps": steps, "restarts": 1}
-            robust, _, _ = run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
-                                      args.batch_size, device, args.seed + 10**6, only=correct,
-                                      desc=f"sanity check: Untargeted, {steps} steps")
+            weak_options = {**suite.attack_options("untargeted", args, num_classes, eps), "steps": steps,
+                            "restarts": 1}
+            robust, _, _ = suite.run_attack(model, images, labels, eps, "untargeted", weak_options, num_classes,
+                                            args.batch_size, device, args.seed + 10**6, only=correct,
+                                            desc=f"sanity check: Untargeted, {steps} steps")
             weak_acc = robust.float().mean().item()
             checks.append({"name": "more steps never help the model", "ok": weak_acc >= full["accuracy"],
                            "detail": f"Untargeted {steps} steps x 1: {100 * weak_acc:.1f}% vs "
@@ -383,7 +319,7 @@ def sanity_checks(model, images, labels, eps, results, args, num_classes, device
                        "ok": s["accuracy"] <= w["accuracy"],
                        "detail": f"{100 * w['accuracy']:.1f}% -> {100 * s['accuracy']:.1f}%; "
                                  f"{only_weaker} samples broken by {weaker} only"})
-    others = [n for n in SUITE if n in results and n not in ("fgsm", "random-targeted")]
+    others = [n for n in suite.SUITE if n in results and n not in ("fgsm", "random-targeted")]
     if "fgsm" in results and others:
         n = len(correct)  # the rule on image counts: exact, no rounding at its edges
         single = sum(results["fgsm"]["robust"])
@@ -402,27 +338,28 @@ def run_suite(model, images, labels, eps, args, num_classes, device, partial=Non
     """The suite on (images, labels): the results dict written as JSON. With `partial` = (path,
     settings), each finished column is saved at once in `path`, and the columns a previous call
     with the same settings finished are taken from there instead of being attacked again."""
-    names = parse_suite(args.attacks, args.norm)
-    correct = clean_correct(model, images, labels, args.batch_size, device)
+    names = suite.parse_suite(args.attacks, args.norm)
+    correct = suite.clean_correct(model, images, labels, args.batch_size, device)
     results = {"nominal": {"accuracy": correct.float().mean().item(), "robust": correct.tolist()}}
     finished = read_partial(*partial) if partial else {}
     worst = correct.clone()
     for name in names:
         if name not in finished:
-            options = attack_options(name, args, num_classes, eps)
+            options = suite.attack_options(name, args, num_classes, eps)
             every = name == "random-targeted"  # its success rate is over all images; the others attack the correct
-            robust, counts, seconds = run_attack(model, images, labels, eps, name, options, num_classes,
-                                                 args.batch_size, device, args.seed, only=None if every else correct,
-                                                 desc=f"{SUITE[name][0]} ({'all' if every else 'correctly classified'} "
-                                                      f"images)")
-            defaults = inspect.signature(SUITE[name][1]).parameters  # the attack holds its defaults
+            robust, counts, seconds = suite.run_attack(
+                model, images, labels, eps, name, options, num_classes, args.batch_size, device, args.seed,
+                only=None if every else correct,
+                desc=f"{suite.SUITE[name][0]} ({'all' if every else 'correctly classified'} images)")
+            defaults = inspect.signature(suite.SUITE[name][1]).parameters  # the attack holds its defaults
             steps, restarts = (options.get(k, defaults[k].default)
                                for k in ("queries" if name == "square" else "steps", "restarts"))  # Square: queries
             finished[name] = {"options": options, "steps": steps, "restarts": restarts,
                               "invalid_examples": counts["invalid"], "reattacked": counts["reattacked"],
                               "unverified": counts["unverified"], "time_s": round(seconds, 2), "robust": robust.tolist()}
             if partial:
-                write_compact_json(partial[0], {"settings": partial[1], "columns": finished})
+                suite.write_compact_json(partial[0], {"written_by": "eval.py", "settings": partial[1],
+                                                     "columns": finished})
         entry = dict(finished[name])
         robust = torch.tensor(entry["robust"], dtype=torch.bool)
         if name == "random-targeted":
@@ -459,19 +396,11 @@ def certify(model, images, labels, eps, worst_robust, batch_size, device):
 
     constants = soc.certificate_constants(model)
     radius = torch.cat([soc.certified_radius(model, x, y, constants).cpu()
-                        for _, x, y in batches(images, labels, batch_size, device)])
+                        for _, x, y in suite.batches(images, labels, batch_size, device)])
     at = {name: (radius > r).float().mean().item() for name, r in {**CERTIFY_RADII, "eps": eps}.items()}
     contradictions = [i for i, (r, robust) in enumerate(zip(radius.tolist(), worst_robust)) if r > eps and not robust]
     return {"radius": radius.tolist(), "certified_accuracy": at, "contradictions": contradictions,
             "features_lipschitz": constants["features_lipschitz"]}
-
-
-def write_compact_json(path, obj):
-    """`obj` as JSON at `path`, atomically (a temporary file, then a rename), without indentation:
-    reports carry per-image lists (training.write_json indents its small files)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def print_table(report):
@@ -481,7 +410,7 @@ def print_table(report):
           f"  seed {report['seed']}")
     print(f"{'':32s}{'accuracy':>10s}{'worst case':>12s}{'steps x restarts':>18s}{'time':>9s}")
     print(f"{'Nominal':32s}{100 * r['nominal']['accuracy']:9.2f}%{100 * r['nominal']['accuracy']:11.2f}%")
-    for name, (label, _) in SUITE.items():
+    for name, (label, _) in suite.SUITE.items():
         if name not in r:
             continue
         e = r[name]
@@ -528,8 +457,6 @@ def print_table(report):
 
 
 def main(argv=None):
-    import autoattack_check, probe  # here, not at the top: both build on this module (import it)
-
     args = get_args(argv)
     mode = probe.mode_of(args)
     try:  # set-up errors are the user's to fix: one line, non-zero exit
@@ -546,7 +473,7 @@ def main(argv=None):
             print(f"{ball.describe_eps(eps, args.norm)}, as the checkpoint was trained (--eps to change it)")
         else:
             eps = ball.parse_eps(args.eps, args.norm)
-        parse_suite(args.attacks, args.norm)
+        suite.parse_suite(args.attacks, args.norm)
         probe.check_args(args)
         cli.require(not args.certify or (args.norm == "l2" and config["arch"].startswith("lipconvnet")),
                     "--certify gives ℓ2 certificates of a lipconvnet model: it needs one, and --norm l2")
@@ -554,8 +481,9 @@ def main(argv=None):
             autoattack_check.import_autoattack()
             autoattack_check.autoattack_options(args)
         dataset = args.dataset or meta.get("dataset") or config["normalization"]
-        recorded = meta.get("data_dir") if meta.get("data_dir") and os.path.isdir(meta["data_dir"]) else None
-        data_dir = args.data_dir or recorded or ("data/cifar10" if dataset == "cifar10" else None)
+        recorded = cli.recorded_path(meta.get("data_dir"))  # where it was trained from (relative: in this repository)
+        found = recorded if recorded and os.path.isdir(recorded) else None
+        data_dir = args.data_dir or found or ("data/cifar10" if dataset == "cifar10" else None)
         cli.require(data_dir is not None, "--data-dir is required for ImageNet (a folder with val/<wnid>/*.JPEG)")
         model = models.load_checkpoint(args.checkpoint, map_location=args.device)
         n = max(args.surface) + 1 if args.surface else args.n
@@ -564,20 +492,30 @@ def main(argv=None):
                     f"{conflict}: its numbers there are biased upwards; evaluate on --split test, or pass "
                     f"--allow-selection-images to do it anyway")
         holdout_n = meta.get("selection", {}).get("holdout_n") or {"cifar10": 1000, "imagenet": 10000}[dataset]
-        images, labels, classes = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224), holdout_n)
+        try:
+            images, labels, classes = load_images(dataset, data_dir, args.split, n, meta.get("image_size", 224),
+                                                  holdout_n)
+        except data.DataError as e:
+            missing = recorded and not found and not args.data_dir
+            raise data.DataError(f"{e}; the checkpoint records its data at {meta['data_dir']!r}, which is not here: "
+                                 f"give --data-dir" if missing else str(e)) from None
         cli.require(meta.get("classes") in (None, classes),
                     f"the classes in {data_dir} ({', '.join(classes[:4])}, ...) are not those the checkpoint was "
                     f"trained on ({', '.join(meta.get('classes', [])[:4])}, ...): labels would not match")
         cli.require(not args.surface or max(args.surface) < len(labels),
                     f"--surface index {max(args.surface or [0])} is beyond the {len(labels)} images")
         out = output_path(args.out, args.checkpoint, mode)
+        settings = evaluation_settings(args, mode, eps, len(labels), config["num_classes"])
+        check_existing_report(out, settings)
         if args.n > len(labels):
             print(f"--n {args.n}: the {args.split} split has {len(labels)} images; evaluating all {len(labels)}")
     except (ValueError, OSError, data.DataError) as e:
         sys.exit(f"eval.py: error: {e}")
     evaluated = Autocast(model, torch.bfloat16) if args.bf16 else model
     start = time.time()
-    report = {"mode": mode, "checkpoint": args.checkpoint, "model": config, "dataset": dataset, "data_dir": data_dir,
+    report = {"written_by": "eval.py", "settings": settings, "mode": mode,
+              "checkpoint": cli.record_path(args.checkpoint), "model": config, "dataset": dataset,
+              "data_dir": cli.record_path(data_dir),
               "eps": eps, "eps_text": args.eps, "norm": args.norm, "split": args.split, "selection_conflict": conflict,
               "n_images": len(labels), "seed": args.seed, "bf16": args.bf16,
               "device": str(args.device), "device_name": device_name(args.device), "torch": torch.__version__,
@@ -586,15 +524,14 @@ def main(argv=None):
         report.update(probe.measure(mode, model, evaluated, images, labels, eps, args, config["num_classes"]))
     else:
         report["labels"] = labels.tolist()
-        settings = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
-        settings.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
-                        options={name: attack_options(name, args, config["num_classes"], eps)
-                                 for name in parse_suite(args.attacks, args.norm)})
+        resume = {k: report[k] for k in ("checkpoint", "eps", "norm", "split", "n_images", "seed", "bf16", "device")}
+        resume.update(checkpoint_mtime=os.path.getmtime(args.checkpoint), batch_size=args.batch_size,
+                      options=settings["attacks"])
         results = run_suite(evaluated, images, labels, eps, args, config["num_classes"], args.device,
-                            partial=(out + ".partial.json", settings))
+                            partial=(out + ".partial.json", resume))
         report["results"] = results
         if args.gamma:
-            report["gamma"] = gamma_of_images(model, images, labels, eps, args.batch_size, args.device, args.seed,
+            report["gamma"] = suite.gamma_of_images(model, images, labels, eps, args.batch_size, args.device, args.seed,
                                               args.norm)
         drops = {key: results[name]["accuracy"] - results["worst_case"]["accuracy"] if name in results else None
                  for key, name in (("drop_weak_to_worst", "fgsm20"), ("drop_fgsm_to_worst", "fgsm"))}
@@ -614,7 +551,7 @@ def main(argv=None):
             report["certificates"] = certify(model, images, labels, eps, worst, args.batch_size, args.device)
         print_table(report)
     report["time_s"] = round(time.time() - start, 2)
-    write_compact_json(out, report)
+    suite.write_compact_json(out, report)
     for leftover in (out + autoattack_check.STATE_SUFFIX, out + ".partial.json"):  # their results are in the report now
         if os.path.exists(leftover):
             os.remove(leftover)

@@ -123,7 +123,7 @@ def adv_loss(model, x, y, eps, *, steps=10, step_size=None, random_start=True, b
     the paper (Table 2, Fig. 4) shows to obfuscate gradients. In ℓ2 the steps follow ∇/‖∇‖₂ (ℓ2
     PGD, as Madry et al.'s ℓ2 models).
 
-    The configurations of the sources the paper's contrast depends on (issue 24):
+    The configurations of the sources the paper's contrast depends on:
     bn: batch norm during the attack's passes: "eval" (running statistics, as the LLR authors'
     graph.py and TRADES) or "train" (batch statistics, the passes updating the running
     statistics, as fast adversarial training's train_fgsm.py and GradAlign's train.py).
@@ -286,7 +286,7 @@ def check_lipschitz_options(last_layer, gamma, beta):
 
 # --------------------------------------------------------------------------- single-step methods against CO
 # N-FGSM, GradAlign, ELLE and ELLE-A: the methods that claim to prevent catastrophic overfitting (CO) of
-# single-step adversarial training more cheaply than LLR (issue 28). Each follows its authors' code, with
+# single-step adversarial training more cheaply than LLR. Each follows its authors' code, with
 # every pass in train mode (batch statistics, running statistics updated), as theirs; all are ℓ∞ methods.
 # FGSM and FGSM-RS are ADV's configurations (`adv_loss` with steps=1; docs/training.md).
 

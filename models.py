@@ -329,7 +329,23 @@ def save_checkpoint(model, path, **metadata):
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=header)
+    _sort_header_metadata(tmp)
     os.replace(tmp, path)
+
+
+def _sort_header_metadata(path):
+    """Rewrite the safetensors file's header in place with its metadata keys sorted. safetensors
+    writes them from a Rust HashMap, in an order that changes from call to call, so two identical
+    checkpoints differed in their bytes; sorted, equal weights and metadata give equal sha256
+    (bit-for-bit checks with sha256sum). The header keeps its length: the tensors do not move."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(text) <= length, "a reordered header cannot be longer than the original"
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too
 
 
 def read_checkpoint_metadata(path):

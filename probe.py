@@ -6,16 +6,16 @@
 
 --surface: the loss on a grid around test images, spanned by the model's own adversarial direction
 and a random sign direction. --strength: Untargeted and Multi-Targeted accuracy as the attacks
-grow (steps x restarts), each point verified and re-attacked as the suite's columns are (`eval.run_attack`).
+grow (steps x restarts), each point verified and re-attacked as the suite's columns are (`suite.run_attack`).
 --gamma-sweep: γ(ε, x) found by searches of each number of steps from the same random starts
-(`eval.gamma_of_images`). The command line, the checkpoint and the images are eval.py's.
+(`suite.gamma_of_images`). The command line, the checkpoint and the images are eval.py's.
 """
 import torch
 import torch.nn.functional as F
 
 import ball
 import cli
-import eval as suite  # the suite's attacks and measurements; eval.py imports this module only where it calls it
+import suite  # the suite's attacks and measurements (eval.py imports this module; it never imports eval.py)
 
 MODES = {"surface": "surface", "strength": "strength", "gamma_sweep": "gamma"}  # flag (args attribute): mode
 

@@ -94,7 +94,7 @@ def train(args, accelerator, model, eps, images, labels, holdout, selection, cla
     steps_per_epoch = len(labels) // args.batch_size
     shape = data.describe(images, classes)  # what the ε-ball is a ball of: channels, size, classes
     run = training.Run(args, accelerator, steps_per_epoch, eps,
-                       {"dataset": "cifar10", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                       {"dataset": "cifar10", "classes": classes, "data_dir": cli.record_path(args.data_dir),
                         "images": shape})
     step, best, model, optimizer, loss_fn = run.prepare(
         model, training.make_optimizer(model, args),

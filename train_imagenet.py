@@ -223,7 +223,7 @@ def train(args, accelerator, model, eps, batches, steps_per_epoch, holdout, sele
     the run (with a checkpoint)."""
     device, main = accelerator.device, accelerator.is_main_process
     run = training.Run(args, accelerator, steps_per_epoch, eps,
-                       {"dataset": "imagenet", "classes": classes, "data_dir": os.path.abspath(args.data_dir),
+                       {"dataset": "imagenet", "classes": classes, "data_dir": cli.record_path(args.data_dir),
                         "image_size": args.image_size})
     step, best, model, optimizer, loss_fn = run.prepare(
         model, training.make_optimizer(model, args),

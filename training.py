@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import attacks
 import ball
+import cli
 import data
 import llr
 import methods
@@ -110,7 +111,8 @@ def add_run_arguments(parser, out_prefix, val_n):
                    help="compute the method's loss with compiled code (methods.compiled): llr, lfr and cure through "
                         "torch.func.grad traced by torch.compile, the others on torch.compile(model) (gradalign is refused: "
                         "no compiled double backprop); the same "
-                        "math, rounding aside. The first steps compile (minutes); one process only. May change on "
+                        "math, rounding aside. The first steps compile (minutes); one process only, but for first-order LLR "
+                        "(--llr-first-order), which averages its gradients across processes itself. May change on "
                         "--resume")
     g.add_argument("--norm", default="linf", choices=["linf", "l2"],
                    help="the threat model: the ball of LLR's search and of ADV's, TRADES' and LFR's attacks, and of "
@@ -191,6 +193,10 @@ def parse_or_resume(parser, argv, out_prefix, llr_eps_warmup):
             parser.error(f"cannot resume from {args.resume}: {e.strerror}")
         except (ValueError, KeyError, TypeError):
             parser.error(f"cannot resume from {args.resume}: its config.json is not a run's configuration")
+        if saved.get("data_dir"):  # recorded relative to the repository when inside it (cli.record_path)
+            saved["data_dir"] = cli.recorded_path(saved["data_dir"])
+        if "data_dir" in given:  # compared with the recorded directory as a path, not as typed
+            args.data_dir = os.path.abspath(args.data_dir)
         # a flag of the run's setting may be repeated with its recorded value (make cifar ARGS="--epochs 5" again)
         differing = sorted(k for k in given - set(RESUMABLE)
                            if not _same_setting(k, getattr(args, k), saved.get(k), saved.get("norm", "linf")))
@@ -287,11 +293,13 @@ def check_run_args(args):
 
 def check_compile(args, accelerator):
     """--compile's requirements, before any work (ValueError): a compiler for Inductor's code (a C++
-    compiler on a CPU, Triton on a GPU), and one process: the methods compiled through torch.func
-    call the model past DistributedDataParallel's forward, so their gradients would not be
-    all-reduced, nor SyncBatchNorm's statistics; torch.compile of a DDP model (plain, ADV, TRADES)
-    has no multi-process test here yet. A method differentiated twice without a compiled version
-    (GradAlign: `methods.compilable`) is refused."""
+    compiler on a CPU, Triton on a GPU), and one process, but for first-order LLR: the methods compiled
+    through torch.func call the model past DistributedDataParallel's forward, so their gradients would
+    not be all-reduced, nor SyncBatchNorm's statistics; `llr.CompiledLLR(first_order=True)` averages
+    its gradients itself and measures SyncBatchNorm's statistics in its eager clean pass (tested with
+    two processes); torch.compile of a DDP model (plain, ADV, TRADES) has no multi-process test here
+    yet. A method differentiated twice without a compiled version (GradAlign: `methods.compilable`) is
+    refused."""
     if not args.compile:
         return
     require(methods.compilable(args.method),
@@ -310,9 +318,11 @@ def check_compile(args, accelerator):
 
         require(has_triton(), "--compile needs Triton on a GPU (torch.compile's Inductor): pip install triton, or "
                               "train without --compile")
-    require(accelerator.num_processes == 1,
-            f"--compile runs in one process only (with --method {args.method} across {accelerator.num_processes} "
-            f"processes its gradients would not be all-reduced, or it is untested): train without --compile")
+    first_order = args.method == "llr" and method_options(args)["first_order"]
+    require(accelerator.num_processes == 1 or first_order,
+            f"--compile across processes runs first-order LLR alone (--method llr --llr-first-order: its gradients "
+            f"are averaged by llr.CompiledLLR, tested); with --method {args.method} across {accelerator.num_processes} "
+            f"processes its gradients would not be all-reduced, or it is untested: train without --compile")
 
 
 def loss_function(args, model):
@@ -460,11 +470,26 @@ def release_run_dir(args):
 
 
 # eval.py's files beside a run's checkpoints (eval.output_path; autoattack_check.STATE_SUFFIX):
-# CHECKPOINT.MODE.json (best.eval.json, last.gamma.json, ...), MODE.json for the directory as --out,
-# and while one runs OUT.partial.json and OUT.autoattack-state.json; temporaries end in .tmp[PID]
+# CHECKPOINT.MODE.json (best.eval.json, last.gamma.json, ...), MODE.json for the directory as --out in
+# older versions, and while one runs OUT.partial.json and OUT.autoattack-state.json; temporaries end in
+# .tmp[PID]. A JSON file of another name is eval.py's when it says so ("written_by": "eval.py"), or,
+# from versions before that mark, when it is a report (a "mode" of EVAL_MODES and a "checkpoint").
 EVAL_MODES = ("eval", "surface", "strength", "gamma")
 EVAL_FILES = {f"{stem}{mode}.json" for stem in ("", "best.", "last.") for mode in EVAL_MODES}
 EVAL_LEFTOVERS = (".partial.json", ".autoattack-state.json")
+
+
+def written_by_eval(path):
+    """Whether the JSON file at `path` is a report or a leftover that eval.py wrote, whatever its name."""
+    if not path.endswith(".json"):
+        return False
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(content, dict) and (content.get("written_by") == "eval.py" or (
+        content.get("mode") in EVAL_MODES and "checkpoint" in content))
 
 
 def earlier_files(out):
@@ -475,8 +500,14 @@ def earlier_files(out):
         base = re.sub(r"\.tmp\d*$", "", name)
         base = next((base[:-len(s)] for s in EVAL_LEFTOVERS if base.endswith(s) and base[:-len(s)] in EVAL_FILES),
                     base)
-        if base != LOCK:
-            (run if base in RUN_FILES else evaluations if base in EVAL_FILES else other).append(name)
+        if base == LOCK:
+            continue
+        if base in RUN_FILES:
+            run.append(name)
+        elif base in EVAL_FILES or (base == name and written_by_eval(os.path.join(out, name))):
+            evaluations.append(name)
+        else:
+            other.append(name)
     return run, evaluations, other
 
 
@@ -494,6 +525,8 @@ def _check_run_dir(args):
     if args.overwrite:
         for name in run + evaluations:
             os.remove(os.path.join(args.out, name))
+        if run or evaluations:
+            print(f"--overwrite: removed {', '.join(run + evaluations)} from {args.out}", flush=True)
         return
     require(run or not evaluations, f"{args.out} holds eval.py's reports of an earlier run ({', '.join(evaluations)}) "
                                     f"but not the run: start afresh there with --overwrite (deletes them), or choose "
@@ -533,7 +566,8 @@ def provenance(args, accelerator):
     import accelerate
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"args": vars(args), "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
+    paths = {k: cli.record_path(getattr(args, k)) for k in ("data_dir", "out", "resume")}  # relative inside the repo
+    return {"args": {**vars(args), **paths}, "command": sys.argv, "git_commit": commit, "git_dirty": dirty,
             "torch": torch.__version__, "accelerate": accelerate.__version__, "device": device,
             "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
 
@@ -558,6 +592,7 @@ class Run:
         self.metadata = {**dataset, "method": args.method, "options": method_options(args), "eps": eps,
                          "norm": args.norm}
         self.saved_step, self.last_save = None, time.time()  # of last.safetensors and state.pt
+        self.bar = None  # the progress bar, once `progress` has made it
         if accelerator.is_main_process and not args.resume:
             write_json(os.path.join(args.out, "config.json"), provenance(args, accelerator))
 
@@ -612,9 +647,10 @@ class Run:
             os.replace(path + ".tmp", path)
 
     def progress(self, step):
-        """A progress bar (main process) from `step` to the end."""
-        return tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
-                    disable=not self.accelerator.is_main_process)
+        """A progress bar (main process) from `step` to the end; `evaluate` pauses its clock."""
+        self.bar = tqdm(total=self.total_steps, initial=step, dynamic_ncols=True,
+                        disable=not self.accelerator.is_main_process)
+        return self.bar
 
     def schedule(self, step, optimizer):
         """The learning rate (set in `optimizer`) and ε of optimiser step `step` (counted from 0)."""
@@ -662,13 +698,19 @@ class Run:
     def evaluate(self, step, model, images, labels):
         """`evaluate` of the held-out images with the run's settings (--eval-steps, --eval-restarts,
         --gamma-n; γ's random starts from (seed, step)), split across the processes; logged and
-        printed. Returns its metrics."""
+        printed. Returns its metrics. Its own progress shows in a second bar (this process's share of
+        the images), and the training bar's clock stops meanwhile: its rate and time left count training only."""
         args, accelerator = self.args, self.accelerator
-        result = evaluate(model, images, labels, self.eps, norm=args.norm, steps=args.eval_steps,
-                          restarts=args.eval_restarts, seed=args.seed, gamma_n=args.gamma_n,
-                          gamma_seed=stream_seed(args.seed, step, "gamma", 1),  # (another stream than log_gamma's)
-                          process=accelerator.process_index, processes=accelerator.num_processes,
-                          reduce=accelerator.reduce)
+        share = len(range(accelerator.process_index, len(labels), accelerator.num_processes))
+        with tqdm(total=share, desc="validation", unit="img", leave=False, dynamic_ncols=True,
+                  disable=not accelerator.is_main_process) as shown:
+            result = evaluate(model, images, labels, self.eps, norm=args.norm, steps=args.eval_steps,
+                              restarts=args.eval_restarts, seed=args.seed, gamma_n=args.gamma_n,
+                              gamma_seed=stream_seed(args.seed, step, "gamma", 1),  # (another stream than log_gamma's)
+                              process=accelerator.process_index, processes=accelerator.num_processes,
+                              reduce=accelerator.reduce, progress=shown.update)
+        if self.bar is not None:
+            self.bar.unpause()  # the time since its last update was the evaluation's: left out of its rate
         self.log(step, {"kind": "eval", "eps": self.eps, **result})
         self.print(f"step {step}, {result['val_n']} validation images: clean {100 * result['val_clean_acc']:.2f}%, "
                    f"FGSM {100 * result['val_fgsm_acc']:.2f}%, {result['pgd']} {100 * result['val_pgd_acc']:.2f}%, "
@@ -810,7 +852,7 @@ def write_json(path, obj):
 
 
 def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, seed=0, gamma_n=128, gamma_seed=0,
-             process=0, processes=1, reduce=None):
+             process=0, processes=1, reduce=None, progress=None):
     """An evaluation on held-out images (uint8 [N, 3, H, W] and labels [N], on the model's device):
     clean accuracy; accuracy under FGSM (one signed step of ε on the cross-entropy from x: the weak
     attack a model that obfuscates its gradients learns to resist) and under the Untargeted margin
@@ -818,7 +860,8 @@ def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, s
     metric that chooses best.safetensors); and γ(ε, x) (50 Adam steps from a generator seeded by
     `gamma_seed`) on the first `gamma_n` images. Across processes, this one (`process` of
     `processes`) takes every processes-th image and `reduce(tensor)` sums a tensor over them
-    (Accelerate's `accelerator.reduce`; None: one process). Returns val_clean_acc, val_fgsm_acc,
+    (Accelerate's `accelerator.reduce`; None: one process); `progress(k)`, if given, is called after
+    each chunk of k images (a progress bar's update). Returns val_clean_acc, val_fgsm_acc,
     val_pgd_acc, val_gamma_mean, val_n, val_gamma_n and pgd (the strong attack's name)."""
     model.eval()
     share = torch.arange(len(labels))[process::processes]
@@ -835,6 +878,8 @@ def evaluate(model, images, labels, eps, *, norm="linf", steps=20, restarts=1, s
             gamma, _ = llr.local_linearity(model, x[first], y[first], eps, norm=norm,
                                            generator=torch.Generator(device=x.device).manual_seed(gamma_seed))
             counts[4:] += torch.stack([gamma.sum(), torch.tensor(float(len(gamma)), device=gamma.device)])
+        if progress is not None:
+            progress(len(chunk))
     counts = counts if reduce is None else reduce(counts)
     model.train()
     n = counts[3].item()

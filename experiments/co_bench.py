@@ -1,4 +1,4 @@
-"""Catastrophic overfitting (CO), side by side (issue 28): LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
+"""Catastrophic overfitting (CO), side by side: LLR against FGSM, FGSM-RS, N-FGSM, GradAlign,
 ELLE and ELLE-A, each a train_cifar.py run, on a small ReLU CNN that a 2-core CPU trains, where FGSM
 collapses reproducibly. `make co-bench`; the write-up is experiments/co-bench/README.md.
 
@@ -34,7 +34,7 @@ Fixed before any run (the README says why):
   least, never the evaluation). When the finished exploration meets no setting, `--choose MODEL:LO,HI
   --reason TEXT` writes setting.json in the same way with "by hand: TEXT" as its "rule" (and the README
   says why).
-- The collapse rule (`common.collapsed`, the issue's words): a run has collapsed when, at the end of training,
+- The collapse rule (`common.collapsed`, as the design fixed it): a run has collapsed when, at the end of training,
   its held-out PGD-20 accuracy is at most a quarter of its best during training and at most half of
   its FGSM accuracy (the log's "eval" entries: val_pgd_acc, val_fgsm_acc).
 - The LLR grid's point is chosen by the held-out PGD-20 accuracy at the end of training (the run's own
@@ -57,7 +57,7 @@ import eval as eval_py  # noqa: E402  (eval.py; the alias keeps the builtin)
 import train_cifar  # noqa: E402
 import training  # noqa: E402
 from experiments import common  # noqa: E402
-from experiments.common import collapsed  # noqa: E402  (issue 28's collapse rule)
+from experiments.common import collapsed  # noqa: E402  (the collapse rule)
 
 EPOCHS = 15  # the budget: 10 hours of a 2-core machine for the exploration, the grid and its evaluation
 PROTOCOL = ["--activation", "relu", *common.GRADALIGN_CNN]  # the positive control's: GradAlign's CNN setting
@@ -86,7 +86,7 @@ TWINS = {"llr1-83": ("LLR-1, λ = 8, μ = 3", "--method llr --llr-steps 1 --llr-
                        "--method llr --llr-steps 1 --llr-lam 8 --llr-mu 3 --llr-first-order"),
          "llr2fo": ("first-order LLR-2", "--method llr --llr-steps 2 --llr-first-order")}
 EXACT_TWIN = {"llr1fo-83": "llr1-83", "llr2fo": "llr2"}
-SAME_RUN = {"llr1-83-e12-s0": "llr1-lam8-mu3-e12-s0"}  # the grid's point (8, 3) at 12/255, seed 0: the same flags
+GRID_TWIN = {"llr1-83": (8, 3)}  # at the grid's ε, seed 0, this twin is the grid's run of this (λ, μ): the same flags
 BENCH.update({"llr1-83": ("llr-1", 2.2), "llr1fo-83": ("llr-fo-1", 2.6), "llr2fo": ("llr-fo-2", 3.1)})
 METHODS = {name: (label, *BENCH[name]) for name, (label, _) in [*common.CO_METHODS.items(), *TWINS.items()]}
 COMPARED = ("fgsm", "fgsmrs", "nfgsm", "gradalign", "elle", "ellea", "llr1-mu0", "llr2")  # 3 seeds at each ε
@@ -95,14 +95,15 @@ EVAL_COST = 5.0  # an evaluation (suite, APGD-T, γ; 1,000 test images) in FGSM 
 
 
 # --------------------------------------------------------------------------- the runs
-def make_run(setting, model, method, eps, seed, lam=None, mu=None):
-    """One run: its name, directory, train_cifar.py flags and estimated cost (FGSM epochs of cnn-1x4)."""
+def make_run(setting, model, method, eps, seed, lam=None, mu=None, directory=None):
+    """One run: its name, directory (`directory`: another name's, the same run), train_cifar.py flags and estimated
+    cost (FGSM epochs of cnn-1x4)."""
     name = f"{method}-e{eps}-s{seed}" if lam is None else f"llr1-lam{lam:g}-mu{mu:g}-e{eps}-s{seed}"
     flags = (["--eps", f"{eps}/255", *TWINS[method][1].split()] if method in TWINS else
              common.co_flags(method, eps) if lam is None else [
                  "--eps", f"{eps}/255", "--method", "llr", "--llr-steps", "1", "--llr-lam", f"{lam:g}", "--llr-mu",
                  f"{mu:g}"])
-    out = os.path.join(setting["out"], "runs", model, SAME_RUN.get(name, name))
+    out = os.path.join(setting["out"], "runs", model, directory or name)
     argv = ["--data-dir", setting["data"], "--out", out, "--seed", str(seed), "--arch", model,
             "--epochs", str(setting["epochs"]), "--batch-size", str(setting["batch_size"]), "--val-n",
             str(setting["holdout"]), "--eval-steps", str(setting["pgd_steps"]), *PROTOCOL, *flags]
@@ -127,8 +128,12 @@ def train_runs(setting, chosen):
         runs.append(make_run(setting, chosen["model"], "adv10", eps, 0))
     runs += [make_run(setting, chosen["model"], "llr1-mu0", chosen["grid_eps"], 0, lam, mu)
              for lam, mu in setting["grid"]]
-    return runs + [make_run(setting, chosen["model"], m, eps, s) for s in setting["seeds"] for eps in chosen["eps"]
-                   for m in TWINS if s in chosen.get("seeds", {}).get(str(eps), setting["seeds"])]
+    grid = {(lam, mu) for lam, mu in setting["grid"]}
+    return runs + [make_run(setting, chosen["model"], m, eps, s, directory=(
+        f"llr1-lam{GRID_TWIN[m][0]:g}-mu{GRID_TWIN[m][1]:g}-e{eps}-s0" if m in GRID_TWIN and GRID_TWIN[m] in grid
+        and (eps, s) == (chosen["grid_eps"], 0) else None))
+        for s in setting["seeds"] for eps in chosen["eps"] for m in TWINS
+        if s in chosen.get("seeds", {}).get(str(eps), setting["seeds"])]
 
 
 def share(runs, worker):
@@ -197,6 +202,17 @@ def choose_setting(table, setting):
     return None, "no model has a pair of ε that meets the rule"
 
 
+def unmet(table, setting, model):
+    """Why no pair of `model`'s ε meets the setting rule, in the rule's terms and as explore.md shows it."""
+    cells = {eps: table[(model, eps)] for eps in setting["explore_eps"]}
+    low = [f"{e}/255" for e, c in cells.items() if c["adv10"]["clean"] < setting["min_adv10_clean"]]
+    partial = [f"{e}/255" for e, c in cells.items() if sum(c["fgsm"]) < len(setting["seeds"])]
+    floor = 100 * setting["min_adv10_clean"]
+    reasons = [f"ADV-10's final clean accuracy under {floor:g}% at {', '.join(low)}"] * bool(low)
+    reasons += [f"FGSM collapsed in fewer than all seeds at {', '.join(partial)}"] * bool(partial)
+    return "; ".join(reasons) or "no two ε qualify"
+
+
 def budget(setting, table, chosen):
     """Hours (of the 2-core machine, `processes` one-thread processes) spent by the exploration and the
     estimate of the train and eval stages still to run: each run's step cost × epochs (and EVAL_COST epochs
@@ -229,8 +245,9 @@ def explore(setting, worker):
     if chosen is None and os.path.exists(path):  # chosen by hand (--choose): the rule met none
         chosen = read_setting(setting)
     if chosen is None and all(c["done"] for c in table.values()) and setting.get("smoke"):
-        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}  # random images: no CO
-        why = "smoke: generated images do not collapse; the first model and the first two ε instead"
+        chosen = {"model": setting["models"][0], "eps": list(setting["explore_eps"][:2])}
+        why = (f"smoke: no pair of ε meets the setting rule on generated images "
+               f"({unmet(table, setting, chosen['model'])}); the first model and the first two ε instead")
     write_explore_table(setting, table, chosen)
     if chosen is None and all(c["done"] for c in table.values()):
         sys.exit(f"co_bench.py: no setting meets the rule ({why}): see explore.md, and the README for what then")
@@ -377,8 +394,47 @@ def step_costs(setting, arch):
     return {name: r["ms_median"] / results["plain"]["ms_median"] for name, r in results.items()}
 
 
+def method_row(method, eps, runs, done, costs):
+    """One method at one ε over its seeds: (the numbers, the markdown row of table.md)."""
+    group = [r for r in runs if r["method"] == method and r["eps"] == eps and r["lam"] is None]
+    results = [done[r["name"]] for r in group if r["name"] in done]
+    tests = [s["test"] for s in results if "test" in s]
+    variant = METHODS[method][1]
+    cost = (f"{costs[variant]:.2f}" + (f" ({costs[variant + bench.COMPILED]:.2f} compiled)"
+                                       if variant + bench.COMPILED in costs else "")) if variant in costs else "pending"
+    row = {"method": method, "eps": eps, "runs": len(group), "finished": len(results),
+           "collapsed": sum(s["collapsed"] for s in results),
+           "masked": sum(t["single_step_masking"] for t in tests), "cost": costs.get(variant),
+           **{k: [t[k] for t in tests] for k in ("clean", "fgsm", "worst", "gamma")}}
+    gamma = (mean_range(row["gamma"], 1, 4) if not tests or any(g is not None for g in row["gamma"])
+             else "not measured")
+    masked = f"{row['masked']}/{len(tests)}" if tests else "pending"
+    return row, (f"| {METHODS[method][0]} | {eps}/255 | {mean_range(row['clean'])} | "
+                 f"{mean_range(row['fgsm'])} | {mean_range(row['worst'])} | {row['collapsed']}/{len(results)}"
+                 f"{'' if len(results) == len(group) else f' ({len(group) - len(results)} pending)'} | "
+                 f"{masked} | {gamma} | {cost} |")
+
+
+HEADER = ("| method | ε | clean | FGSM | worst case | collapsed | masked | γ | step cost × plain (eager) |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n")
+
+
+def twin_verdict(first_order, exact):
+    """The reading rule fixed before the first-order runs (the write-up): the first-order form matches its exact
+    twin at an ε when it collapses in no more runs and its mean worst case is within 2 points; else better or
+    worse by the difference. None until both have every run evaluated."""
+    if not (first_order["worst"] and exact["worst"]) or len(first_order["worst"]) < first_order["runs"] \
+            or len(exact["worst"]) < exact["runs"]:
+        return None
+    difference = 100 * (statistics.mean(first_order["worst"]) - statistics.mean(exact["worst"]))
+    if first_order["collapsed"] <= exact["collapsed"] and abs(difference) <= 2:
+        return {"verdict": "matches", "worst_case_difference": round(difference, 1)}
+    worse = first_order["collapsed"] > exact["collapsed"] or difference < -2
+    return {"verdict": "worse" if worse else "better", "worst_case_difference": round(difference, 1)}
+
+
 def report(setting):
-    """table.md, grid.md, robust.png, curves.png and summary.json from what is done."""
+    """table.md, first-order.md, grid.md, robust.png, curves.png and summary.json from what is done."""
     chosen = read_setting(setting)
     runs = train_runs(setting, chosen)
     done = {r["name"]: run_summary(setting, r) for r in runs if common.trained(r["dir"])}
@@ -386,33 +442,28 @@ def report(setting):
     rows, table = [], []
     for method in COMPARED + ("adv10",):
         for eps in chosen["eps"]:
-            group = [r for r in runs if r["method"] == method and r["eps"] == eps and r["lam"] is None]
-            results = [done[r["name"]] for r in group if r["name"] in done]
-            tests = [s["test"] for s in results if "test" in s]
-            variant = METHODS[method][1]
-            cost = (f"{costs[variant]:.2f}" + (f" ({costs[variant + bench.COMPILED]:.2f} compiled)"
-                                               if variant + bench.COMPILED in costs else "")) if costs else "pending"
-            row = {"method": method, "eps": eps, "runs": len(group), "finished": len(results),
-                   "collapsed": sum(s["collapsed"] for s in results),
-                   "masked": sum(t["single_step_masking"] for t in tests), "cost": costs.get(variant),
-                   **{k: [t[k] for t in tests] for k in ("clean", "fgsm", "worst", "gamma")}}
+            row, line = method_row(method, eps, runs, done, costs)
             table.append(row)
-            gamma = (mean_range(row["gamma"], 1, 4) if not tests or any(g is not None for g in row["gamma"])
-                     else "not measured")
-            masked = f"{row['masked']}/{len(tests)}" if tests else "pending"
-            rows.append(f"| {METHODS[method][0]} | {eps}/255 | {mean_range(row['clean'])} | "
-                        f"{mean_range(row['fgsm'])} | {mean_range(row['worst'])} | {row['collapsed']}/{len(results)}"
-                        f"{'' if len(results) == len(group) else f' ({len(group) - len(results)} pending)'} | "
-                        f"{masked} | {gamma} | {cost} |")
-    text = (f"{chosen['model']}, {setting['epochs']} epochs; the last checkpoint on the test images (%), mean "
-            f"(range) over seeds; collapsed: the collapse rule on the held-out log; masked: eval.py's single-step "
-            f"masking flag; step cost: a step's median time over plain's eager step (bench.py, one run)\n\n"
-            "| method | ε | clean | FGSM | worst case | collapsed | masked | γ | step cost × plain (eager) |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n")
+            rows.append(line)
+    caption = (f"{chosen['model']}, {setting['epochs']} epochs; the last checkpoint on the test images (%), mean "
+               f"(range) over seeds; collapsed: the collapse rule on the held-out log; masked: eval.py's single-step "
+               f"masking flag; step cost: a step's median time over plain's eager step (bench.py, one run)")
+    text = f"{caption}\n\n{HEADER}" + "\n".join(rows) + "\n"
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(text)
+    twins, lines = [], []
+    for first_order, exact in EXACT_TWIN.items():
+        for eps in chosen["eps"]:
+            (fo_row, fo_line), (exact_row, exact_line) = (method_row(m, eps, runs, done, costs)
+                                                          for m in (first_order, exact))
+            verdict = twin_verdict(fo_row, exact_row)
+            twins.append({"first_order": fo_row, "exact": exact_row, "eps": eps, "reading": verdict})
+            lines += [exact_line, fo_line.replace(" |", f" ({verdict['verdict'] if verdict else 'pending'}) |", 1)]
+    with open(os.path.join(setting["out"], "first-order.md"), "w") as f:
+        f.write(f"{caption}; each first-order row is followed by the reading rule's verdict against the exact row "
+                f"above it\n\n{HEADER}" + "\n".join(lines) + "\n")
     grid = grid_report(setting, chosen, runs, done)
-    summary = {"setting": chosen, "runs": done, "table": table, "grid": grid,
+    summary = {"setting": chosen, "runs": done, "table": table, "first_order": twins, "grid": grid,
                "bench": {arch: step_costs(setting, arch) for arch in [chosen["model"], *setting["bench_archs"]]}}
     training.write_json(os.path.join(setting["out"], "summary.json"), summary)
     figures(setting, chosen, runs, done)
@@ -449,6 +500,7 @@ def figures(setting, chosen, runs, done):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no matplotlib (make install-extras): skipped the figures robust.png and curves.png")
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     methods = COMPARED + ("adv10",)
@@ -507,10 +559,7 @@ def smoke_setting(root):
     """Every stage on generated images in seconds: 2 epochs of 2 steps, one model, two ε, one seed, two grid points,
     eval.py's
     suite on 10 images with 2-step attacks and without γ (its 50-step search is most of an evaluation's time)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    return {"data": make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
+    return {"data": common.make_image_folder(os.path.join(root, "data"), classes=10, per_class=2, size=32),
             "out": os.path.join(root, "co-bench"), "smoke": True, "models": ("cnn-1x4",), "explore_eps": (8, 16),
             "seeds": (0,),
             "epochs": 2, "batch_size": 8, "holdout": 4, "pgd_steps": 2, "grid": GRID[:2],

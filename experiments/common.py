@@ -2,8 +2,9 @@
 imports another: where things are, running the project's scripts, the stages of a
 train-then-evaluate experiment (each run trained with train_cifar.py, resumed when interrupted,
 then evaluated with eval.py, several at once), reading runs and reports, the README parts an
-experiment writes, its command line; and the comparison cpu_repro.py runs on 2 CPU cores, which
-gpu_report.py runs again at GPU scale."""
+experiment writes, its command line, the generated images of the smoke runs (no test runner
+needed); and the comparison cpu_repro.py runs on 2 CPU cores, which gpu_report.py runs again at
+GPU scale."""
 import concurrent.futures
 import json
 import os
@@ -41,6 +42,24 @@ SMOKE_COMMON = ["--arch", "wrn-10-1", "--eps", EPS, "--epochs", "2", "--batch-si
                 "--eval-steps", "2", "--gamma-n", "4", "--log-every", "1"]
 SMOKE_EVAL = ["--eps", EPS, "--n", "8", "--gamma", "--steps", "2", "--restarts", "1", "--square-queries", "5",
               "--no-sanity"]
+
+
+def make_image_folder(root, splits=("train", "test"), classes=3, per_class=4, size=8, seed=0):
+    """Write a tiny ImageFolder of random JPEGs: root/<split>/<class>/<i>.jpg (the smoke runs' and the
+    tests' data; it needs neither pytest nor a download)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                # class-dependent mean colour, so a model can learn something
+                pixels = rng.integers(0, 80, (size, size, 3)) + 80 * (np.arange(3) == c % 3)
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=95)
+    return root
 
 
 # --------------------------------------------------------------------------- runs and their stages
@@ -159,7 +178,7 @@ def epoch_evaluations(run_dir):
 
 
 def collapsed(log):
-    """Issue 28's collapse rule, fixed before any run of co-bench: at the end of training the held-out
+    """The collapse rule, fixed before any run of co-bench: at the end of training the held-out
     PGD-20 accuracy is at most a quarter of its best during training and at most half of the FGSM
     accuracy. `log`: the evaluations of a finished run (`epoch_evaluations`), in epoch order. (A run
     whose PGD-20 accuracy was 0 at every epoch meets it: the rule's words; no such run is expected.)"""
@@ -227,7 +246,7 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
 
 
-# --------------------------------------------------------------------------- catastrophic overfitting (issue 28)
+# --------------------------------------------------------------------------- catastrophic overfitting
 # GradAlign's CNN training setting (tml-epfl/understanding-fast-adv-training: train.py, utils.py; the positive
 # control's docstring gives each flag's source): zero-padded crops, Adam at 0.003 with weight decay 5e-4 on every
 # parameter, their one-cycle schedule peaking at 40% of training; and the held-out evaluation after each epoch

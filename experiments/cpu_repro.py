@@ -203,10 +203,7 @@ STAGES = {"train": lambda s: runs(s, [train]),
 
 def smoke_setting(root):
     """A tiny generated ImageFolder and settings that run every stage in about a minute."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=16)
+    data = common.make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=16)
     out = os.path.join(root, "docs")
     os.makedirs(out, exist_ok=True)
     runs = {name: RUNS[name] for name in ("plain", COLLAPSING, LINEAR)}

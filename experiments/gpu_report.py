@@ -1,14 +1,23 @@
 """Everything owed to a GPU, in one resumable command: `make gpu-report`.
 
     python -m experiments.gpu_report                  # on a CUDA GPU: every unfinished step, each under 8 minutes
-    python -m experiments.gpu_report --list           # the steps, and which are done
+    python -m experiments.gpu_report --budget 10      # only the next steps that fit in 10 minutes, by their estimates
+    python -m experiments.gpu_report --list           # the steps in the order they run, their estimates, which are done
     python -m experiments.gpu_report --smoke DIR      # every step on the CPU with tiny sizes, in a minute (the tests)
 
 GPU time comes in short pieces, so the report is a list of steps, each under 8 minutes, each
 writing its own JSON into experiments/gpu-report/ (with the device, torch and CUDA versions, and the git
 commit) as soon as it is done; run the command again and it goes on with the first step whose
-JSON is missing. About 40 minutes on one H100 in all. Then summary.md is written from the JSON
-files, and the README's GPU tables are made from it.
+JSON is missing. Then summary.md is written from the JSON files, and the README's GPU tables are
+made from it.
+
+A lent GPU comes with about 15 minutes of device time, start-up included, so the steps run in the
+order of what they answer (FIRST): the performance row first, `compiled-cifar` (plain, LLR-2 and
+ADV-10, each eager and compiled, at WRN-28-8 in bf16: about 6 minutes), then the contrast
+(`contrast-*`), then the rest in the order below. Each step carries an estimate of its minutes on
+one H100 (ESTIMATE_MINUTES); `--budget MINUTES` runs the unfinished steps in order while the next
+one's estimate fits in what is left, and every run ends by printing what is left and how long it
+should take (the estimates add up to several hours: most of it is the contrast's 27 training runs).
 
 1. bench-cifar: `bench.py`, WRN-28-8, batch 128, 32 px, bf16 autocast, channels-last: every
    method's ms/step, images/s, peak memory and ratio to plain, measured in the same run (the
@@ -25,19 +34,20 @@ files, and the README's GPU tables are made from it.
    the same methods and ε, as many epochs as the budget allows (REPRO_EPOCHS), each run trained in
    pieces of at most 7 minutes (stopped by SIGTERM with a checkpoint, then resumed), then
    evaluated on 1,000 test images with the suite.
-7. compiled-cifar: issue 23's measurement, `bench.py --compile` at bench-cifar's scale (WRN-28-8,
-   batch 128, bf16, channels-last): every method eager and compiled in the same run, ratios to
-   plain in the same mode, compile time and peak memory. Targets: compiled LLR-2 at most 5x plain,
+7. compiled-cifar: `bench.py --compile` at bench-cifar's scale (WRN-28-8, batch 128, bf16,
+   channels-last) for the performance row: plain, LLR-2 and ADV-10 eager and compiled in the same
+   run, ratios to plain in the same mode, compile time and peak memory; compiled-cifar-all: every
+   method in the same way (the one step estimated over 8 minutes). Targets: compiled LLR-2 at most 5x plain,
    0.7x ADV-10 and 0.25x ADV-30 (each at its fastest path), peak memory at most 3x plain.
 8. compiled-imagenet: the same for ResNet-152, batch 32, 224 px (plain, LLR-2, ADV-10, ADV-30;
    target: LLR-2 at most 0.25x ADV-30).
 9. compiled-profile: torch.profiler's operator tables of a compiled plain and LLR-2 step on
    bench-cifar's model (compiled-profile.txt), where the compiled LLR step's time goes.
-10. contrast-*: issue 24's experiment, the paper's contrast with a positive control, on the full
+10. contrast-*: the paper's contrast with a positive control, on the full
    CIFAR-10 copy with PreAct ResNet-18, 15 epochs, the one-cycle learning rate peaking at 0.2
    (CONTRAST): P1 ReLU with train-mode batch norm in the attack, FGSM-RS at step 2ε and FGSM
    from x at step ε, and FGSM-RS with eval-mode batch norm; P2 softplus in P1's setting and at
-   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); P5 (issue 28)
+   16/255; P3 LLR-1 and LLR-2 with μ = 0 and the authors' ADV-2 (Adam, clipped margin); P5
    co_bench.py's methods (FGSM, FGSM-RS, N-FGSM, GradAlign, ELLE, ELLE-A, LLR-1, LLR-2, ADV-10) with
    ReLU at 8/255 and 16/255; then P4, each one's evaluation on 1,000 test images (the suite, APGD-T, γ). The validation curves of
    each run come back in its training step's JSON.
@@ -72,6 +82,32 @@ REPRO_EPOCHS = 10
 REPRO = ["--arch", "preact-resnet18", "--epochs", str(REPRO_EPOCHS), "--batch-size", "128", "--lr", "0.2",
          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
          "--eps", common.EPS, "--log-every", "50"]
+# The order of the steps: these first (a name, or a family by its prefix), then the rest in all_steps' order.
+FIRST = ("compiled-cifar", "contrast-")  # the performance row (about 6 min), then the contrast
+# Minutes each step should take on one H100, the GPU's start-up aside (bench-cifar, bench-imagenet and fast-path
+# took 0.5, 0.7 and 1.4 min on an H200; the rest are estimates: a compile of WRN-28-8 about 1.5 min per method, a
+# training step one 7-minute piece, STEP_SECONDS, and its start). A name, or a family by its prefix.
+ESTIMATE_MINUTES = {"compiled-cifar": 6, "compiled-cifar-all": 25, "contrast-train-": 8, "contrast-eval-": 4,
+                    "bench-cifar": 1, "bench-imagenet": 1, "projections": 0, "fast-path": 6, "profile": 2,
+                    "repro-train-": 8, "repro-eval-": 3, "compiled-imagenet": 8, "compiled-profile": 4, "sync-bn": 2,
+                    "timm-": 2}  # timm-*: 6 methods of 13 steps each at 224 px, batch 32 (estimate)
+UNLISTED_MINUTES = 8  # a step without an estimate: the most a step should take
+
+
+def estimate_minutes(name):
+    """The step's estimate (ESTIMATE_MINUTES), by its name or its family's prefix."""
+    return next((m for key, m in ESTIMATE_MINUTES.items() if name == key or (key.endswith("-") and
+                                                                             name.startswith(key))), UNLISTED_MINUTES)
+
+
+def ordered(steps):
+    """The steps in the order they run: FIRST's, then the rest in their own order."""
+    def rank(name):
+        return next((i for i, key in enumerate(FIRST) if name == key or (key.endswith("-") and name.startswith(key))),
+                    len(FIRST))
+    return dict(sorted(steps.items(), key=lambda item: rank(item[0])))  # sorted is stable
+
+
 FAST_PATH = [("baseline: bf16, channels-last", []), ("float32", ["--no-bf16"]),
              ("contiguous (not channels-last)", ["--no-channels-last"]), ("fused SGD", ["--fused-optimizer"]),
              ("torch.compile (each method beside its eager step)", ["--compile"])]
@@ -146,11 +182,12 @@ def step_profile(setting, work):
     return report
 
 
-def step_compiled_cifar(setting, work):
+def step_compiled_cifar(setting, work, methods="plain,llr-2,adv-10", name="compiled-cifar"):
+    """The performance row (plain, LLR-2, ADV-10); with `methods` from the setting, every method."""
     return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
-                               "--image-size", "32", *methods_flag(setting["compiled_methods"]), *setting["fast"],
+                               "--image-size", "32", *methods_flag(methods), *setting["fast"],
                                "--compile", *setting["compile_backend"]],
-                     os.path.join(work, "compiled-cifar.json"))
+                     os.path.join(work, f"{name}.json"))
 
 
 def step_compiled_imagenet(setting, work):
@@ -202,7 +239,7 @@ def repro_steps(setting):
     return steps
 
 
-# issue 24's GPU experiment: PreAct ResNet-18 on the full CIFAR-10 copy, 15 epochs, the one-cycle learning rate
+# the contrast's GPU experiment: PreAct ResNet-18 on the full CIFAR-10 copy, 15 epochs, the one-cycle learning rate
 # peaking at 0.2 (fast adversarial training's setting, locuslab/fast_adversarial train_fgsm.py)
 CONTRAST_COMMON = ["--arch", "preact-resnet18", "--epochs", "15", "--batch-size", "128", "--lr", "0.2",
                    "--lr-schedule", "cyclic", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
@@ -232,7 +269,7 @@ CONTRAST = {  # name: (what it tests, flags after CONTRAST_COMMON)
         "--activation", "softplus", "--eps", "16/255", "--method", "adv", "--adv-steps", "2", "--adv-optimizer",
         "adam", "--adv-loss", "margin"]),
 }
-# P5, issue 28: co_bench.py's catastrophic-overfitting comparison (common.CO_METHODS, each at its authors'
+# P5: co_bench.py's catastrophic-overfitting comparison (common.CO_METHODS, each at its authors'
 # hyperparameters for its ε) at PreAct ResNet-18 scale, as the CO literature trains it: ReLU, zero-padded crops,
 # weight decay on every parameter, at 8/255 and 16/255
 CONTRAST.update({f"p5-{name}-e{eps}": (f"P5 {label}, ReLU, ε {eps}/255", [
@@ -309,10 +346,7 @@ def step_sync_bn(setting, work):
 
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s) visible; this step needs 2"}
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    folder = make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
+    folder = common.make_image_folder(os.path.join(work, "imagenet"), splits=("train", "val"), classes=4, per_class=16,
                                size=40)
     tiny = ["--data-dir", folder, "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
             "--per-device-batch", "8", "--epochs", "1", "--val-n", "8", "--workers", "0", "--log-every", "1",
@@ -350,7 +384,8 @@ def all_steps(setting):
     steps.update(repro_steps(setting))
     steps.update(contrast_steps(setting))
     steps.update({"compiled-cifar": step_compiled_cifar, "compiled-imagenet": step_compiled_imagenet,
-                  "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn})
+                  "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn,
+                  "compiled-cifar-all": lambda s, w: step_compiled_cifar(s, w, s["compiled_methods"], "compiled-all")})
     steps.update({name: lambda s, w, name=name: step_bench_timm(s, w, name) for name in setting["timm"]})
     return steps
 
@@ -425,13 +460,15 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="list the steps and which are done")
     p.add_argument("--steps", metavar="NAMES", help="comma-separated: run only these steps (unset: every step)")
     p.add_argument("--smoke", metavar="DIR", help="every step on the CPU with tiny sizes under DIR (the tests)")
+    p.add_argument("--budget", type=cli.number, metavar="MINUTES",
+                   help="run the unfinished steps in order while the next one's estimate (--list) fits in what is "
+                        "left of MINUTES, then stop (unset: every unfinished step)")
     args = p.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget must be a positive number of minutes, got {args.budget:g}")
     if args.smoke:
         setting = smoke_setting(args.smoke)
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from conftest import make_image_folder
-
-        make_image_folder(setting["data"], classes=3, per_class=10, size=16)
+        common.make_image_folder(setting["data"], classes=3, per_class=10, size=16)
     else:
         setting = {"root": ROOT, "out": os.path.join(HERE, "gpu-report"), "data": os.path.join(ROOT, args.data_dir),
                    "archive": args.archive, "bench": [], "fast": ["--bf16", "--channels-last"],
@@ -445,7 +482,7 @@ def main(argv=None):
                    "eval": ["--eps", common.EPS, "--n", "1000", "--gamma"], "runs": list(common.RUNS),
                    "step_seconds": STEP_SECONDS, "in_process": False,
                    "timm": {name: (arch, [], 224) for name, arch in TIMM_MODELS.items()}, "timm_methods": TIMM_METHODS}
-    steps = all_steps(setting)
+    steps = ordered(all_steps(setting))
     if args.steps:
         chosen = [n.strip() for n in args.steps.split(",") if n.strip()]
         unknown = [n for n in chosen if n not in steps]
@@ -454,17 +491,24 @@ def main(argv=None):
         steps = {n: steps[n] for n in steps if n in chosen}
     if args.list:
         for name in steps:
-            print(f"{'done' if os.path.exists(os.path.join(setting['out'], name + '.json')) else 'to do'}  {name}")
+            print(f"{'done ' if os.path.exists(os.path.join(setting['out'], name + '.json')) else 'to do'}  "
+                  f"{estimate_minutes(name):3g} min  {name}")
         return
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("gpu_report.py: error: no CUDA GPU here; this report measures a GPU (try --smoke DIR for a check)")
     os.makedirs(setting["out"], exist_ok=True)
     work = os.path.join(setting["root"], "runs", "gpu-report")
     os.makedirs(work, exist_ok=True)
+    began = time.time()
     for name, step in steps.items():
         path = os.path.join(setting["out"], f"{name}.json")
         if os.path.exists(path):
             continue
+        left = None if args.budget is None else args.budget - (time.time() - began) / 60
+        if left is not None and estimate_minutes(name) > left:
+            print(f"{name}: about {estimate_minutes(name):g} min, more than the {max(left, 0):.1f} min left of "
+                  f"--budget {args.budget:g}: stopping before it", flush=True)
+            break
         start = time.time()
         try:
             result = step(setting, work)
@@ -483,6 +527,9 @@ def main(argv=None):
     remaining = [n for n in steps if not os.path.exists(os.path.join(setting["out"], n + ".json"))]
     print(f"gpu_report.py: {len(steps) - len(remaining)} of {len(steps)} steps done"
           + (f"; next: {remaining[0]}" if remaining else "") + f"; summary in {setting['out']}/summary.md")
+    if remaining:  # what a next session (or several) should plan for
+        print(f"left: {len(remaining)} steps, about {sum(map(estimate_minutes, remaining)):g} min on one H100 by their "
+              f"estimates (a training run that needs more than one piece takes longer): {', '.join(remaining)}")
     shutil.rmtree(os.path.join(work, "imagenet"), ignore_errors=True)
 
 

@@ -101,10 +101,7 @@ STAGES = {"train": lambda s: common.runs(s, [common.train]),
 
 def smoke_setting(root):
     """A tiny generated ImageFolder, one LipConvNet and LLR (as the tests run it)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import make_image_folder
-
-    data = make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=32)
+    data = common.make_image_folder(os.path.join(root, "data"), classes=3, per_class=10, size=32)
     out = os.path.join(root, "docs")
     os.makedirs(out, exist_ok=True)
     runs = {"soc-lln": ("SOC", ["--arch", "lipconvnet-5-c4-lln", "--method", "lipschitz"]),

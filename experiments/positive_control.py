@@ -1,7 +1,7 @@
-"""The positive control of the paper's contrast (issue 24): can this pipeline produce catastrophic
+"""The positive control of the paper's contrast: can this pipeline produce catastrophic
 overfitting at all? GradAlign's single-layer CNN (Andriushchenko & Flammarion 2020, Fig. 11) at their
 settings, with ReLU as they train it and with softplus, 3 seeds each, on a CPU, each run a
-train_cifar.py run (issue 28).
+train_cifar.py run.
 
     python -m experiments.positive_control               # every run not done yet, then the report (resumable)
     OMP_NUM_THREADS=1 python -m experiments.positive_control --only train --activation relu &    # on 2 cores
@@ -103,7 +103,9 @@ def read_log(setting, activation, seed):
 
 
 def collapse_epoch(log):
-    """The first epoch from which every epoch through the last meets the collapse criterion, or None."""
+    """The gap rule, written for PreAct ResNet-18-sized models before the collapse rule
+    (`common.collapsed`): the first epoch from which every epoch through the last has PGD-20 at most 5%
+    with FGSM at least 30%, or FGSM more than 25 points above PGD-20; None if there is none."""
     def collapsed(e):
         return (e["pgd"] <= 0.05 and e["fgsm"] >= 0.30) or e["fgsm"] - e["pgd"] > 0.25
 
@@ -128,7 +130,7 @@ def report(setting):
         collapsed_28 = common.collapsed(log) if done else None
         summary["runs"][f"{activation}-seed{seed}"] = {"epochs": last["epoch"], "done": done, "last": last,
                                                        "best_pgd": best_pgd, "collapse_from_epoch": collapsed,
-                                                       "collapsed_issue_28": collapsed_28}
+                                                       "collapsed_by_collapse_rule": collapsed_28}
         verdict = f"yes, from epoch {collapsed}" if collapsed else "no" if done else "running"
         verdict_28 = "running" if not done else "yes" if collapsed_28 else "no"
         rows.append(f"| {activation} | {seed} | {last['epoch']} | {100 * last['clean']:.1f} | "
@@ -137,8 +139,8 @@ def report(setting):
     if not rows:
         print(f"no train_cifar.py run under {setting['out']} yet: nothing to report")
         return summary
-    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed (issue 24's rule) | "
-             "collapsed (issue 28's rule) |\n"
+    table = ("| activation | seed | epochs | clean | FGSM | PGD-20 | best PGD-20 | collapsed (the gap rule) | "
+             "collapsed (the collapse rule) |\n"
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n" + "\n".join(rows) + "\n")
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(table)
@@ -156,6 +158,7 @@ def curves(setting):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("no matplotlib (make install-extras): skipped the figure curves.png")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, activation in zip(axes, ACTIVATIONS):
@@ -184,10 +187,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     setting = {**SETTING, "data": os.path.join(ROOT, DATA), "out": os.path.join(HERE, "positive-control")}
     if args.smoke:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from conftest import make_image_folder
-
-        setting.update(data=make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4, size=32),
+        setting.update(data=common.make_image_folder(os.path.join(args.smoke, "data"), classes=10, per_class=4,
+                                                     size=32),
                        out=os.path.join(args.smoke, "positive-control"), epochs=2, batch_size=8, holdout=8,
                        pgd_steps=2, runs=[("relu", 0), ("softplus", 0)])
     elif not os.path.isdir(os.path.join(setting["data"], "train")):

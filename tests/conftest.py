@@ -9,6 +9,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments.common import make_image_folder  # noqa: E402, F401  (the experiments' smoke runs use it too)
+
 
 # The tiny timm models of the tests (and of gpu_report.py --smoke), one per family: family -> (--arch,
 # --timm-kwargs, image size). Thousands of parameters each, so that a step takes milliseconds on a CPU.
@@ -102,23 +104,6 @@ def read_log(run_dir):
 def tiny_net():
     torch.manual_seed(0)
     return TinyConvNet().double()
-
-
-def make_image_folder(root, splits=("train", "test"), classes=3, per_class=4, size=8, seed=0):
-    """Write a tiny ImageFolder of random JPEGs: root/<split>/<class>/<i>.jpg."""
-    from PIL import Image
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    for split in splits:
-        for c in range(classes):
-            folder = os.path.join(root, split, f"class{c}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                # class-dependent mean colour, so a model can learn something
-                pixels = rng.integers(0, 80, (size, size, 3)) + 80 * (np.arange(3) == c % 3)
-                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=95)
-    return root
 
 
 def hooked(original, hook):

@@ -75,10 +75,11 @@ def test_bench_takes_any_step_count_and_prints_only_the_columns_it_measured(tmp_
     """llr-<k> for any k (llr-10: the authors' search length); no compiled columns without --compile."""
     out = str(tmp_path / "bench.json")
     bench.run(bench.get_args(["--arch", "wrn-10-1", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
-                              "--methods", "llr-3,adv-4", "--device", "cpu", "--out", out]))
+                              "--methods", "llr-3,adv-4,llr-fo-3", "--device", "cpu", "--out", out]))
     assert (bench.variant("llr-10"), bench.variant("trades-3")) == (("llr", {"steps": 10}), ("trades", {"steps": 3}))
+    assert bench.variant("llr-fo-10") == ("llr", {"steps": 10, "first_order": True})  # first-order LLR
     with open(out) as f:
-        assert set(json.load(f)["results"]) == {"plain", "llr-3", "adv-4"}
+        assert set(json.load(f)["results"]) == {"plain", "llr-3", "adv-4", "llr-fo-3"}
     header = capsys.readouterr().out.splitlines()[1]
     assert "peak GiB" in header and "x eager" not in header and "compile s" not in header
 

@@ -4,6 +4,8 @@ every method, seeds, the grid), the workers' shares, and every stage end to end 
 stopped and resumed, then done (no accuracy is asserted)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +13,7 @@ import ball
 import eval as eval_py
 import methods
 import train_cifar
+from conftest import ROOT
 from experiments import co_bench as cb, common
 
 POSITIVE_CONTROL = os.path.join(os.path.dirname(cb.HERE), "experiments", "positive-control")
@@ -108,6 +111,10 @@ def test_a_setting_by_hand_only_when_the_finished_exploration_meets_none(tmp_pat
         tmp_path / "co-bench" / "explore.md").read_text()
 
 
+def grid_point(runs, lam, mu):
+    return [r for r in runs if (r["lam"], r["mu"]) == (lam, mu)]
+
+
 @pytest.fixture
 def setting(tmp_path):
     return {**cb.SETTING, "data": str(tmp_path / "data"), "out": str(tmp_path / "out")}
@@ -117,8 +124,17 @@ def test_the_runs(setting):
     chosen = {"model": "cnn-1x4", "eps": [8, 16], "grid_eps": 16}
     explore, runs = cb.explore_runs(setting), cb.train_runs(setting, chosen)
     assert len({r["dir"] for r in explore}) == len(explore) == 2 * 3 * 5
-    assert len({r["dir"] for r in runs}) == len(runs) == 2 * (8 * 3 + 1) + 5
-    assert {r["method"] for r in runs} == set(cb.METHODS) and set(cb.COMPARED) | {"adv10"} == set(cb.METHODS)
+    assert len(runs) == 2 * (8 * 3 + 1) + 5 + 2 * 3 * 3 == len({r["dir"] for r in runs}) + 1  # a twin is a grid run
+    assert {r["method"] for r in runs} == set(cb.METHODS) == set(cb.COMPARED) | {"adv10"} | set(cb.TWINS)
+    for twin in cb.TWINS:  # the first-order runs and their exact twins: both ε, 3 seeds, the same flags but the form
+        assert sorted((r["eps"], r["seed"]) for r in runs if r["method"] == twin) == [
+            (e, s) for e in (8, 16) for s in (0, 1, 2)]
+    for first_order, exact in cb.EXACT_TWIN.items():
+        a, b = ([r for r in runs if r["method"] == m and r["eps"] == 8 and r["seed"] == 1][0] for m in (first_order, exact))
+        assert train_cifar.get_args(a["argv"]).llr_first_order and not train_cifar.get_args(b["argv"]).llr_first_order
+        assert vars(train_cifar.get_args(a["argv"])) == {**vars(train_cifar.get_args(b["argv"])), "llr_first_order": True,
+                                                           "out": a["dir"]}
+    assert [r["dir"] for r in runs if r["name"] == "llr1-83-e16-s0"] == [r["dir"] for r in grid_point(runs, 8, 3)]
     for method in cb.COMPARED:
         assert sorted((r["eps"], r["seed"]) for r in runs if r["method"] == method and r["lam"] is None) == [
             (e, s) for e in (8, 16) for s in (0, 1, 2)]
@@ -146,7 +162,10 @@ def test_the_runs(setting):
                    "elle": ("elle", {"weight": None}), "ellea": ("elle-a", {"lambda_max": 4000.0}),
                    "llr1-mu0": ("llr", {"steps": 1, "lam": run["lam"] or 2.0, "mu": 0.0 if run["lam"] is None
                                         else run["mu"]}),
-                   "llr2": ("llr", {"steps": 2, "lam": 2.0, "mu": 0.6})}[run["method"]]
+                   "llr2": ("llr", {"steps": 2, "lam": 2.0, "mu": 0.6, "first_order": False}),
+                   "llr1-83": ("llr", {"steps": 1, "lam": 8.0, "mu": 3.0, "first_order": False}),
+                   "llr1fo-83": ("llr", {"steps": 1, "lam": 8.0, "mu": 3.0, "first_order": True, "h": 0.1}),
+                   "llr2fo": ("llr", {"steps": 2, "lam": 2.0, "mu": 0.6, "first_order": True, "h": 0.1})}[run["method"]]
         assert args.method == options[0]
         given = {k: v for k, v in vars(args).items() if k.startswith(options[0].replace("-", "_") + "_")}
         assert {k: given[f"{options[0].replace('-', '_')}_{k}"] for k in options[1]} == options[1]
@@ -205,16 +224,24 @@ def test_smoke_end_to_end_stopped_resumed_and_done(tmp_path, monkeypatch, fresh_
     setting = json.loads((out / "setting.json").read_text())
     assert (setting["model"], setting["eps"], setting["grid_eps"]) == ("cnn-1x4", [8, 16], 16)
     assert setting["rule"].startswith("smoke") and "explore_hours" in setting["budget"]
+    # the smoke's reason agrees with explore.md: FGSM collapsed in its one seed (generated images, PGD-20 at 0),
+    # and ADV-10 stays under the rule's clean-accuracy floor
+    assert "| cnn-1x4 | 8/255 | 1/1 |" in (out / "explore.md").read_text() and "not collapse" not in setting["rule"]
+    assert "ADV-10's final clean accuracy under 30% at 8/255, 16/255" in setting["rule"], setting["rule"]
     runs = cb.train_runs({**cb.SETTING, **cb.smoke_setting(str(tmp_path))}, setting)
-    assert len(summary["runs"]) == len(runs) == 2 * (8 + 1) + 2  # one seed, two grid points
+    assert len(summary["runs"]) == len(runs) == 2 * (8 + 1) + 2 + 2 * 3  # one seed, two grid points, the twins
     for run in runs:
         files = set(os.listdir(run["dir"]))
         assert {"config.json", "log.jsonl", "last.safetensors", "last.eval.json"} <= files and "state.pt" not in files
         report = json.loads(open(os.path.join(run["dir"], "last.eval.json")).read())
         assert report["checkpoint"].endswith("last.safetensors") and "fgsm" in report["results"]
     table = (out / "table.md").read_text()
-    assert all(f"| {cb.METHODS[m][0]} | {e}/255 |" in table for m in cb.METHODS for e in (8, 16))
+    assert all(f"| {cb.METHODS[m][0]} | {e}/255 |" in table for m in (*cb.COMPARED, "adv10") for e in (8, 16))
     assert "pending" not in table and "| 2 | 0.6 |" in (out / "grid.md").read_text()
+    twins = (out / "first-order.md").read_text()
+    assert all(f"| {cb.METHODS[m][0]} " in twins for m in cb.TWINS) and "pending" not in twins
+    assert len(summary["first_order"]) == 4 and all(t["reading"]["verdict"] in ("matches", "better", "worse")
+                                                    for t in summary["first_order"])
     assert summary["grid"]["chosen"] is not None and (out / "bench-cnn-1x4.json").exists()
     assert "| cnn-1x4 | 16/255 | " in (out / "explore.md").read_text()
     pytest.importorskip("matplotlib")
@@ -257,3 +284,25 @@ def test_gpu_report_p5_runs_train_on_the_cpu(tmp_path, fresh_accelerate_state):
         flags = [*common_flags, *gpu_report.CONTRAST[name][1], "--gamma-n", "0"]  # γ's 50-step search: not needed
         assert train_cifar.main([*flags, "--data-dir", data, "--out", str(out)]) == 0
         assert (out / "last.safetensors").exists()
+
+
+def test_the_report_says_when_it_skips_the_figures(monkeypatch, capsys):
+    """Without matplotlib (not in requirements.txt) `--only report` writes the tables and says that it
+    skipped the figures, rather than leaving them out silently."""
+    from experiments import positive_control
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    cb.figures({}, None, None, None)
+    positive_control.curves({})
+    printed = capsys.readouterr().out
+    assert "skipped the figures robust.png and curves.png" in printed and "skipped the figure curves.png" in printed
+
+
+def test_the_smoke_data_needs_no_test_runner(tmp_path):
+    """`python -m experiments.co_bench --smoke DIR` generates its images without pytest (which make
+    install does not bring)."""
+    code = ("import sys; sys.modules['pytest'] = None; from experiments import co_bench; "
+            f"co_bench.smoke_setting({str(tmp_path)!r})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert os.path.isdir(tmp_path / "data" / "train" / "class9")

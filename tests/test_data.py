@@ -65,16 +65,42 @@ def test_folder_errors(tmp_path):
 
 
 def test_a_folder_of_other_images_is_refused_or_described(tmp_path):
-    """A grayscale image would be converted to RGB, changing the input and its ε-ball without a word:
-    refused, naming the file, its mode and size. RGB images of another size load, and `describe` says so."""
+    """A folder of grayscale images would be converted to RGB, changing the inputs and their ε-balls without a
+    word: refused before any work, naming an image and its mode; a stray grayscale image in a folder of RGB ones
+    is converted with a warning naming it. RGB images of another size load, and `describe` says so."""
     from PIL import Image
 
     make_image_folder(str(tmp_path), splits=("test",), classes=2, per_class=2, size=8)
     assert data.describe(*data.load_cifar10(str(tmp_path), "test")[::2]) == {"channels": 3, "size": [8, 8],
                                                                            "classes": 2}
-    Image.new("L", (8, 8), 128).save(tmp_path / "test" / "class1" / "gray.png")
-    with pytest.raises(data.DataError, match=r"class1/gray.png is a L image of 8x8 px; expected RGB \(CIFAR-10: "):
+    Image.new("L", (8, 8), 128).save(tmp_path / "test" / "class1" / "gray.png")  # sorted last in its class
+    with pytest.warns(UserWarning, match=r"class1/gray.png is a L image of 8x8 px in a folder of RGB images"):
+        images, labels, _ = data.load_cifar10(str(tmp_path), "test")
+    assert images.shape == (5, 3, 8, 8)
+    for name in ("class0/0.jpg", "class1/0.jpg"):  # now most classes begin with a grayscale image
+        Image.new("L", (8, 8), 128).save(tmp_path / "test" / name)
+    with pytest.raises(data.DataError, match=r"holds images that are not RGB \(2 of the first images of its 2 "):
         data.load_cifar10(str(tmp_path), "test")
+
+
+def test_the_imagenet_loader_follows_the_cifar_loaders_rule(tmp_path):
+    """One rule (data.rgb, check_rgb_folder) for train_imagenet.py's folders as for train_cifar.py's: a folder of
+    grayscale images is refused when the dataset is built, before any work (torchvision's pipeline would have
+    converted them without a word); a stray one is converted with a warning."""
+    from PIL import Image
+
+    make_image_folder(str(tmp_path), splits=("train",), classes=2, per_class=1, size=8)
+    Image.new("L", (8, 8), 128).save(tmp_path / "train" / "class1" / "gray.png")
+    folder = data.ImageFolderDataset(str(tmp_path / "train"), data.imagenet_transform(train=True, size=8))
+    assert folder[0][0].shape == (3, 8, 8)  # class0/0.jpg: RGB
+    with pytest.warns(UserWarning, match=r"class1/gray.png is a L image"):
+        assert all(folder[i][0].shape == (3, 8, 8) for i in range(len(folder)))
+    for name in ("class0/0.jpg", "class1/0.jpg"):
+        Image.new("L", (8, 8), 128).save(tmp_path / "train" / name)
+    with pytest.raises(data.DataError, match="holds images that are not RGB"):
+        data.ImageFolderDataset(str(tmp_path / "train"), data.imagenet_transform(train=True, size=8))
+    with pytest.raises(data.DataError, match="holds images that are not RGB"):
+        data.load_folder_images(str(tmp_path / "train"), [0, 1, 2], size=8, workers=0)
 
 
 def test_torchvision_layout(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """eval.py end to end on a tiny checkpoint and a generated ImageFolder; its one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import eval as eval_script
+import suite
 import models
 from conftest import ROOT, make_image_folder
 
@@ -72,10 +74,10 @@ def test_adversarial_examples_are_verified_before_counting():
     x_adv[1, 0] = 0.5 - 0.05  # inside the ball, still correct by a wide margin
     x_adv[2, 0] = -1e-3 + 0.0  # outside everything
     x_adv[3, 0] = 0.005  # inside a ball of 0.5, correct by 0.005 < attacks.MARGIN
-    valid, broken, doubtful = eval_script.verify(model, x, x_adv, 0.1, y)
+    valid, broken, doubtful = suite.verify(model, x, x_adv, 0.1, y)
     assert valid.tolist() == [False, True, False, False] and not broken.any()
     assert doubtful.tolist() == [True, False, True, True]
-    valid, broken, doubtful = eval_script.verify(model, x[3:], x_adv[3:], 0.5, y[3:])
+    valid, broken, doubtful = suite.verify(model, x[3:], x_adv[3:], 0.5, y[3:])
     assert valid.all() and not broken.any() and doubtful.all()
 
 
@@ -98,7 +100,7 @@ def test_no_sample_is_counted_robust_by_a_rounding_flip(reachable, robust, reatt
     cannot verify: the sample is attacked again, then counted robust, and the report says so."""
     images, labels = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
     eps = (0.05 + reachable) / 12
-    result, counts, _ = eval_script.run_attack(_RoundingFlip(), images, labels, eps, "fgsm20",
+    result, counts, _ = suite.run_attack(_RoundingFlip(), images, labels, eps, "fgsm20",
                                                {"steps": 200, "step_size": 0.001 / 12}, 2, 8, "cpu", 0)
     assert result.tolist() == [robust]
     assert counts == {"invalid": 0, "reattacked": reattacked, "unverified": reattacked}
@@ -263,11 +265,122 @@ def test_the_default_suite_reports_the_fgsm_column(setup, capsys):
 
 
 # --------------------------------------------------------------------------- --out
-@pytest.mark.parametrize("out, written", [("results/", "results/eval.json"), ("new/dir/", "new/dir/eval.json")])
-def test_a_missing_output_directory_is_created(setup, tmp_path, out, written):
+QUICK = ["--eps", "8/255", "--n", "4", "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity"]
+
+
+@pytest.mark.parametrize("out", ["results/", "new/dir/"])
+def test_a_missing_output_directory_is_created(setup, tmp_path, out):
     """The README's `--out results/` on a fresh clone (a file in a missing directory stays an error:
-    test_reliability)."""
-    eval_script.main([str(setup / "model.safetensors"), "--eps", "8/255", "--data-dir", str(setup / "data"), "--n", "4",
-                      "--attacks", "fgsm20", "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(tmp_path, out)])
-    with open(tmp_path / written) as f:
+    test_reliability): the report is named after the checkpoint, RUN.CHECKPOINT.eval.json."""
+    eval_script.main([str(setup / "model.safetensors"), "--data-dir", str(setup / "data"), *QUICK,
+                      "--out", os.path.join(tmp_path, out)])
+    with open(tmp_path / out / f"{setup.name}.model.eval.json") as f:
         assert json.load(f)["n_images"] == 4
+
+
+def _two_checkpoints(setup, tmp_path):
+    paths = []
+    for run in ("x", "y"):
+        os.makedirs(tmp_path / run)
+        paths.append(str(tmp_path / run / "best.safetensors"))
+        shutil.copyfile(setup / "model.safetensors", paths[-1])
+    return paths
+
+
+def test_out_directory_holds_one_report_per_checkpoint(setup, tmp_path):
+    """`--out results/` for runs/x then runs/y: two reports, each naming its own checkpoint; in the
+    checkpoint's own directory the report is the one written beside it by default."""
+    x, y = _two_checkpoints(setup, tmp_path)
+    for checkpoint in (x, y):
+        eval_script.main([checkpoint, "--data-dir", str(setup / "data"), *QUICK, "--out", str(tmp_path / "results")
+                          + os.sep])
+    assert sorted(os.listdir(tmp_path / "results")) == ["x.best.eval.json", "y.best.eval.json"]
+    for run in ("x", "y"):
+        with open(tmp_path / "results" / f"{run}.best.eval.json") as f:
+            assert json.load(f)["checkpoint"] == str(tmp_path / run / "best.safetensors")
+    eval_script.main([x, "--data-dir", str(setup / "data"), *QUICK, "--out", str(tmp_path / "x")])
+    assert os.path.exists(tmp_path / "x" / "best.eval.json")
+
+
+def test_an_evaluation_with_other_settings_is_never_replaced(setup, tmp_path):
+    """A report beside the checkpoint (or at --out) is replaced only by an evaluation with the same
+    settings; other images, attacks, steps, seed or ε, or another checkpoint, are refused in one line
+    naming --out before any work, and the report is kept as it was."""
+    x, y = _two_checkpoints(setup, tmp_path)
+    data = ["--data-dir", str(setup / "data")]
+    eval_script.main([x, *data, *QUICK])
+    report = tmp_path / "x" / "best.eval.json"
+    kept = report.read_bytes()
+    for change in (["--n", "3"], ["--seed", "1"], ["--eps", "4/255"], ["--fgsm-steps", "2"],
+                   ["--attacks", "fgsm20,fgsm"]):
+        message = _error([x, *data, *QUICK, *change])
+        assert "holds an evaluation with other settings" in message and "--out" in message, message
+        assert report.read_bytes() == kept
+    assert "n_images 4 there, 3 here" in _error([x, *data, *QUICK, "--n", "3"])
+    assert "checkpoint" in _error([y, *data, *QUICK, "--out", str(report)])
+    eval_script.main([x, *data, *QUICK])  # the same settings: replaced, as before
+    eval_script.main([x, *data, *QUICK, "--n", "3", "--out", str(tmp_path / "x" / "best.n3.eval.json")])
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert "not an evaluation written by eval.py" in _error([x, *data, *QUICK, "--out", str(notes)])
+    assert notes.read_text() == '{"mine": 1}'
+
+
+def test_an_older_report_without_settings_is_compared_by_what_it_holds(setup, tmp_path):
+    """The committed reports predate the "settings" record: their images, seed, ε and attack options
+    still decide whether an evaluation may replace them."""
+    x, _ = _two_checkpoints(setup, tmp_path)
+    data = ["--data-dir", str(setup / "data")]
+    eval_script.main([x, *data, *QUICK])
+    report = tmp_path / "x" / "best.eval.json"
+    old = json.loads(report.read_text())
+    del old["settings"], old["written_by"]
+    report.write_text(json.dumps(old))
+    assert "n_images 4 there, 3 here" in _error([x, *data, *QUICK, "--n", "3"])
+    eval_script.main([x, *data, *QUICK])
+
+
+def test_out_that_is_neither_a_directory_nor_json_is_refused(setup, tmp_path):
+    message = _error([str(setup / "model.safetensors"), "--data-dir", str(setup / "data"), *QUICK,
+                      "--out", str(tmp_path / "results2")])
+    assert "neither a directory nor a .json file" in message and "results2/" in message
+    assert not os.path.exists(tmp_path / "results2")
+
+
+def test_a_missing_recorded_data_directory_is_named_with_the_default(setup, tmp_path, monkeypatch):
+    """A checkpoint trained elsewhere records a data path that does not exist here: the error names
+    it and the default eval.py looked in instead."""
+    model = models.load_checkpoint(str(setup / "model.safetensors"))
+    models.save_checkpoint(model, str(tmp_path / "moved.safetensors"), dataset="cifar10",
+                           data_dir="/elsewhere/cifar10-jpeg")
+    monkeypatch.chdir(tmp_path)
+    message = _error([str(tmp_path / "moved.safetensors"), *QUICK])
+    assert "'data/cifar10'" in message and "'/elsewhere/cifar10-jpeg'" in message and "--data-dir" in message
+
+
+# --------------------------------------------------------------------------- a model nobody can attack
+def test_a_model_with_no_correct_image_gets_zero_in_every_column(tmp_path, capsys):
+    """Every image misclassified (the model always says class 9, and no test image is of class 9):
+    every attack of the suite, AutoAttack's APGD-T, the sanity checks and --gamma run on nothing or
+    everything without error, and every column reports 0%."""
+    data_dir = make_image_folder(str(tmp_path / "data"), classes=10, per_class=2, size=8)
+    for name in os.listdir(tmp_path / "data" / "test" / "class9"):
+        os.remove(tmp_path / "data" / "test" / "class9" / name)
+    model = models.build_model("wrn-10-1")
+    with torch.no_grad():
+        model.net.fc.weight.zero_()
+        model.net.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(9), 10) * 10.0)
+    models.save_checkpoint(model, str(tmp_path / "model.safetensors"), dataset="cifar10", epoch=1)
+    out = str(tmp_path / "eval.json")
+    eval_script.main([str(tmp_path / "model.safetensors"), "--eps", "8/255", "--data-dir", data_dir, "--n", "5",
+                      "--attacks", ",".join(suite.SUITE), "--steps", "2", "--restarts", "1", "--num-targets", "2",
+                      "--square-queries", "5", "--gamma", "--autoattack", "--aa-version", "custom",
+                      "--aa-attacks", "apgd-t", "--out", out])
+    printed = capsys.readouterr().out
+    with open(out) as f:
+        r = json.load(f)["results"]
+    assert set(suite.SUITE) <= set(r)
+    for name in ["nominal", "worst_case", "autoattack", "worst_case_with_autoattack", *suite.SUITE]:
+        if name != "random-targeted":
+            assert r[name]["accuracy"] == 0 and not any(r[name]["robust"]) and len(r[name]["robust"]) == 5, name
+    assert "gamma(eps, x)" in printed and "0.00%" in printed

@@ -1,4 +1,4 @@
-"""Issue 8's measurements and plots: loss surfaces, strength sweeps, plots.py commands."""
+"""The figures' measurements and plots: loss surfaces, strength sweeps, plots.py commands."""
 import json
 import os
 import subprocess
@@ -14,6 +14,7 @@ import llr
 import models
 import plots
 import probe
+import suite
 from conftest import ROOT, Recording
 from test_llr import LinearLossModel
 
@@ -106,7 +107,7 @@ def test_gamma_sweep_continues_the_same_searches(outputs):
         assert len(fewer["values"]) == 10 and all(a <= b for a, b in zip(fewer["values"], more["values"]))
     model = models.load_checkpoint(report["checkpoint"]).eval()
     images, labels, _ = eval_script.load_images("cifar10", report["data_dir"], "test", 10, 32, 0)
-    again = eval_script.gamma_of_images(model, images, labels, 8 / 255, 4, "cpu", 0, steps=8)
+    again = suite.gamma_of_images(model, images, labels, 8 / 255, 4, "cpu", 0, steps=8)
     assert again["values"] == pytest.approx(sweep[-1]["values"], rel=1e-5)
 
 

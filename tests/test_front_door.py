@@ -1,4 +1,4 @@
-"""The frictions a new user hit (issue 25), each fixed and kept fixed: resuming with repeated flags and
+"""The frictions a new user hit, each fixed and kept fixed: resuming with repeated flags and
 a finished run, eval.py's --out directory, unwritable outputs and default ε, llr.py's input checks,
 what the evaluation table and progress bars say they count."""
 import json
@@ -75,7 +75,8 @@ QUICK = ["--steps", "2", "--restarts", "1", "--attacks", "fgsm20,untargeted,rand
 def test_eval_out_may_be_a_directory_and_eps_defaults_to_the_checkpoints(checkpoint, tmp_path, capsys):
     ckpt, data = checkpoint
     report = eval_script.main([ckpt, "--data-dir", data, "--n", "4", *QUICK, "--out", str(tmp_path)])
-    assert os.path.exists(tmp_path / "eval.json") and report["eps"] == pytest.approx(4 / 255)
+    named = f"{os.path.basename(os.path.dirname(ckpt))}.model.eval.json"  # RUN.CHECKPOINT.eval.json
+    assert os.path.exists(tmp_path / named) and report["eps"] == pytest.approx(4 / 255)
     printed = capsys.readouterr()
     assert "ℓ∞ eps 4/255 = 0.01569, as the checkpoint was trained" in printed.out
     assert "target reached, over all 4 images" in printed.out  # what Random-Targeted success is measured over

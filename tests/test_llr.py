@@ -378,3 +378,186 @@ def test_l2_ball():
         assert (gammas[2][0] >= gap - 1e-12).mean(dtype=torch.float64) > 0.8
     with pytest.raises(ValueError, match="unknown norm"):
         llr.llr_loss(model, x, y, eps, norm="l1")
+
+
+# --------------------------------------------------------------------------- the first-order form
+def _loss_and_gradient(model, x, y, **options):
+    model.zero_grad()
+    loss, info = llr.llr_loss(model, x, y, EPS, lam=4.0, mu=3.0, steps=2, generator=_seeded(), **options)
+    loss.backward()
+    return loss.detach(), info, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_first_order_form_approaches_the_exact_one_as_h_squared(batchnorm):
+    """Where both forms define the same quantity (no batch statistics: no BN, or BN in eval mode), the first-order
+    loss, γ and weight gradient approach llr_loss's for the same δ_LLR (same generator) as h shrinks, the error
+    quartering with each halving of h (the central difference's truncation, ∝ h², in float64)."""
+    torch.manual_seed(0)
+    model = TinyConvNet(batchnorm=batchnorm).double().train(not batchnorm)
+    x, y = _data(6)
+    loss, info, grad = _loss_and_gradient(model, x, y)
+    assert info["gamma"].mean() > 1e-6 and info["grad_term"].mean() > 1e-3  # a step where the terms are not zero
+    errors = []
+    for h in (0.4, 0.2, 0.1, 0.05):
+        fo_loss, fo_info, fo_grad = _loss_and_gradient(model, x, y, first_order=True, h=h)
+        torch.testing.assert_close(fo_info["delta"], info["delta"], rtol=0, atol=0)  # the same search
+        errors.append(((fo_loss - loss).abs().item(), (fo_grad - grad).norm().item() / grad.norm().item(),
+                       (fo_info["gamma"] - info["gamma"]).abs().max().item()))
+    for coarse, fine in zip(errors, errors[1:]):
+        for a, b in zip(coarse, fine):
+            assert 3.5 < a / b < 4.5, errors
+    assert errors[-1][1] < 1e-6
+
+
+def test_first_order_form_in_float32_at_the_default_h():
+    """In float32 at the default h the relative error of the weight gradient against the exact form's (float32, the
+    same δ_LLR) is below the docstring's bound, 1e-3 (wrn-10-1: 1.9e-5, experiments/first-order)."""
+    torch.manual_seed(0)
+    model = TinyConvNet().float().eval()
+    x, y = _data(8, dtype=torch.float32)
+    _, exact_info, exact = _loss_and_gradient(model, x, y)
+    _, info, first_order = _loss_and_gradient(model, x, y, first_order=True)
+    torch.testing.assert_close(info["delta"], exact_info["delta"], rtol=0, atol=0)
+    assert info["grad_term"].dtype == torch.float32 and llr.FIRST_ORDER_H == 0.1
+    assert 0 < (first_order - exact).norm() / exact.norm() < 1e-3
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_first_order_running_statistics_see_the_clean_batch_once(tiny_net, momentum):
+    """The first-order pass stacks [x, x + δ, x ± hδ]: batch norm measures the first B rows (the clean x), and the
+    running statistics are updated once, from them, as by one ordinary forward of the clean batch."""
+    tiny_net.bn.momentum = momentum
+    x, y = _data(8)
+    reference = copy.deepcopy(tiny_net)
+    reference(x)
+    _, info = llr.llr_loss(tiny_net, x, y, EPS, steps=2, generator=_seeded(), first_order=True)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(tiny_net.bn, name), getattr(reference.bn, name), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(info["logits"], reference(x).detach())  # the clean rows: the clean batch's output
+    assert "forward" not in vars(tiny_net.bn)
+
+
+def test_first_order_form_with_batch_statistics_differs_only_by_the_statistics_term():
+    """BN in train mode: the first-order form's δᵀ∇ₓℓ is the derivative of each sample's own loss with the
+    clean batch's statistics held fixed (what ℓ(x + δ) is computed with); the exact one also carries each
+    sample's effect on the others' losses through the statistics. Measured against an independent computation:
+    |D_h| against δᵀ∇ₓℓ at statistics frozen in an eval-mode copy (float64, small h)."""
+    torch.manual_seed(0)
+    model = TinyConvNet().double()
+    x, y = _data(8)
+    _, info = llr.llr_loss(model, x, y, EPS, steps=2, generator=_seeded(), first_order=True, h=0.01)
+    frozen = copy.deepcopy(model).eval()
+    pre_bn = model.conv1(x).detach()
+    frozen.bn.running_mean.copy_(pre_bn.mean((0, 2, 3)))
+    frozen.bn.running_var.copy_(pre_bn.var((0, 2, 3), unbiased=False))
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(frozen(xr), y, reduction="sum"), xr)
+    fixed = (info["delta"] * grad).flatten(1).sum(1).abs()
+    torch.testing.assert_close(info["grad_term"], fixed, rtol=1e-4, atol=1e-9)
+    _, exact = llr.llr_loss(model, x, y, EPS, steps=2, generator=_seeded())
+    assert (exact["grad_term"] - fixed).abs().max() > 100 * (info["grad_term"] - fixed).abs().max()
+
+
+class _OnceDifferentiableSoftplus(torch.autograd.Function):
+    """softplus whose backward cannot be differentiated (a custom kernel's usual state)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+class _FusedAttentionNet(nn.Module):
+    """conv, then one head of F.scaled_dot_product_attention over the pixels (the CPU's fused flash kernel, which
+    has no double backward, when `fused`), then a linear layer; or the once-differentiable softplus."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv, self.fc = op, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        h = self.conv(x)
+        if self.op == "once_differentiable":
+            return self.fc(_OnceDifferentiableSoftplus.apply(h).mean((2, 3)))
+        tokens = nn.functional.softplus(h).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # [B, 1, T, 8]
+        backend = SDPBackend.FLASH_ATTENTION if self.op == "flash" else SDPBackend.MATH
+        with sdpa_kernel(backend):
+            return self.fc(nn.functional.scaled_dot_product_attention(tokens, tokens, tokens).mean((1, 2)))
+
+
+@pytest.mark.parametrize("op", ["flash", "once_differentiable"])
+def test_first_order_form_trains_where_double_backward_does_not(op):
+    """A model with an op that has no double backward: exact LLR stops before the backward with one line naming
+    the op and the first-order option; the first-order form trains, and its weight gradient is the exact form's
+    on the same model with the op made twice differentiable (math attention; torch's softplus), to h² (float32)."""
+    torch.manual_seed(0)
+    model = _FusedAttentionNet(op)
+    x, y = _data(4, dtype=torch.float32, shape=(3, 6, 6))
+    with pytest.raises(RuntimeError) as error:
+        llr.llr_loss(model, x, y, 8 / 255, steps=1)
+    message = str(error.value)
+    assert "\n" not in message and "first_order=True" in message and "--llr-first-order" in message
+    assert ("_scaled_dot_product_flash_attention_for_cpu_backward" if op == "flash" else "once_differentiable") \
+        in message
+    twice = copy.deepcopy(model)
+    twice.op = "math" if op == "flash" else "softplus"
+    if op == "once_differentiable":
+        twice.forward = lambda x: twice.fc(nn.functional.softplus(twice.conv(x)).mean((2, 3)))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, info = llr.llr_loss(model, x, y, 8 / 255, steps=1, generator=_seeded(), first_order=True)
+    loss.backward()
+    first_order = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.isfinite(loss) and all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    exact_loss, _ = llr.llr_loss(twice, x, y, 8 / 255, steps=1, generator=_seeded())
+    exact_loss.backward()
+    exact = torch.cat([p.grad.flatten() for p in twice.parameters()])
+    assert (first_order - exact).norm() / exact.norm() < 1e-3
+
+
+def test_first_order_step_h_is_checked(tiny_net):
+    x, y = _data(4)
+    for bad in (0.0, -0.1, 1.5, "0.1"):
+        with pytest.raises(ValueError, match="h, the first-order difference's step"):
+            llr.llr_loss(tiny_net, x, y, EPS, first_order=True, h=bad)
+
+
+def test_first_order_differences_are_taken_in_float32_under_autocast():
+    """Under bf16 autocast the first-order pass runs in float32 (bf16 logits leave D_h at h = 0.1 about 100% off,
+    experiments/first-order): at the same δ_LLR its loss, γ and |D_h| are a float32 run's to rounding, though
+    the search ran in bf16."""
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_model("wrn-10-1").eval()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, info = llr.llr_loss(model, x, y, 8 / 255, steps=1, generator=_seeded(), first_order=True)
+    assert info["logits"].dtype == torch.float32
+    plain = llr._LLR(model, first_order=True)  # Eq. 8's first-order pass alone, in float32, at the same δ
+    with plain.clean.installed():
+        reference = plain.eq8_first_order(x, y, x + info["delta"], llr.FIRST_ORDER_H, 2.0, 0.6)
+    torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(info["gamma"], reference[1].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(info["grad_term"], reference[2].detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_first_order_measurements_run(tmp_path):
+    """experiments/first_order.py (the numbers llr.py's docstring quotes) on a tiny model: every measurement is
+    written, and in float64 with batch norm in eval mode the error falls as h² (a quarter per halving)."""
+    from experiments import first_order
+
+    result = first_order.main(["--smoke", "--out", str(tmp_path / "m.json")])
+    assert set(result) >= {"step_h", "batch_norm_train", "bf16", "command", "torch"} and (tmp_path / "m.json").exists()
+    float64 = {r["h"]: r["weight_grad_relative_error"] for r in result["step_h"] if r["dtype"] == "float64"}
+    assert 3.5 < float64[0.05] / float64[0.025] < 4.5
+    assert {r["precision"] for r in result["bf16"]} == {"float32", "bf16"}

@@ -174,7 +174,7 @@ def test_l2_attacks_inside_the_methods_stay_in_the_l2_ball(method, monkeypatch):
     assert not ball.inside(x_adv, clean, 0.3 / 10, norm="l2").all()  # it did move
 
 
-# --------------------------------------------------------------------------- the configurations of issue 24
+# ------------------------------------------------------------------- the configurations behind the paper's contrast
 def test_adv_with_train_mode_batch_norm_attacks_on_batch_statistics():
     """--adv-bn train: the attack's passes normalise with the batch's statistics (a different
     perturbation from the running statistics' on a model with batch norm) and update the running

@@ -138,6 +138,24 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta["epoch"] == 3 and meta["eps"] == 8 / 255 and meta["config"]["num_classes"] == 7
 
 
+def test_equal_checkpoints_are_equal_bytes(tmp_path):
+    """The same weights and metadata saved five times give one sha256 (safetensors alone orders the
+    header's metadata differently from call to call), and the file still reads back."""
+    import hashlib
+
+    model = models.build_model("cnn-1x4")
+    metadata = dict(epoch=3, eps=8 / 255, norm="linf", method="llr", options={"lam": 4.0}, step=12, dataset="cifar10")
+    digests = set()
+    for i in range(5):
+        models.save_checkpoint(model, str(tmp_path / f"{i}.safetensors"), **metadata)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert models.read_checkpoint_metadata(str(tmp_path / "0.safetensors"))["options"] == {"lam": 4.0}
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(models.load_checkpoint(str(tmp_path / "4.safetensors"))(x), model.eval()(x), rtol=0,
+                               atol=0)
+
+
 def test_checkpoint_errors(tmp_path):
     from safetensors.torch import save_file
 

@@ -93,10 +93,11 @@ def test_pipeline_end_to_end_stopped_and_resumed(tmp_path, monkeypatch, fresh_ac
     log = pc.read_log({"out": str(out)}, "relu", 0)
     assert [e["epoch"] for e in log] == [1, 2] and set(log[0]) == {"epoch", "clean", "fgsm", "pgd"}
     assert "| relu | 0 | 2 |" in (out / "table.md").read_text() and os.path.exists(out / "curves.png")
-    assert "collapsed (issue 28's rule) |" in (out / "table.md").read_text()
-    for name, run in summary["runs"].items():  # issue 28's rule beside issue 24's
+    assert "collapsed (the collapse rule) |" in (out / "table.md").read_text()
+    for name, run in summary["runs"].items():  # the collapse rule beside the gap rule
         activation, seed = name.split("-seed")
-        assert run["collapsed_issue_28"] == common.collapsed(pc.read_log({"out": str(out)}, activation, int(seed)))
+        log = pc.read_log({"out": str(out)}, activation, int(seed))
+        assert run["collapsed_by_collapse_rule"] == common.collapsed(log)
     config = json.loads((out / "relu-seed0" / "config.json").read_text())["args"]
     assert (config["optimizer"], config["lr_schedule"], config["pad_mode"], config["arch"]) == (
         "adam", "cyclic-gradalign", "zeros", "cnn-1x4")
@@ -104,7 +105,7 @@ def test_pipeline_end_to_end_stopped_and_resumed(tmp_path, monkeypatch, fresh_ac
     assert models.load_checkpoint(best).config == {"arch": "cnn-1x4", "num_classes": 10, "activation": "relu",
                                                    "normalization": "none"}
     images, labels, _ = data.load_cifar10(str(tmp_path / "data"), "train")
-    held_out = data.holdout_split(len(labels), 8)[1]  # what positive_control.py held out before issue 28
+    held_out = data.holdout_split(len(labels), 8)[1]  # what positive_control.py held out in its private loop
     assert models.read_checkpoint_metadata(best)["selection"]["indices_sha256"] == data.indices_digest(held_out)
     whole = {**summary["setting"], "data": str(tmp_path / "data"), "out": str(tmp_path / "whole")}
     train_cifar.main(pc.train_argv(whole, "relu", 0))

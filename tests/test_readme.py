@@ -81,7 +81,7 @@ def test_the_cpu_recipe_runs_as_written(tmp_path):
         result = subprocess.run([sys.executable, os.path.join(ROOT, argv[1]), *argv[2:]], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-    assert os.path.isfile(tmp_path / "runs" / "try" / "eval.json")
+    assert os.path.isfile(tmp_path / "runs" / "try" / "best.eval.json")
 
 
 def test_the_imagenet_try_line_runs_as_written(tmp_path, monkeypatch, fresh_accelerate_state):

@@ -6,17 +6,21 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bench
+import cli
 import eval as eval_script
 import methods
 import models
 import plots
+import suite
 import train_cifar
 import train_imagenet
+import training
 from conftest import ROOT, crash_at, hooked, make_image_folder, nan_from, read_log, signal_at
 
 TINY = ["--arch", "wrn-10-1", "--batch-size", "8", "--log-every", "1", "--val-n", "6", "--eval-steps", "2",
@@ -252,6 +256,23 @@ def test_a_fresh_start_into_a_used_directory_needs_overwrite(data_dir, tmp_path)
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
 
 
+def test_validation_shows_its_progress_and_pauses_the_training_bar(data_dir, tmp_path, monkeypatch):
+    """The per-epoch validation reports its own progress image by image (a second bar), and the training
+    bar's clock is paused over it (tqdm.unpause), so that its rate and time left count training only."""
+    from tqdm import tqdm
+
+    paused, counted = [], []
+    monkeypatch.setattr(tqdm, "unpause", lambda bar: paused.append(bar.total))
+    original = training.evaluate
+
+    def spy(*args, progress, **kwargs):
+        return original(*args, progress=lambda k: counted.append(k) or progress(k), **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    train_cifar.main(["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY, "--out", str(tmp_path / "r")])
+    assert sum(counted) == 6 and paused == [3]  # the 6 held-out images; the bar of 3 steps, once
+
+
 def test_overwrite_deletes_the_earlier_run_and_its_evaluations_and_nothing_else(data_dir, tmp_path):
     """eval.py's reports of the earlier run's checkpoints (and an interrupted evaluation's leftovers)
     go with it, or they would describe the new model; a directory holding only such a report is
@@ -282,6 +303,55 @@ def test_overwrite_deletes_the_earlier_run_and_its_evaluations_and_nothing_else(
     (reported / "best.eval.json").write_text("{}")
     message = _one_line_error(train_cifar.main, [*base, "--out", str(reported)], "train_cifar.py")
     assert "holds eval.py's reports of an earlier run (best.eval.json)" in message and "--overwrite" in message
+
+
+def test_overwrite_removes_an_evaluation_eval_wrote_under_any_name_and_lists_what_it_removed(data_dir, tmp_path,
+                                                                                              capsys):
+    """`eval.py --out RUN/my-eval.json` (and its leftovers) is eval.py's output like best.eval.json:
+    --overwrite deletes it with the run and prints each file it deleted; a JSON file of the user's
+    own is still refused."""
+    run = str(tmp_path / "run")
+    common = ["--method", "plain", "--data-dir", data_dir, "--epochs", "1", *TINY, "--out", run]
+    train_cifar.main(common)
+    eval_script.main([run, "--eps", "8/255", "--data-dir", data_dir, "--n", "2", "--attacks", "fgsm20",
+                      "--fgsm-steps", "1", "--no-sanity", "--out", os.path.join(run, "my-eval.json")])
+    with open(os.path.join(run, "mine.partial.json"), "w") as f:  # an interrupted evaluation's leftover
+        json.dump({"written_by": "eval.py", "settings": {}, "columns": {}}, f)
+    capsys.readouterr()
+    train_cifar.main([*common, "--overwrite"])
+    printed = capsys.readouterr().out
+    assert "--overwrite: removed" in printed and "my-eval.json" in printed and "mine.partial.json" in printed
+    assert "last.safetensors" in printed.split("--overwrite: removed")[1].splitlines()[0]
+    assert not {"my-eval.json", "mine.partial.json"} & set(os.listdir(run))
+    with open(os.path.join(run, "notes.json"), "w") as f:
+        json.dump({"mode": "mine"}, f)
+    message = _one_line_error(train_cifar.main, [*common, "--overwrite"], "train_cifar.py")
+    assert "holds files that are not a training run's (notes.json)" in message
+
+
+def test_paths_inside_the_repository_are_recorded_relative_to_it(tmp_path, monkeypatch):
+    """config.json records the data and the run directory relative to the repository when they lie
+    inside it (a clone elsewhere finds them), absolute otherwise; --resume reads both forms, from
+    any working directory, and a repeated --data-dir naming the same directory is no change."""
+    inside = os.path.join(ROOT, "data", "cifar10-jpeg")
+    assert cli.record_path(inside) == os.path.join("data", "cifar10-jpeg") and cli.recorded_path("data/x") == \
+        os.path.join(ROOT, "data", "x")
+    assert cli.record_path(str(tmp_path)) == cli.recorded_path(str(tmp_path)) == str(tmp_path)
+    args = train_cifar.get_args(["--data-dir", inside, "--out", os.path.join(ROOT, "runs", "x")])
+    config = training.provenance(args, SimpleNamespace(num_processes=1, mixed_precision="no"))
+    assert (config["args"]["data_dir"], config["args"]["out"]) == (os.path.join("data", "cifar10-jpeg"),
+                                                                    os.path.join("runs", "x"))
+    assert args.data_dir == inside  # the run itself goes on with the path as given
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {**vars(train_cifar.get_args(["--data-dir", str(tmp_path / "data")])), "data_dir": os.path.relpath(
+        tmp_path / "data", ROOT)}  # a relative record of a directory outside the repository, as a test can make
+    (run / "config.json").write_text(json.dumps({"args": saved}))
+    monkeypatch.chdir(tmp_path / "run")
+    resumed = train_cifar.get_args(["--resume", str(run)])
+    assert os.path.samefile(os.path.dirname(resumed.data_dir), tmp_path) and resumed.resume_changes == {}
+    again = train_cifar.get_args(["--resume", str(run), "--data-dir", os.path.join("..", "data")])
+    assert again.resume_changes == {}
 
 
 def test_resume_of_what_is_not_a_run_says_so(tmp_path):
@@ -356,7 +426,7 @@ def test_an_interrupted_evaluation_continues_with_the_next_column(trained_run, t
     out = str(tmp_path / "e.json")
     argv = [trained_run["run"], "--eps", "8/255", "--data-dir", trained_run["data_dir"], "--n", "6", "--attacks", "fgsm20,untargeted",
             "--steps", "2", "--restarts", "1", "--no-sanity", "--out", out]
-    original, attacked = eval_script.run_attack, []
+    original, attacked = suite.run_attack, []
 
     def interrupted(*args, **kwargs):
         attacked.append(args[4])
@@ -365,12 +435,12 @@ def test_an_interrupted_evaluation_continues_with_the_next_column(trained_run, t
         return original(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(eval_script, "run_attack", interrupted)
+        m.setattr(suite, "run_attack", interrupted)
         with pytest.raises(KeyboardInterrupt):
             eval_script.main(argv)
     assert json.load(open(out + ".partial.json"))["columns"].keys() == {"fgsm20"}
     attacked.clear()
-    monkeypatch.setattr(eval_script, "run_attack", lambda *a, **k: attacked.append(a[4]) or original(*a, **k))
+    monkeypatch.setattr(suite, "run_attack", lambda *a, **k: attacked.append(a[4]) or original(*a, **k))
     report = eval_script.main(argv)
     assert set(attacked) == {"untargeted"} and set(report["results"]) >= {"fgsm20", "untargeted"}
     assert not os.path.exists(out + ".partial.json")
@@ -443,7 +513,7 @@ def test_cyclic_learning_rate_schedule():
         pytest.approx(0.02)
 
 
-def test_issue_24_flags_train_end_to_end(data_dir, tmp_path):
+def test_the_contrast_configurations_train_end_to_end(data_dir, tmp_path):
     run = str(tmp_path / "run")
     train_cifar.main(["--method", "adv", "--adv-steps", "2", "--adv-bn", "train", "--adv-optimizer", "adam",
                       "--adv-loss", "margin", "--lr-schedule", "cyclic", "--activation", "relu", "--data-dir",

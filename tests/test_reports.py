@@ -30,6 +30,32 @@ def test_gpu_report_smoke(tmp_path):
     assert "== llr-2+compiled:" in (out / "compiled-profile.txt").read_text()
 
 
+def test_gpu_report_runs_the_performance_row_first_and_only_what_fits_the_budget(tmp_path, capsys):
+    """The order: compiled-cifar (the performance row: plain, LLR-2, ADV-10 eager and compiled), then the
+    contrast, then the rest; --budget runs the steps in order while the next one's estimate fits, and
+    the end says what is left and how long it should take."""
+    steps = list(gpu_report.ordered(gpu_report.all_steps(gpu_report.smoke_setting(str(tmp_path)))))
+    contrast = [n for n in steps if n.startswith("contrast-")]
+    assert steps[0] == "compiled-cifar" and steps[1:1 + len(contrast)] == contrast and contrast
+    assert steps.index("contrast-train-p3-adv2-authors") < steps.index("contrast-eval-p3-adv2-authors")
+    assert all(gpu_report.estimate_minutes(n) <= 8 for n in steps if n != "compiled-cifar-all")
+    budget = gpu_report.estimate_minutes("compiled-cifar") + 1  # the first step fits, the second does not
+    gpu_report.main(["--smoke", str(tmp_path), "--budget", str(budget)])
+    printed = capsys.readouterr().out
+    done = sorted(p.name for p in (tmp_path / "gpu-report").glob("*.json"))
+    assert done == ["compiled-cifar.json"]
+    compiled = json.loads((tmp_path / "gpu-report" / "compiled-cifar.json").read_text())["result"]["results"]
+    assert {f"{m}{c}" for m in ("plain", "llr-2", "adv-10") for c in ("", "+compiled")} <= set(compiled)
+    assert f"more than the" in printed and "stopping before it" in printed
+    total = sum(gpu_report.estimate_minutes(n) for n in steps[1:])
+    assert f"left: {len(steps) - 1} steps, about {total:g} min" in printed
+    gpu_report.main(["--smoke", str(tmp_path), "--list"])
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split()[0] == "done" and listed[0].endswith("compiled-cifar") and "min" in listed[1]
+    with pytest.raises(SystemExit, match="--budget must be a positive number"):
+        gpu_report.main(["--smoke", str(tmp_path), "--budget", "0"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_gpu_report_needs_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA GPU here"):

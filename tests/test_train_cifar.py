@@ -139,6 +139,24 @@ def test_two_process_llr_run(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_two_process_compiled_first_order_llr_run(data_dir, tmp_path):
+    """`accelerate launch --num_processes 2 ... --compile --method llr --llr-first-order` (gloo on the CPU): the
+    compiled first-order step, its gradients averaged across the processes by llr.CompiledLLR (the equality with
+    the whole batch: tests/test_llr_distributed.py), trains, and the run records the form it trained."""
+    run = str(tmp_path / "ddp-fo")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            os.path.join(ROOT, "train_cifar.py"), "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY,
+            "--method", "llr", "--llr-steps", "1", "--llr-first-order", "--compile"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["processes"] == 2 and config["args"]["compile"] and config["args"]["llr_first_order"]
+    assert models.read_checkpoint_metadata(os.path.join(run, "last.safetensors"))["options"]["first_order"]
+    assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
+
+
 def test_bf16_mixed_precision_through_accelerate(data_dir, tmp_path, monkeypatch):
     """Accelerate's mixed-precision setting (here from the environment, as `accelerate launch
     --mixed_precision bf16` sets it) runs LLR's double backward under bf16 autocast."""
@@ -203,7 +221,8 @@ def test_eval_refuses_the_images_that_chose_the_checkpoint(data_dir, tmp_path):
     assert "chosen on the 6 held-out training images" in str(e.value.code) and "\n" not in str(e.value.code)
     report = eval_script.main([best, *common, "--split", "holdout", "--allow-selection-images"])
     assert report["selection_conflict"] and report["split"] == "holdout"
-    assert eval_script.main([run, *common])["checkpoint"] == best  # a run directory: its best checkpoint
+    test_split = [*common[:-1], str(tmp_path / "e-test.json")]  # e.json holds the holdout split's evaluation
+    assert eval_script.main([run, *test_split])["checkpoint"] == best  # a run directory: its best checkpoint
     # an older best.safetensors, chosen on the first test images, is refused on them
     legacy = str(tmp_path / "legacy.safetensors")
     models.save_checkpoint(models.load_checkpoint(best), legacy, eval_robust_acc=0.5, eval_n=1000)
@@ -225,7 +244,7 @@ def test_l2_threat_model_from_training_to_evaluation(data_dir, tmp_path):
     assert report["norm"] == "l2" and "square" not in report["results"] and "untargeted" in report["results"]
 
 
-# --------------------------------------------------------------------------- the CO literature's settings (issue 28)
+# --------------------------------------------------------------------------- the CO literature's settings
 def test_cyclic_schedules_against_their_sources():
     """cyclic-gradalign at --lr-peak 0.4 is GradAlign's np.interp(t, [0, 2·epochs//5, epochs], [0, lr, 0]) at
     t = epoch + (i + 1)/batches (their utils.py:335, train.py:127); cyclic is torch's CyclicLR stepped after

@@ -1,4 +1,5 @@
 # The CPU exploration of cpu_repro.py's setting (README: "What was explored"), one line per run;
+# co.py, the private loop these ran, was removed after it (git show eddb7c9:experiments/cpu-repro/explored/co.py);
 # each wrote the .jsonl of the same name (runs that were stopped early have fewer epochs).
 python docs/cpu-repro/explored/co.py --act softplus --eps 10 --init zero --alpha 1 --out docs/cpu-repro/explored/sp-1x4-e10-zero.jsonl
 python docs/cpu-repro/explored/co.py --act relu --eps 10 --init zero --alpha 1 --out docs/cpu-repro/explored/relu-1x4-e10-zero.jsonl
