@@ -38,7 +38,10 @@ should take (the estimates add up to several hours: most of it is the contrast's
    channels-last) for the performance row: plain, LLR-2 and ADV-10 eager and compiled in the same
    run, ratios to plain in the same mode, compile time and peak memory; compiled-cifar-all: every
    method in the same way (the one step estimated over 8 minutes). Targets: compiled LLR-2 at most 5x plain,
-   0.7x ADV-10 and 0.25x ADV-30 (each at its fastest path), peak memory at most 3x plain.
+   0.7x ADV-10 and 0.25x ADV-30 (each at its fastest path), peak memory at most 3x plain. first-order:
+   plain, exact and first-order LLR-1 and LLR-2 (llr-fo-*) at the same scale, eager and compiled in one
+   run, step cost and peak memory (targets: compiled first-order LLR-1 within 10% of compiled exact LLR-1,
+   its peak memory below exact LLR's); second in the order, after compiled-cifar.
 8. compiled-imagenet: the same for ResNet-152, batch 32, 224 px (plain, LLR-2, ADV-10, ADV-30;
    target: LLR-2 at most 0.25x ADV-30).
 9. compiled-profile: torch.profiler's operator tables of a compiled plain and LLR-2 step on
@@ -54,7 +57,7 @@ should take (the estimates add up to several hours: most of it is the contrast's
 11. sync-bn (only with 2 GPUs or more): a 2-process `accelerate launch` of train_imagenet.py on a
    tiny generated ImageFolder with SyncBatchNorm over NCCL; its LLR losses must equal those of a
    1-process run on the same global batch.
-12. timm-vit-s16, timm-convnext-t (issue 36): `bench.py` on timm's ViT-S/16 and ConvNeXt-T at 224 x 224 on
+12. timm-vit-s16, timm-convnext-t: `bench.py` on timm's ViT-S/16 and ConvNeXt-T at 224 x 224 on
    random images (ImageNet's shape), batch 32, 1000 classes, bf16, channels-last: ms/step, ratio to plain and
    peak memory of plain, exact LLR-2 (its clean pass's attention by the math backend, memory ∝ tokens²),
    first-order LLR-2 (fused attention throughout), ADV-2, ADV-10 and N-FGSM (TIMM_METHODS), a minute or two
@@ -83,11 +86,12 @@ REPRO = ["--arch", "preact-resnet18", "--epochs", str(REPRO_EPOCHS), "--batch-si
          "--lr-decay-at", "0.5,0.75", "--weight-decay", "5e-4", "--eps-warmup", "0", "--val-n", "1000",
          "--eps", common.EPS, "--log-every", "50"]
 # The order of the steps: these first (a name, or a family by its prefix), then the rest in all_steps' order.
-FIRST = ("compiled-cifar", "contrast-")  # the performance row (about 6 min), then the contrast
+FIRST = ("compiled-cifar", "first-order", "contrast-")  # the performance row (about 6 min), the first-order form
+# against the exact one (7), then the contrast
 # Minutes each step should take on one H100, the GPU's start-up aside (bench-cifar, bench-imagenet and fast-path
 # took 0.5, 0.7 and 1.4 min on an H200; the rest are estimates: a compile of WRN-28-8 about 1.5 min per method, a
 # training step one 7-minute piece, STEP_SECONDS, and its start). A name, or a family by its prefix.
-ESTIMATE_MINUTES = {"compiled-cifar": 6, "compiled-cifar-all": 25, "contrast-train-": 8, "contrast-eval-": 4,
+ESTIMATE_MINUTES = {"compiled-cifar": 6, "first-order": 7, "compiled-cifar-all": 25, "contrast-train-": 8, "contrast-eval-": 4,
                     "bench-cifar": 1, "bench-imagenet": 1, "projections": 0, "fast-path": 6, "profile": 2,
                     "repro-train-": 8, "repro-eval-": 3, "compiled-imagenet": 8, "compiled-profile": 4, "sync-bn": 2,
                     "timm-": 2}  # timm-*: 6 methods of 13 steps each at 224 px, batch 32 (estimate)
@@ -188,6 +192,19 @@ def step_compiled_cifar(setting, work, methods="plain,llr-2,adv-10", name="compi
                                "--image-size", "32", *methods_flag(methods), *setting["fast"],
                                "--compile", *setting["compile_backend"]],
                      os.path.join(work, f"{name}.json"))
+
+
+def step_first_order(setting, work):
+    """First-order LLR against exact LLR at bench-cifar's scale, eager and compiled in one run: the step cost and
+    peak memory of LLR-1 and LLR-2 in both forms (the target: compiled first-order LLR-1 within 10% of compiled
+    exact LLR-1, its peak memory below exact LLR's)."""
+    return run_bench(setting, ["--arch", setting["cifar_arch"], "--batch-size", str(setting["cifar_batch"]),
+                               "--image-size", "32", "--methods", FIRST_ORDER_METHODS, *setting["fast"],
+                               "--compile", *setting["compile_backend"]],
+                     os.path.join(work, "first-order.json"))
+
+
+FIRST_ORDER_METHODS = "plain,llr-1,llr-fo-1,llr-2,llr-fo-2"
 
 
 def step_compiled_imagenet(setting, work):
@@ -326,8 +343,8 @@ def evaluate_run(setting, name, group="gpu-repro", prefix="repro", flags=None):
             "gamma_mean": report.get("gamma", {}).get("mean"), "eval": os.path.basename(out)}
 
 
-# timm's ImageNet models (issue 36), by their timm names; exact LLR-2 (math attention in its clean pass) against
-# first-order LLR-2 (fused attention throughout: issue 35)
+# timm's ImageNet models, by their timm names; exact LLR-2 (math attention in its clean pass) against
+# first-order LLR-2 (fused attention throughout)
 TIMM_MODELS = {"timm-vit-s16": "timm:vit_small_patch16_224", "timm-convnext-t": "timm:convnext_tiny"}
 TIMM_METHODS = "plain,llr-2,llr-fo-2,adv-2,adv-10,n-fgsm"
 
@@ -383,7 +400,7 @@ def all_steps(setting):
              "fast-path": step_fast_path, "profile": step_profile}
     steps.update(repro_steps(setting))
     steps.update(contrast_steps(setting))
-    steps.update({"compiled-cifar": step_compiled_cifar, "compiled-imagenet": step_compiled_imagenet,
+    steps.update({"compiled-cifar": step_compiled_cifar, "first-order": step_first_order, "compiled-imagenet": step_compiled_imagenet,
                   "compiled-profile": step_compiled_profile, "sync-bn": step_sync_bn,
                   "compiled-cifar-all": lambda s, w: step_compiled_cifar(s, w, s["compiled_methods"], "compiled-all")})
     steps.update({name: lambda s, w, name=name: step_bench_timm(s, w, name) for name in setting["timm"]})

@@ -28,15 +28,18 @@ def test_gpu_report_smoke(tmp_path):
     assert {"llr-2+compiled", "plain+compiled"} <= set(compiled)
     assert compiled["llr-2+compiled"]["ratio_to_eager"] > 0 and "| llr-2+compiled |" in summary
     assert "== llr-2+compiled:" in (out / "compiled-profile.txt").read_text()
+    first_order = json.loads((out / "first-order.json").read_text())["result"]["results"]
+    assert {f"{m}{c}" for m in ("plain", "llr-1", "llr-fo-1", "llr-2", "llr-fo-2") for c in ("", "+compiled")} == set(
+        first_order) and "| llr-fo-1+compiled |" in summary
 
 
 def test_gpu_report_runs_the_performance_row_first_and_only_what_fits_the_budget(tmp_path, capsys):
     """The order: compiled-cifar (the performance row: plain, LLR-2, ADV-10 eager and compiled), then the
-    contrast, then the rest; --budget runs the steps in order while the next one's estimate fits, and
+    first-order form against the exact one, then the contrast, then the rest; --budget runs the steps in order while the next one's estimate fits, and
     the end says what is left and how long it should take."""
     steps = list(gpu_report.ordered(gpu_report.all_steps(gpu_report.smoke_setting(str(tmp_path)))))
     contrast = [n for n in steps if n.startswith("contrast-")]
-    assert steps[0] == "compiled-cifar" and steps[1:1 + len(contrast)] == contrast and contrast
+    assert steps[:2] == ["compiled-cifar", "first-order"] and steps[2:2 + len(contrast)] == contrast and contrast
     assert steps.index("contrast-train-p3-adv2-authors") < steps.index("contrast-eval-p3-adv2-authors")
     assert all(gpu_report.estimate_minutes(n) <= 8 for n in steps if n != "compiled-cifar-all")
     budget = gpu_report.estimate_minutes("compiled-cifar") + 1  # the first step fits, the second does not
