@@ -344,15 +344,23 @@ def evaluate(setting, chosen, worker):
             eval_py.main([last, "--eps", f"{run['eps']}/255", "--data-dir", setting["data"], *setting["eval_argv"]])
 
 
+FIRST_ORDER_BENCH = ("plain", "llr-1", "llr-fo-1", "llr-2", "llr-fo-2", "elle", "gradalign", "n-fgsm")
+
+
 def run_bench(setting, chosen):
-    """bench.py on the chosen CNN (batch 128, as trained) and on PreAct ResNet-18: every method of the
-    benchmark eager and compiled in one run (a method that cannot compile is timed eager only)."""
-    variants = ",".join(dict.fromkeys(["plain"] + [m[1] for m in METHODS.values()]))
+    """bench.py on the chosen CNN (batch 128, as trained) and on PreAct ResNet-18: every compared method of the
+    benchmark eager and compiled in one run (a method that cannot compile is timed eager only); then, on the
+    chosen CNN, first-order LLR-1 and LLR-2 beside their exact twins, ELLE, GradAlign and N-FGSM in a run of
+    their own (bench-first-order-*.json: the twins' step costs)."""
+    variants = ",".join(dict.fromkeys(["plain"] + [METHODS[m][1] for m in (*COMPARED, "adv10")]))
     cnn = ["--batch-size", str(setting["batch_size"]), *setting["bench_cnn_argv"]]
-    for arch, argv in {chosen["model"]: cnn, **setting["bench_archs"]}.items():
-        out = os.path.join(setting["out"], f"bench-{arch}.json")
+    benches = [(f"bench-{arch}", arch, variants, argv) for arch, argv in {chosen["model"]: cnn,
+                                                                          **setting["bench_archs"]}.items()]
+    for name, arch, names, argv in [*benches, (f"bench-first-order-{chosen['model']}", chosen["model"],
+                                               ",".join(FIRST_ORDER_BENCH), cnn)]:
+        out = os.path.join(setting["out"], f"{name}.json")
         if not os.path.exists(out):
-            bench.run(bench.get_args(["--arch", arch, "--methods", variants, "--out", out, *argv,
+            bench.run(bench.get_args(["--arch", arch, "--methods", names, "--out", out, *argv,
                                       *setting["bench_argv"]]))
 
 
@@ -382,11 +390,12 @@ def mean_range(values, scale=100, digits=1):
     return text if len(values) == 1 else f"{text} ({scale * min(values):.{digits}f}–{scale * max(values):.{digits}f})"
 
 
-def step_costs(setting, arch):
+def step_costs(setting, arch, bench_name="bench"):
     """Each variant's median step time on `arch`, eager and compiled, over plain's *eager* step in the same
-    bench.py run (empty before the bench). Not bench.py's ratio to plain in the same mode: on this CPU compiling
-    makes plain's step on the CNN 1.8x slower, so ratios to compiled plain would make compiled steps look cheap."""
-    path = os.path.join(setting["out"], f"bench-{arch}.json")
+    bench.py run (empty before the bench): `bench_name`-`arch`.json. Not bench.py's ratio to plain in the same
+    mode: on this CPU compiling makes plain's step on the CNN 1.8x slower, so ratios to compiled plain would make
+    compiled steps look cheap."""
+    path = os.path.join(setting["out"], f"{bench_name}-{arch}.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -452,16 +461,18 @@ def report(setting):
     with open(os.path.join(setting["out"], "table.md"), "w") as f:
         f.write(text)
     twins, lines = [], []
+    twin_costs = step_costs(setting, chosen["model"], "bench-first-order")  # both forms timed in one run
     for first_order, exact in EXACT_TWIN.items():
         for eps in chosen["eps"]:
-            (fo_row, fo_line), (exact_row, exact_line) = (method_row(m, eps, runs, done, costs)
+            (fo_row, fo_line), (exact_row, exact_line) = (method_row(m, eps, runs, done, twin_costs)
                                                           for m in (first_order, exact))
             verdict = twin_verdict(fo_row, exact_row)
             twins.append({"first_order": fo_row, "exact": exact_row, "eps": eps, "reading": verdict})
             lines += [exact_line, fo_line.replace(" |", f" ({verdict['verdict'] if verdict else 'pending'}) |", 1)]
     with open(os.path.join(setting["out"], "first-order.md"), "w") as f:
-        f.write(f"{caption}; each first-order row is followed by the reading rule's verdict against the exact row "
-                f"above it\n\n{HEADER}" + "\n".join(lines) + "\n")
+        source = f"(bench.py, one run: bench-first-order-{chosen['model']}.json)"
+        f.write(f"{caption.replace('(bench.py, one run)', source)}; each first-order row is followed by the reading "
+                f"rule's verdict against the exact row above it\n\n{HEADER}" + "\n".join(lines) + "\n")
     grid = grid_report(setting, chosen, runs, done)
     summary = {"setting": chosen, "runs": done, "table": table, "first_order": twins, "grid": grid,
                "bench": {arch: step_costs(setting, arch) for arch in [chosen["model"], *setting["bench_archs"]]}}

@@ -243,6 +243,7 @@ def test_smoke_end_to_end_stopped_resumed_and_done(tmp_path, monkeypatch, fresh_
     assert len(summary["first_order"]) == 4 and all(t["reading"]["verdict"] in ("matches", "better", "worse")
                                                     for t in summary["first_order"])
     assert summary["grid"]["chosen"] is not None and (out / "bench-cnn-1x4.json").exists()
+    assert set(json.loads((out / "bench-first-order-cnn-1x4.json").read_text())["results"]) >= set(cb.FIRST_ORDER_BENCH)
     assert "| cnn-1x4 | 16/255 | " in (out / "explore.md").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "robust.png").exists() and (out / "curves.png").exists()
