@@ -156,15 +156,20 @@ def test_math_attention_only_in_the_passes_differentiated_twice(name):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_compiled_llr_equals_llr_loss_on_a_vit():
-    """CompiledLLR (Inductor's code, the clean pass's attention by the math backend inside the graph) gives
-    llr_loss's loss and weight gradients on the tiny ViT, in float64."""
+@pytest.mark.parametrize("first_order", [False, True], ids=["exact", "first-order"])
+def test_compiled_llr_equals_llr_loss_on_a_vit(first_order):
+    """CompiledLLR (traced by torch.compile and AOTAutograd, aot_eager: the graphs, without Inductor's code
+    generation, which test_compiled.py covers on a CNN; the exact form's clean-pass attention by the math backend
+    inside the graph, the first-order form's fused) gives llr_loss's loss and weight gradients on the tiny ViT,
+    in float64."""
     torch.manual_seed(0)
     eager = tiny_timm("vit").double()
     compiled_model = copy.deepcopy(eager)
     x, y = _batch(16, dtype=torch.float64)
-    loss_e, info_e = llr.llr_loss(eager, x, y, 8 / 255, steps=2, generator=torch.Generator().manual_seed(0))
-    loss_c, info_c = llr.CompiledLLR(compiled_model, steps=2)(x, y, 8 / 255, generator=torch.Generator().manual_seed(0))
+    loss_e, info_e = llr.llr_loss(eager, x, y, 8 / 255, steps=2, generator=torch.Generator().manual_seed(0),
+                                  first_order=first_order)
+    loss_c, info_c = llr.CompiledLLR(compiled_model, steps=2, first_order=first_order, backend="aot_eager")(
+        x, y, 8 / 255, generator=torch.Generator().manual_seed(0))
     loss_e.backward()
     loss_c.backward()
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-9, atol=0)

@@ -139,15 +139,16 @@ def test_two_process_llr_run(data_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_two_process_compiled_first_order_llr_run(data_dir, tmp_path):
+def test_two_process_compiled_first_order_llr_run(tmp_path):
     """`accelerate launch --num_processes 2 ... --compile --method llr --llr-first-order` (gloo on the CPU): the
     compiled first-order step, its gradients averaged across the processes by llr.CompiledLLR (the equality with
-    the whole batch: tests/test_llr_distributed.py), trains, and the run records the form it trained."""
-    run = str(tmp_path / "ddp-fo")
+    the whole batch: tests/test_llr_distributed.py), trains, and the run records the form it trained. GradAlign's
+    one-filter CNN (32 px), the smallest model to compile."""
+    run, data = str(tmp_path / "ddp-fo"), make_image_folder(str(tmp_path / "data"), classes=3, per_class=10, size=32)
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            os.path.join(ROOT, "train_cifar.py"), "--data-dir", data_dir, "--epochs", "1", "--out", run, *TINY,
-            "--method", "llr", "--llr-steps", "1", "--llr-first-order", "--compile"]
+            os.path.join(ROOT, "train_cifar.py"), "--data-dir", data, "--epochs", "1", "--out", run, *TINY,
+            "--arch", "cnn-1x1", "--method", "llr", "--llr-steps", "1", "--llr-first-order", "--compile"]
     result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
