@@ -472,8 +472,9 @@ class CompiledLLR(_LLR):
     backward. `llr_loss`'s three pieces compile to one graph each (compile time does not grow with `steps`);
     the random start is drawn and the running statistics updated outside them. ε, Adam's bias corrections, λ
     and μ enter as tensors: a new ε (warm-up) does not recompile; a batch of another size, a change of mode,
-    dtype or autocast compiles once more (up to 8 versions): drop the last, smaller batch. With
-    `nn.SyncBatchNorm` in a multi-process run it raises: use `llr_loss` there. The first call runs the model once
+    dtype or autocast compiles once more (up to 8 versions): drop the last, smaller batch. Across processes
+    (a DistributedDataParallel model, `nn.SyncBatchNorm`) only the first-order form runs; the exact form raises:
+    use `llr_loss` there. The first call runs the model once
     eagerly (no_grad, running statistics untouched) to check that it returns logits [B, K]. backend, mode,
     options: torch.compile's ("aot_eager" traces without generating code, a quick check)."""
 
@@ -490,21 +491,24 @@ class CompiledLLR(_LLR):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         super().__init__(model, steps, lr, norm, torch.func.grad, first_order)
         self.lam, self.mu, self.h, self._checked = lam, mu, h, False
-        # torch.func cannot differentiate through SyncBatchNorm's all-reduces (an autograd.Function without
-        # setup_context): under a process group, the first-order clean pass, which measures them, runs eagerly
-        self._eager_clean_pass = functools.partial(self.clean_pass, grad=_autograd())
         self._compiled_clean_pass, self.search_step, self.eq8, self.eq8_first_order = (
             torch.compile(f, fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
-            for f in (self.clean_pass, self.search_step, self.eq8, self.eq8_first_order))
+            for f in (super().clean_pass, self.search_step, self.eq8, self.eq8_first_order))
+
+    def clean_pass(self, x, y, grad=None):
+        """The compiled clean pass; eager (autograd) under SyncBatchNorm across processes, whose statistics the
+        first-order clean pass measures: torch.func cannot differentiate its all-reduces (an autograd.Function
+        without setup_context)."""
+        if any(_sync_group(layer) is not None for layer in self.clean.layers):
+            return super().clean_pass(x, y, grad=_autograd())
+        return self._compiled_clean_pass(x, y)
 
     def __call__(self, x, y, eps, generator=None):
         """(loss, info) as `llr_loss(model, x, y, eps, ...)`: the mean of Eq. (8), and info's detached tensors."""
         _check(eps, self.norm, x, y)
-        synced = any(_sync_group(layer) is not None for layer in self.clean.layers)
-        if synced and not self.first_order:
+        if not self.first_order and any(_sync_group(layer) is not None for layer in self.clean.layers):
             raise RuntimeError("CompiledLLR's exact form does not all-reduce SyncBatchNorm's statistics across "
                                "processes: use first_order=True, or the eager path (llr_loss) in a multi-process run")
-        self.clean_pass = self._eager_clean_pass if synced else self._compiled_clean_pass
         if not self._checked:  # a one-line error for a model that does not return logits, before compiling
             with self.clean.installed(), torch.no_grad():
                 _cross_entropy(self.model(x), y)
