@@ -559,10 +559,12 @@ class _AverageGradients(torch.autograd.Function):
 _NO_DOUBLE_BACKWARD = ("torch::autograd::NotImplemented", "torch::autograd::DelayedError", "torch::autograd::Error")
 
 
-def _refuse_missing_double_backward(model, grad):
+def _refuse_missing_double_backward(model, grad, method="exact LLR",
+                                    remedy="use the first-order form, llr_loss(..., first_order=True) (train_*.py: "
+                                           "--llr-first-order)"):
     """Once per model, before the backward that would fail: a one-line RuntimeError naming the op whose backward has no
-    derivative (a fused attention kernel, an autograd.Function marked once_differentiable) and the first-order form,
-    in place of PyTorch's error at loss.backward(). Searches the graph of ∇ₓℓ(x) (eager, with create_graph) once."""
+    derivative (a fused attention kernel, an autograd.Function marked once_differentiable), `method` and `remedy`,
+    in place of PyTorch's error at loss.backward(). Searches the graph of ∇ₓℓ (eager, with create_graph) once."""
     if model in _CHECKED_DOUBLE_BACKWARD or grad.grad_fn is None:
         return
     seen, stack, missing = set(), [grad.grad_fn], None
@@ -586,9 +588,8 @@ def _refuse_missing_double_backward(model, grad):
             except RuntimeError as e:
                 what = str(e).split("derivative for ")[-1].split(" is not implemented")[0].strip()
             break
-    raise RuntimeError(f"exact LLR differentiates the input gradient again, and {what} in the model has no double "
-                       f"backward: use the first-order form, llr_loss(..., first_order=True) (train_*.py: "
-                       f"--llr-first-order)")
+    raise RuntimeError(f"{method} differentiates the input gradient again, and {what} in the model has no double "
+                       f"backward: {remedy}")
 
 def _check(eps, norm, x=None, y=None, first_order=False, h=FIRST_ORDER_H):
     """One-line errors for the norm, ε as a number in pixel units, the first-order step h, and the batch."""

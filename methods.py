@@ -75,6 +75,15 @@ def _twice(model, x):
         return model(x)
 
 
+def _input_grad_twice(model, x, y, method):
+    """∇ₓ of the summed cross-entropy at x (which requires grad), kept differentiable for a second backward. A model
+    with an op that has no double backward stops here in one line naming it and `method`, not at loss.backward()."""
+    grad = _input_grad(F.cross_entropy(_twice(model, x), y, reduction="sum"), x, create_graph=True)
+    llr._refuse_missing_double_backward(model, grad, method, "it cannot train this model; first-order LLR can "
+                                                             "(--method llr --llr-first-order)")
+    return grad
+
+
 def signed_ascent(model, x, x_adv, eps, steps, step_size, objective, norm="linf", bn="eval"):
     """`steps` steepest-ascent steps of `step_size` (sign(∇) in ℓ∞, ∇/‖∇‖₂ in ℓ2) from x_adv up
     `objective(x_adv)` (a scalar, summed over the batch), each projected onto B(ε) ∩ [0, 1] around x;
@@ -187,9 +196,9 @@ def cure_loss(model, x, y, eps, *, weight=0.8, h=0.6, generator=None, norm="linf
     loss = F.cross_entropy(logits, y, reduction="none")
     with _eval_mode(model), torch.enable_grad():
         x0 = x.detach().requires_grad_(True)
-        grad = _input_grad(F.cross_entropy(_twice(model, x0), y, reduction="sum"), x0, create_graph=True)
+        grad = _input_grad_twice(model, x0, y, "CURE")
         x_z = (x0 + _cure_step(grad, h)).detach().requires_grad_(True)
-        grad_z = _input_grad(F.cross_entropy(_twice(model, x_z), y, reduction="sum"), x_z, create_graph=True)
+        grad_z = _input_grad_twice(model, x_z, y, "CURE")
         curvature = (grad_z - grad).flatten(1).norm(dim=1)
     return (loss + weight * curvature).mean(), {"logits": logits.detach(), "clean_loss": loss.detach(),
                                                 "curvature": curvature.detach()}
@@ -212,8 +221,7 @@ def _input_grad_dual_norm(model, x_adv, y, norm):
     with respect to x_adv (the search's objective)."""
     if not x_adv.requires_grad:
         x_adv = x_adv.detach().requires_grad_(True)
-    return _dual_norm(_input_grad(F.cross_entropy(_twice(model, x_adv), y, reduction="sum"), x_adv,
-                                  create_graph=True), norm)
+    return _dual_norm(_input_grad_twice(model, x_adv, y, "LFR"), norm)
 
 
 def lfr_loss(model, x, y, eps, *, weight=1.0, steps=2, step_size=None, generator=None, norm="linf"):
@@ -296,11 +304,10 @@ def _uniform(x, radius, generator, copies=1):
     return radius * (2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1)
 
 
-def _ce_input_grad(model, x, y, create_graph=False):
-    """∇ₓ of the summed cross-entropy at x [B, ...], in the model's current mode."""
+def _ce_input_grad(model, x, y):
+    """∇ₓ of the summed cross-entropy at x [B, ...], in the model's current mode (detached: not differentiated again)."""
     x = x.detach().requires_grad_(True)
-    logits = _twice(model, x) if create_graph else model(x)
-    return _input_grad(F.cross_entropy(logits, y, reduction="sum"), x, create_graph)
+    return _input_grad(F.cross_entropy(model(x), y, reduction="sum"), x)
 
 
 def _fgsm_from_x(model, x, y, eps):
@@ -349,7 +356,8 @@ def gradalign_loss(model, x, y, eps, *, weight=None, generator=None, norm="linf"
     x_adv, grad1 = _fgsm_from_x(model, x, y, eps)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, reduction="none")
-    grad2 = _ce_input_grad(model, x + _uniform(x, eps, generator), y, create_graph=True)
+    grad2 = _input_grad_twice(model, (x + _uniform(x, eps, generator)).detach().requires_grad_(True), y,
+                              "GradAlign")
     g1, g2 = grad1.flatten(1), grad2.flatten(1)
     n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
     kept = (n1 != 0) & (n2 != 0)

@@ -524,6 +524,27 @@ def test_first_order_form_trains_where_double_backward_does_not(op):
     assert (first_order - exact).norm() / exact.norm() < 1e-3
 
 
+@pytest.mark.parametrize("method, name", [("gradalign", "GradAlign"), ("cure", "CURE"), ("lfr", "LFR")])
+def test_other_double_backprop_methods_refuse_a_model_without_double_backward(method, name):
+    """GradAlign, CURE and LFR differentiate an input gradient again too: on a model whose op has none they stop
+    before the backward, in one line naming themselves, the op and first-order LLR; on the same model with the op
+    made twice differentiable they train."""
+    import methods
+
+    torch.manual_seed(0)
+    model = _FusedAttentionNet("once_differentiable")
+    x, y = _data(4, dtype=torch.float32, shape=(3, 6, 6))
+    with pytest.raises(RuntimeError) as error:
+        methods.METHODS[method](model, x, y, 8 / 255)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(name) and "once_differentiable" in message
+    assert "--llr-first-order" in message
+    model.forward = lambda x: model.fc(nn.functional.softplus(model.conv(x)).mean((2, 3)))
+    loss, _ = methods.METHODS[method](model, x, y, 8 / 255)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
 def test_first_order_step_h_is_checked(tiny_net):
     x, y = _data(4)
     for bad in (0.0, -0.1, 1.5, "0.1"):
