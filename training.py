@@ -14,6 +14,7 @@ resumed run ends with the same weights as an uninterrupted one.
 import argparse
 import contextlib
 import fcntl
+import fnmatch
 import inspect
 import json
 import os
@@ -373,10 +374,15 @@ def generator_for(args, step, device, stream, process=0):
 def make_optimizer(model, args):
     """--optimizer: SGD with --momentum, or torch's Adam with β1 = --momentum (β2 0.999, torch's), both
     with torch's weight decay (--weight-decay·w added to the gradient) on conv and linear weights
-    (the parameters of two or more dimensions), and on the rest (biases, batch norm) with
-    --weight-decay-on all."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    (the parameters of two or more dimensions, less those a timm model's no_weight_decay() names:
+    position embeddings, class tokens, Swin's relative position tables, as timm's
+    param_groups_weight_decay), and on the rest (biases, batch norm, those) with --weight-decay-on all."""
+    exempt = [f"{prefix}.{pattern}" if prefix else pattern for prefix, module in model.named_modules()
+              if callable(getattr(module, "no_weight_decay", None)) for pattern in module.no_weight_decay()]
+    undecayed = {name for name, p in model.named_parameters()
+                 if p.ndim <= 1 or any(fnmatch.fnmatchcase(name, pattern) for pattern in exempt)}
+    decay = [p for name, p in model.named_parameters() if name not in undecayed]
+    rest = [p for name, p in model.named_parameters() if name in undecayed]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": rest, "weight_decay": args.weight_decay if args.weight_decay_on == "all" else 0.0}]
     if args.optimizer == "adam":

@@ -378,3 +378,22 @@ def test_train_imagenet_fine_tunes_a_timm_model_from_init(tmp_path, capsys):
     assert "head.fc.weight, head.fc.bias of another class count left as initialised" in capsys.readouterr().out
     assert [e["step"] for e in read_log(run) if e["kind"] == "train"] == [1, 2, 3]
     assert models.load_checkpoint(os.path.join(run, "last.safetensors")).config["arch"] == arch
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_weight_decay_spares_what_timm_spares(family):
+    """make_optimizer decays conv and linear weights but not what the timm model's no_weight_decay() names
+    (ViT's position embedding and class token, Swin's relative position tables), as timm's recipes; with
+    --weight-decay-on all, everything."""
+    import training
+
+    model = tiny_timm(family)
+    args = train_cifar.get_args(["--weight-decay", "5e-4"])
+    decayed, spared = (training.make_optimizer(model, args).param_groups[i]["params"] for i in (0, 1))
+    names = {id(p): name for name, p in model.named_parameters()}
+    spared_names = {names[id(p)].rsplit(".", 1)[-1] for p in spared}
+    expected = {"pos_embed", "cls_token"} if family == "vit" else {"relative_position_bias_table"}
+    assert expected <= spared_names and all(p.ndim > 1 for p in decayed) and decayed
+    assert not expected & {names[id(p)].rsplit(".", 1)[-1] for p in decayed}
+    args.weight_decay_on = "all"
+    assert training.make_optimizer(model, args).param_groups[1]["weight_decay"] == 5e-4
