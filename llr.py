@@ -495,7 +495,7 @@ class CompiledLLR(_LLR):
             torch.compile(f, fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
             for f in (super().clean_pass, self.search_step, self.eq8, self.eq8_first_order))
 
-    def clean_pass(self, x, y, grad=None):
+    def clean_pass(self, x, y):
         """The compiled clean pass; eager (autograd) under SyncBatchNorm across processes, whose statistics the
         first-order clean pass measures: torch.func cannot differentiate its all-reduces (an autograd.Function
         without setup_context)."""
